@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Every bad input (missing file, not a GGUF, not an MoE, budget too small, draft
+with another vocabulary, ...) raises MoespacError with a one-line message; the
+CLI prints it as `moespac: error: <message>` and exits 2, never a traceback.
+"""
+
+
+class MoespacError(Exception):
+    """A user-facing error whose str() is a complete one-line explanation."""

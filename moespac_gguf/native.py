@@ -1,0 +1,95 @@
+"""ctypes access to the moespac-patched libllama (the `llama_moespac_*` C API).
+
+Importing this module is the check that llama-cpp-python is our patched build:
+a stock build lacks the symbols, and we stop with one line telling the user how
+to build the right one instead of failing later in a confusing way.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import sys
+
+from .errors import MoespacError
+
+# The llama_moespac_* ABI this package was written for (patches/ bump it).
+ABI_VERSION = 2
+
+_REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
+
+
+def check_abi(lib) -> int:
+    """Return the library's moespac ABI version, or raise MoespacError if it is not ours."""
+    fn = getattr(lib, "llama_moespac_abi_version", None)
+    if fn is None:
+        raise MoespacError(f"llama-cpp-python is a stock build without the moespac patches; {_REBUILD_HINT}")
+    fn.restype, fn.argtypes = ctypes.c_int32, []
+    version = int(fn())
+    if version != ABI_VERSION:
+        raise MoespacError(f"patched llama-cpp-python has moespac ABI {version}, this package needs "
+                           f"{ABI_VERSION}; {_REBUILD_HINT}")
+    return version
+
+
+def _load():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MoespacError(f"llama-cpp-python is not installed; {_REBUILD_HINT}") from None
+    check_abi(llama_cpp.llama_cpp._lib)
+    return llama_cpp
+
+
+def _declare(lib) -> None:
+    """ctypes signatures of the llama_moespac_* functions (see patches/)."""
+    c = ctypes
+    eval_cb = llama_cpp.llama_cpp.ggml_backend_sched_eval_callback
+    sigs = {
+        "llama_moespac_tap_new": (c.c_void_p, [c.c_int32, c.c_int32, c.c_int32]),
+        "llama_moespac_tap_free": (None, [c.c_void_p]),
+        "llama_moespac_tap_chain": (None, [c.c_void_p, eval_cb, c.c_void_p]),
+        "llama_moespac_tap_reset": (None, [c.c_void_p]),
+        "llama_moespac_tap_ids": (c.POINTER(c.c_int32), [c.c_void_p]),
+        "llama_moespac_tap_weights": (c.POINTER(c.c_float), [c.c_void_p]),
+        "llama_moespac_tap_rows": (c.POINTER(c.c_int32), [c.c_void_p]),
+        "llama_moespac_tap_overflow": (c.c_int32, [c.c_void_p]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+
+
+llama_cpp = _load()
+lib = llama_cpp.llama_cpp._lib
+_declare(lib)
+
+# llama.cpp logs through one global callback: keep the recent lines (to explain a
+# failed load in one line) and print them only when verbose.
+_log_lines: collections.deque[str] = collections.deque(maxlen=50)
+_verbose = False
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data) -> None:
+    line = text.decode("utf-8", errors="replace")
+    _log_lines.append(line)
+    if _verbose:
+        sys.stderr.write(line)
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+def last_log_line() -> str:
+    """The last non-empty line llama.cpp logged (for one-line error messages)."""
+    for line in reversed(_log_lines):
+        if line.strip():
+            return line.strip()
+    return ""
+# The tap's C eval callback, as a value to put in llama_context_params.cb_eval.
+tap_eval_callback = ctypes.cast(lib.llama_moespac_tap_eval, llama_cpp.llama_cpp.ggml_backend_sched_eval_callback)

@@ -1,0 +1,34 @@
+"""The package refuses a llama-cpp-python without our patches, in one line."""
+import pytest
+
+from moespac_gguf.errors import MoespacError
+from moespac_gguf.native import ABI_VERSION, check_abi, lib
+
+
+class _Fn:
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self):
+        return self.value
+
+
+class _Lib:
+    """Stands in for a CDLL: only the attribute lookup matters to check_abi."""
+    def __init__(self, version=None):
+        if version is not None:
+            self.llama_moespac_abi_version = _Fn(version)
+
+
+def test_installed_build_is_patched():
+    assert check_abi(lib) == ABI_VERSION
+
+
+def test_stock_build_is_refused():
+    with pytest.raises(MoespacError, match="stock build.*scripts/setup.sh"):
+        check_abi(_Lib())
+
+
+def test_other_abi_is_refused():
+    with pytest.raises(MoespacError, match=f"ABI {ABI_VERSION + 1}, this package needs {ABI_VERSION}"):
+        check_abi(_Lib(ABI_VERSION + 1))

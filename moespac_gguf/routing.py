@@ -1,0 +1,99 @@
+"""Which experts each token used: the routing tap (patches/0002) read into numpy.
+
+The tap lives in libllama as a C eval callback; this module owns its handle and
+turns its flat arrays into a `Routing` after each decode. No Python runs per
+graph node, so the tap costs one strncmp per node inside llama.cpp.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from .native import lib, tap_eval_callback
+
+
+@dataclass
+class Routing:
+    """Experts used by each token of one decode call, per layer.
+
+    experts[l, t] holds the top-k expert ids of token t in layer l, or -1 where
+    the layer did not route that token (dense layers; the last layer skips rows
+    that produce no output); weights are the router weights of those experts.
+    """
+    experts: np.ndarray  # int32 [n_layer, n_tokens, k]
+    weights: np.ndarray  # float32 [n_layer, n_tokens, k]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.experts.shape[1]
+
+    def counts(self, n_expert: int) -> np.ndarray:
+        """Tokens routed to each expert: int [n_layer, n_expert]."""
+        n_layer = self.experts.shape[0]
+        out = np.zeros((n_layer, n_expert), dtype=np.int64)
+        layer_idx = np.broadcast_to(np.arange(n_layer)[:, None, None], self.experts.shape)
+        ok = self.experts >= 0
+        np.add.at(out, (layer_idx[ok], self.experts[ok]), 1)
+        return out
+
+    def take(self, rows: slice | np.ndarray) -> "Routing":
+        return Routing(self.experts[:, rows], self.weights[:, rows])
+
+    @staticmethod
+    def concat(parts: list["Routing"]) -> "Routing":
+        return Routing(np.concatenate([p.experts for p in parts], axis=1),
+                       np.concatenate([p.weights for p in parts], axis=1))
+
+
+class RoutingTap:
+    """Owner of one C tap; install `callback`/`user_data` as the context's cb_eval."""
+
+    def __init__(self, n_layer: int, n_expert_used: int, max_rows: int):
+        self.n_layer, self.k, self.max_rows = n_layer, n_expert_used, max_rows
+        self.handle = lib.llama_moespac_tap_new(n_layer, n_expert_used, max_rows)
+        if not self.handle:
+            raise ValueError("llama_moespac_tap_new failed")
+        shape = (n_layer, max_rows, n_expert_used)
+        self._ids = np.ctypeslib.as_array(lib.llama_moespac_tap_ids(self.handle), shape=shape)
+        self._weights = np.ctypeslib.as_array(lib.llama_moespac_tap_weights(self.handle), shape=shape)
+        self._rows = np.ctypeslib.as_array(lib.llama_moespac_tap_rows(self.handle), shape=(n_layer,))
+        self.callback = tap_eval_callback
+        self.user_data = ctypes.c_void_p(self.handle)
+
+    def chain(self, callback) -> None:
+        """Run another eval callback (a ctypes CFUNCTYPE object; keep it alive) behind the tap."""
+        lib.llama_moespac_tap_chain(self.handle, callback, None)
+
+    def reset(self) -> None:
+        lib.llama_moespac_tap_reset(self.handle)
+
+    def read(self, n_tokens: int, output_rows: np.ndarray | None = None) -> Routing:
+        """Routing of the `n_tokens` decoded since reset().
+
+        A layer that routed fewer rows than n_tokens routed only the rows that
+        produce output (llama.cpp prunes them before the last layer's FFN):
+        `output_rows` names those token indices, in order.
+        """
+        if lib.llama_moespac_tap_overflow(self.handle):
+            raise RuntimeError(f"routing tap overflow: more than {self.max_rows} rows in one decode")
+        experts = np.full((self.n_layer, n_tokens, self.k), -1, dtype=np.int32)
+        weights = np.zeros((self.n_layer, n_tokens, self.k), dtype=np.float32)
+        for layer, rows in enumerate(self._rows.tolist()):
+            if rows == 0:
+                continue
+            if rows == n_tokens:
+                dest = slice(None)
+            elif output_rows is not None and rows == len(output_rows):
+                dest = output_rows
+            else:
+                raise RuntimeError(f"routing tap: layer {layer} routed {rows} rows for {n_tokens} tokens")
+            experts[layer, dest] = self._ids[layer, :rows]
+            weights[layer, dest] = self._weights[layer, :rows]
+        return Routing(experts, weights)
+
+    def close(self) -> None:
+        if self.handle:
+            lib.llama_moespac_tap_free(self.handle)
+            self.handle = None

@@ -186,7 +186,8 @@ def test_next_token_reuse_known_answer():
     np.testing.assert_allclose(next_token_reuse(gapped), [np.nan])
 
 
-def test_stats_cli_json_and_png(tmp_path, capsys):
+def test_stats_cli_json_and_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")  # the default heatmap goes to the current directory
     path = tmp_path / "t.npz"
     random_trace(np.random.default_rng(4)).save(path)
     assert main([str(path), "--json", "--png", str(tmp_path / "h.png")]) == 0
@@ -194,8 +195,9 @@ def test_stats_cli_json_and_png(tmp_path, capsys):
     assert (tmp_path / "h.png").stat().st_size > 1000
     assert len(report["skew"]) == len(report["reuse"]) == 3
     assert report["lru"]["8"] == pytest.approx(brute_force_lru(random_trace(np.random.default_rng(4)), 8))
-    assert main([str(path)]) == 0  # table mode, default heatmap next to the trace
-    assert "experts cached" in capsys.readouterr().out and (tmp_path / "t.heatmap.png").exists()
+    assert main([str(path)]) == 0  # table mode, default heatmap in the current directory
+    assert "experts cached" in capsys.readouterr().out and (tmp_path / ".." / "t.heatmap.png").exists()
+    assert not (tmp_path / "t.heatmap.png").exists()  # never beside the input (shared data is read-only)
 
 
 @pytest.mark.skipif(not GSM8K.is_file(), reason=f"real Mixtral GSM8K trace not found at {GSM8K}")

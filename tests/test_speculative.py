@@ -1,0 +1,223 @@
+"""Speculative decoding: greedy output equals the target's own; sampling follows the target."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moespac_gguf.errors import MoespacError
+from moespac_gguf.generate import MoeSpac, TextStream
+from moespac_gguf.paths import SHARED_DIR
+from moespac_gguf.session import Session
+from moespac_gguf.speculative import Sampler, SpeculativeDecoder
+from moespac_gguf.synthetic import SyntheticSpec
+
+TARGET = SyntheticSpec(arch="qwen3moe", n_layer=2, seed=1)
+# same tokenizer; a near copy of the target (agrees often) and an unrelated dense model (rarely)
+NEAR_DRAFT = SyntheticSpec(arch="qwen3moe", n_layer=2, seed=1, n_expert_used=1)
+FAR_DRAFT = SyntheticSpec(arch="llama", n_expert=0, n_layer=2, seed=7)
+
+
+def spec_bench_prompts(n: int) -> list[str]:
+    path = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    rows = [json.loads(l) for l in path.open()]
+    return [rows[i * (len(rows) // n)]["turns"][0][:200] for i in range(n)]
+
+
+def greedy_reference(session: Session, prompt: list[int], n: int) -> list[int]:
+    """Plain greedy decoding, one token at a time, no speculation code involved."""
+    session.reset()
+    logits = session.decode(prompt)
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(logits[-1]))
+        out.append(tok)
+        if session.is_eog(tok):
+            break
+        logits = session.decode([tok])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_moe):
+    made = {name: Session(tiny_moe(spec), n_ctx=512, tap=name == "target")
+            for name, spec in (("target", TARGET), ("near", NEAR_DRAFT), ("far", FAR_DRAFT))}
+    yield made
+    for s in made.values():
+        s.close()
+
+
+@pytest.mark.parametrize("draft_name", [None, "near", "far", "self"])
+@pytest.mark.parametrize("draft_max", [1, 4])
+def test_greedy_speculative_equals_target_greedy(sessions, tiny_moe, draft_name, draft_max):
+    target = sessions["target"]
+    if draft_name == "self":
+        draft = Session(tiny_moe(TARGET), n_ctx=512, tap=False)
+    else:
+        draft = sessions.get(draft_name)
+    dec = SpeculativeDecoder(target, draft, draft_max=draft_max, adaptive=False)
+    for text in spec_bench_prompts(4):
+        prompt = target.tokenize(text)
+        want = greedy_reference(target, prompt, 40)
+        got = list(dec.generate(prompt, 40, Sampler()))
+        assert got == want, f"draft={draft_name} K={draft_max}: speculative output diverged"
+    if draft_name == "self":
+        assert dec.stats.acceptance_rate == 1.0
+        draft.close()
+    elif draft_name is None:
+        assert dec.stats.acceptance_rate is None and dec.stats.n_steps == dec.stats.n_generated
+
+
+def test_adaptive_draft_length_keeps_output(sessions):
+    target, draft = sessions["target"], sessions["far"]
+    dec = SpeculativeDecoder(target, draft, draft_max=6, adaptive=True)
+    prompt = target.tokenize("adaptive draft length must not change greedy output")
+    assert list(dec.generate(prompt, 60, Sampler())) == greedy_reference(target, prompt, 60)
+
+
+def test_observers_see_drafts_and_verification_routing(sessions):
+    target, draft = sessions["target"], sessions["near"]
+    seen = {"draft": [], "verify": []}
+
+    class Recorder:
+        def on_draft(self, tokens):
+            seen["draft"].append(list(tokens))
+
+        def on_verify(self, ev):
+            seen["verify"].append(ev)
+
+    dec = SpeculativeDecoder(target, draft, draft_max=3, adaptive=False)
+    dec.subscribe(Recorder())
+    out = list(dec.generate(target.tokenize("observe the sensor"), 12, Sampler()))
+    verifies = [e for e in seen["verify"] if e.phase == "verify"]
+    assert [e.draft for e in verifies] == seen["draft"]
+    assert sum(len(e.committed) for e in verifies) >= len(out)
+    for ev in verifies:
+        assert ev.routing.experts.shape[1] == len(ev.batch) == 1 + len(ev.draft)
+        assert (ev.routing.experts >= 0).all()  # logits at every row: every layer routes every token
+        assert ev.committed[: ev.accepted] == ev.draft[: ev.accepted]
+
+
+def test_sampling_follows_target_distribution(sessions):
+    """First generated token over many seeds ~ target softmax at T=1 (chi-square), via rejection sampling."""
+    from scipy.stats import chisquare
+
+    target, draft = sessions["target"], sessions["far"]
+    prompt = target.tokenize("the")
+    target.reset()
+    p = Sampler(temperature=1.0).probs(target.decode(prompt)[-1])
+    dec = SpeculativeDecoder(target, draft, draft_max=3, adaptive=False)
+    n = 1500
+    counts = np.zeros(p.size)
+    for seed in range(n):
+        tok = next(dec.generate(prompt, 4, Sampler(temperature=1.0, seed=seed)))
+        counts[tok] += 1
+    assert dec.stats.n_drafted > 0
+    order = np.argsort(-p)
+    big = order[p[order] * n >= 10]              # chi-square wants expected counts >= 5
+    rest = np.setdiff1d(np.arange(p.size), big)
+    obs = np.append(counts[big], counts[rest].sum())
+    exp = np.append(p[big], p[rest].sum()) * n
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_accept_rule_matches_target_distribution_exactly():
+    """The rejection rule alone, on hand-made p and q, reproduces p (law of total probability)."""
+    rng_p = np.array([0.5, 0.3, 0.2, 0.0])
+    q = np.array([0.1, 0.1, 0.4, 0.4])
+    logits_p = np.log(np.maximum(rng_p, 1e-30))
+    n, counts = 20000, np.zeros(4)
+    s = Sampler(temperature=1.0, seed=0)
+    for _ in range(n):
+        d = s.draw(q)
+        acc, bonus = SpeculativeDecoder._accept([d], [q], np.stack([logits_p, logits_p]), s)
+        counts[d if acc else bonus] += 1
+    assert np.allclose(counts / n, rng_p, atol=0.015)
+
+
+def test_draft_with_other_vocabulary_is_refused(tmp_path, tiny_moe):
+    """A draft whose vocabulary differs is refused before any decoding."""
+    from moespac_gguf.synthetic import write_synthetic_moe
+    import gguf
+
+    other = tmp_path / "other.gguf"
+    src = gguf.GGUFReader(tiny_moe(FAR_DRAFT))
+    w = gguf.GGUFWriter(other, arch="llama")
+    for key, f in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        val = f.contents()
+        if key == "tokenizer.ggml.tokens":
+            val = [t if i != 100 else "zz" for i, t in enumerate(val)]
+        w.add_key_value(key, val, f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in src.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type, raw_shape=np.asarray(t.data).shape)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(TARGET)),
+                        "-md", str(other), "-p", "hi"], capture_output=True, text=True)
+    assert r.returncode == 2 and "different vocabulary" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_run_cli_json_and_errors(tiny_moe, tmp_path):
+    target, draft = str(tiny_moe(TARGET)), str(tiny_moe(NEAR_DRAFT))
+    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target, "-md", draft,
+                        "-p", "hello", "-n", "16", "--json"], capture_output=True, text=True, check=True)
+    d = json.loads(r.stdout)
+    assert {"text", "tokens", "n_tokens", "tokens_per_s", "acceptance_rate"} <= d.keys()
+    assert d["n_tokens"] == len(d["tokens"]) <= 16 and 0 <= d["acceptance_rate"] <= 1
+    plain = json.loads(subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target,
+                                       "-p", "hello", "-n", "16", "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert plain["acceptance_rate"] is None and plain["tokens"] == d["tokens"]
+    dense = tiny_moe(FAR_DRAFT)
+    cases = [(["-m", str(tmp_path / "nope.gguf"), "-p", "x"], "no such file"),
+             (["-m", str(dense), "-p", "x"], "dense model"),
+             (["-m", target, "-md", str(tmp_path / "nod.gguf"), "-p", "x"], "no such draft file"),
+             (["-m", target, "-c", "64", "-p", "word " * 200], "does not fit the context")]
+    for args, msg in cases:
+        r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_context_full_stops_cleanly(tiny_moe):
+    with MoeSpac(tiny_moe(TARGET), tiny_moe(NEAR_DRAFT), n_ctx=64) as m:
+        out = m.create_completion("hello", max_tokens=500)
+        assert out["choices"][0]["finish_reason"] == "context"
+        assert m.target.n_past <= m.target.n_ctx  # llama.cpp rounds n_ctx up (64 -> 256)
+
+
+def test_chat_and_streaming(tiny_moe):
+    with MoeSpac(tiny_moe(TARGET), tiny_moe(NEAR_DRAFT), n_ctx=256) as m:
+        full = m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=12)
+        chunks = list(m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=12, stream=True))
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+        assert text == full["choices"][0]["message"]["content"]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        comp = m.create_completion("hello", max_tokens=12)
+        stream = "".join(c["choices"][0]["text"] for c in m.create_completion("hello", max_tokens=12, stream=True))
+        assert stream == comp["choices"][0]["text"]
+
+
+def test_chat_cli_reads_piped_stdin(tiny_moe):
+    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "chat", "-m", str(tiny_moe(TARGET)),
+                        "-n", "8", "--stats"], input="hello\nhow are you\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("tok/s") == 2
+
+
+def test_text_stream_stop_strings_and_utf8():
+    ts = TextStream(["STOP"])
+    parts = [ts.feed(b) for b in (b"ab", "é".encode()[:1], "é".encode()[1:], b"cST", b"OPzz")]
+    assert "".join(parts) == "abéc" and ts.stopped
+    ts = TextStream(["xyz"])
+    assert ts.feed(b"abx") == "ab" and ts.feed(b"q") == "xq" and ts.flush() == ""
+
+
+def test_empty_prompt_is_an_error(sessions):
+    with pytest.raises(MoespacError, match="empty prompt"):
+        list(SpeculativeDecoder(sessions["target"]).generate([], 4, Sampler()))

@@ -14,10 +14,15 @@ from .errors import MoespacError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("moespac_gguf.generate", "main_run", "generate text (speculative with -md DRAFT)"),
     "chat": ("moespac_gguf.generate", "main_chat", "chat with the model's template (stdin line by line)"),
+    "bench": ("moespac_gguf.benchmark", "main", "tokens/s and bytes read under a memory cap, vs llama.cpp"),
+    "calibrate": ("moespac_gguf.calibrate", "main", "measure disk, memory and expert costs of this machine"),
     "inspect": ("moespac_gguf.layout", "main", "show the expert layout of a GGUF MoE model"),
     "synth": ("moespac_gguf.synthetic", "main", "write a tiny random-weight MoE GGUF (tests)"),
     "trace-import": ("moespac_gguf.trace", "main_import", "convert Mixtral routing JSONL into a trace"),
     "trace-stats": ("moespac_gguf.trace_stats", "main", "routing statistics and heatmap of a trace"),
+    "sim": ("moespac_gguf.sim", "main", "simulate expert residency policies on device profiles (trace-driven)"),
+    "train-gate": ("moespac_gguf.gate", "main_train", "fit the lookahead gate (experts of layers l+1..l+D) to a model"),
+    "eval-gate": ("moespac_gguf.gate", "main_eval", "recall/precision of the lookahead gate on held-out prompts"),
 }
 
 

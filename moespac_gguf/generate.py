@@ -13,11 +13,13 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .engine import ResidencyController
 from .errors import MoespacError
-from .layout import read_layout
+from .layout import MoeLayout, read_layout
 from .native import set_verbose
 from .session import Session
 from .speculative import DecodeStats, Sampler, SpeculativeDecoder
+from .units import format_size, parse_size
 
 
 class TextStream:
@@ -60,6 +62,29 @@ class TextStream:
         return s
 
 
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
+    """Bytes left for expert weights once everything else that must stay in memory is counted."""
+    runtime = _rss_anon()
+    margin = (64 << 20) + mem_budget // 20
+    left = mem_budget - layout.other_bytes - draft_bytes - runtime - margin
+    one_token = layout.n_expert_used * max(l.bytes_per_expert for l in layout.layers) * len(layout.layers)
+    if left < one_token:
+        raise MoespacError(
+            f"memory budget {format_size(mem_budget)} is too small: non-expert weights "
+            f"{format_size(layout.other_bytes)}, draft {format_size(draft_bytes)}, runtime {format_size(runtime)} "
+            f"and margin {format_size(margin)} leave {format_size(max(left, 0))} for experts, less than the "
+            f"{format_size(one_token)} one token needs")
+    return left
+
+
 def render_chat(template: str, messages: list[dict], bos: str, eos: str) -> str:
     """Render a GGUF chat template (Jinja2, as in Hugging Face tokenizers)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -79,7 +104,8 @@ class MoeSpac:
     def __init__(self, model_path: str | Path, draft_model_path: str | Path | None = None, *,
                  n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
                  draft_max: int = 8, adaptive_draft: bool = True, seed: int | None = None,
-                 verbose: bool = False):
+                 mem_budget: int | str | None = None, verbose: bool = False):
+        """`mem_budget` (bytes or "8G"): keep expert residency within it (the residency engine)."""
         set_verbose(verbose)
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
@@ -93,6 +119,13 @@ class MoeSpac:
                                      tap=False)
             self.decoder = SpeculativeDecoder(self.target, self.draft, draft_max=draft_max,
                                               adaptive=adaptive_draft)
+            self.residency = None
+            if mem_budget is not None:
+                budget = parse_size(mem_budget) if isinstance(mem_budget, str) else int(mem_budget)
+                draft_bytes = Path(draft_model_path).stat().st_size if draft_model_path else 0
+                self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes))
+                self.decoder.subscribe(self.residency)
+                self.target.tap.set_demand_page_in(True)
         except Exception:
             self.close()
             raise
@@ -191,6 +224,9 @@ class MoeSpac:
         return {"prompt_tokens": len(prompt_tokens), "completion_tokens": n, "total_tokens": len(prompt_tokens) + n}
 
     def close(self) -> None:
+        if getattr(self, "residency", None) is not None:
+            self.residency.close()
+            self.residency = None
         for s in (self.draft, getattr(self, "target", None)):
             if s is not None:
                 s.close()
@@ -216,13 +252,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("-s", "--seed", type=int, default=None)
+    p.add_argument("--mem-budget", metavar="SIZE", help="memory for the model, e.g. 8G: moespac keeps the most "
+                   "useful experts resident within it")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
 def open_model(args) -> MoeSpac:
     return MoeSpac(args.model, args.model_draft, n_ctx=args.ctx_size, n_threads=args.threads,
                    n_batch=args.batch_size, draft_max=args.draft_max,
-                   adaptive_draft=not args.no_adaptive_draft, seed=args.seed, verbose=args.verbose)
+                   adaptive_draft=not args.no_adaptive_draft, seed=args.seed, mem_budget=args.mem_budget,
+                   verbose=args.verbose)
 
 
 def stats_line(st: DecodeStats) -> str:

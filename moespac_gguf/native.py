@@ -13,7 +13,7 @@ import sys
 from .errors import MoespacError
 
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 
@@ -53,6 +53,8 @@ def _declare(lib) -> None:
         "llama_moespac_tap_weights": (c.POINTER(c.c_float), [c.c_void_p]),
         "llama_moespac_tap_rows": (c.POINTER(c.c_int32), [c.c_void_p]),
         "llama_moespac_tap_overflow": (c.c_int32, [c.c_void_p]),
+        "llama_moespac_tap_set_willneed": (None, [c.c_void_p, c.c_bool]),
+        "llama_moespac_tap_willneed_bytes": (c.c_int64, [c.c_void_p]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)

@@ -69,6 +69,14 @@ class RoutingTap:
     def reset(self) -> None:
         lib.llama_moespac_tap_reset(self.handle)
 
+    def set_demand_page_in(self, enable: bool) -> None:
+        """Read each routed expert whole (MADV_WILLNEED) right before its matmul (patch 0003)."""
+        lib.llama_moespac_tap_set_willneed(self.handle, enable)
+
+    @property
+    def demand_paged_bytes(self) -> int:
+        return int(lib.llama_moespac_tap_willneed_bytes(self.handle))
+
     def read(self, n_tokens: int, output_rows: np.ndarray | None = None) -> Routing:
         """Routing of the `n_tokens` decoded since reset().
 

@@ -1,0 +1,196 @@
+"""`moespac bench`: tokens/s and bytes read under a real memory cap, every contender side by side.
+
+Each contender runs in its own child process inside its own memory cgroup
+(memcap.py) with the same cap, the same prompts and a cold page cache (the
+model files' pages are dropped before each start). Contenders:
+
+  llama.cpp         plain mmap, no draft (the same decode path, K = 0)
+  llama.cpp+random  the same with MADV_RANDOM on the mapping
+  llama.cpp+sd      speculative decoding with the same draft, no expert management
+  moespac           speculative decoding + utility estimator + balancer + engine
+
+The parent checks that every contender's greedy output equals plain llama.cpp's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import MoespacError
+from .memcap import MemoryCap
+from .pages import drop_file_cache
+from .paths import REPO_ROOT, SHARED_DIR
+from .units import format_size, parse_size
+
+CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac")
+DEFAULT_PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
+
+
+def load_prompts(path: str | Path, limit: int) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise MoespacError(f"no such prompt file: {path}")
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            prompts.append(row["turns"][0] if "turns" in row else row.get("prompt", row.get("text", "")))
+    if not prompts:
+        raise MoespacError(f"{path} holds no prompts")
+    step = max(1, len(prompts) // limit)  # spread over the categories
+    return prompts[::step][:limit]
+
+
+def _io_counters() -> tuple[int, int]:
+    read_bytes = 0
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                read_bytes = int(line.split()[1])
+    return read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def run_contender(name: str, args) -> dict:
+    """Run inside the capped child: load, generate every prompt, report one JSON object."""
+    from .generate import MoeSpac
+    from .pages import MADV_RANDOM, find_mapping, madvise
+
+    draft = args.model_draft if name in ("llama.cpp+sd", "moespac") else None
+    budget = args.mem_cap if name == "moespac" else None
+    m = MoeSpac(args.model, draft, n_ctx=args.ctx_size, n_threads=args.threads, draft_max=args.draft_max,
+                mem_budget=budget)
+    if name == "llama.cpp+random":
+        mp = find_mapping(args.model)
+        madvise(mp.start, mp.end - mp.start, MADV_RANDOM)
+    prompts = load_prompts(args.prompts, args.limit)
+    read0, faults0 = _io_counters()
+    outputs, n_tokens, drafted, accepted = [], 0, 0, 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        out = m.create_completion(p, max_tokens=args.n_predict)
+        outputs.append(m.completion_tokens)
+        n_tokens += len(m.completion_tokens)
+        drafted += m.stats.n_drafted
+        accepted += m.stats.n_accepted
+    elapsed = time.perf_counter() - t0
+    read1, faults1 = _io_counters()
+    result = {"name": name, "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
+              "bytes_read": read1 - read0, "major_faults": faults1 - faults0,
+              "acceptance_rate": accepted / drafted if drafted else None, "outputs": outputs}
+    if m.residency is not None:
+        st = m.residency.engine.stats
+        result["engine"] = {"prefetched_bytes": st.prefetched_bytes, "evicted_bytes": st.evicted_bytes,
+                            "plans": st.plans, "budget_bytes": m.residency.budget_bytes}
+    m.close()
+    return result
+
+
+def _child_argv(name: str, args) -> list[str]:
+    argv = [sys.executable, "-m", "moespac_gguf.benchmark", "--child", name, "-m", args.model,
+            "--mem-cap", str(args.mem_cap), "--prompts", str(args.prompts), "--limit", str(args.limit),
+            "-n", str(args.n_predict), "-c", str(args.ctx_size), "--draft-max", str(args.draft_max)]
+    if args.model_draft:
+        argv += ["-md", args.model_draft]
+    if args.threads:
+        argv += ["-t", str(args.threads)]
+    return argv
+
+
+def run_capped(name: str, args) -> dict:
+    """One contender in its own cgroup, cold cache, as a child process."""
+    for f in filter(None, (args.model, args.model_draft)):
+        drop_file_cache(f)
+    with MemoryCap(args.mem_cap, name.replace("+", "-").replace(".", "")) as cap:
+        proc = subprocess.run(_child_argv(name, args), capture_output=True, text=True, preexec_fn=cap.preexec,
+                              cwd=REPO_ROOT)
+        peak = cap.peak_bytes()
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"name": name, "error": f"exit {proc.returncode}: {tail}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["peak_bytes"] = peak
+    return result
+
+
+def markdown(results: list[dict], args) -> str:
+    base = {r["name"]: r for r in results if "error" not in r}
+    ref = base.get("llama.cpp")
+    lines = [f"model `{Path(args.model).name}` ({format_size(os.path.getsize(args.model))}), draft "
+             f"`{Path(args.model_draft).name if args.model_draft else '-'}`, cap {format_size(args.mem_cap)}, "
+             f"{args.limit} prompts x {args.n_predict} tokens",
+             "",
+             "| contender | tok/s | vs llama.cpp+random | vs llama.cpp+sd | bytes read | vs +random | major faults | acceptance | same output |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} |||||||| ")
+            continue
+        def ratio(key, other):
+            o = base.get(other)
+            return f"{r[key] / o[key]:.2f}x" if o and o[key] else "-"
+        acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+        same = "-" if ref is None else ("yes" if r["outputs"] == ref["outputs"] else "NO")
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.2f} | {ratio('tokens_per_s', 'llama.cpp+random')} | "
+                     f"{ratio('tokens_per_s', 'llama.cpp+sd')} | {format_size(r['bytes_read'])} | "
+                     f"{ratio('bytes_read', 'llama.cpp+random')} | {r['major_faults']} | {acc} | {same} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moespac bench", description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-md", "--model-draft")
+    p.add_argument("--mem-cap", required=True, type=parse_size, help="memory cap for each contender, e.g. 1.5G")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    p.add_argument("--limit", type=int, default=8)
+    p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("-c", "--ctx-size", type=int, default=1024)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--draft-max", type=int, default=8)
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="also write the JSON here (e.g. bench/results/memcap.json)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_contender(args.child, args)))
+        return 0
+    for f in filter(None, (args.model, args.model_draft)):
+        if not Path(f).is_file():
+            raise MoespacError(f"no such file: {f}")
+    names = args.contenders.split(",")
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise MoespacError(f"unknown contender(s) {', '.join(unknown)} (choose from {', '.join(CONTENDERS)})")
+    if any(n in ("llama.cpp+sd", "moespac") for n in names) and not args.model_draft:
+        raise MoespacError("llama.cpp+sd and moespac need a draft model (-md)")
+    load_prompts(args.prompts, args.limit)  # fail early on a bad prompt file
+    results = []
+    for name in names:
+        if not args.json:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        results.append(run_capped(name, args))
+    reference = next((r["outputs"] for r in results if r["name"] == "llama.cpp" and "outputs" in r), None)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "model": args.model, "draft": args.model_draft, "mem_cap": args.mem_cap,
+              "prompts": str(args.prompts), "limit": args.limit, "n_predict": args.n_predict,
+              "results": [{k: v for k, v in r.items() if k != "outputs"} | (
+                  {"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
+                          for r in results]}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        Path(args.out).with_suffix(".md").write_text(markdown(results, args) + "\n")
+    print(json.dumps(report) if args.json else markdown(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,240 @@
+"""Asynchronous Execution Engine: keep the planned experts in fast memory, in the background.
+
+On this machine fast memory is the page cache behind llama.cpp's mmap of the
+GGUF (tier T1) and slow memory the file on disk (T2). A worker thread moves
+experts between them in ONE utility order: it evicts the lowest-utility
+resident experts (MADV_PAGEOUT) when the budget needs room, and prefetches the
+highest-utility missing ones through llama.cpp's own mapping: MADV_WILLNEED
+reads an expert's byte ranges in large requests, MADV_POPULATE_READ maps them,
+so the decode thread's later accesses are hits instead of 4 KiB faults one at a
+time — and, being mapped, they can be evicted exactly (pages.py). The mapping gets
+MADV_RANDOM so faults on experts we failed to predict do not read ahead into
+experts nobody asked for. Resident expert bytes never exceed the budget.
+
+`ResidencyController` is the glue: a speculative-loop observer that feeds
+routing into the utility estimator, asks the balancer for a plan and hands it
+to the engine (a T0 slot tier would plug in as one more move kind).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import pages
+from .layout import MoeLayout
+from .paths import CACHE_DIR
+from .plan import FLASH, BackgroundBalancer, DeviceCosts, PlanProblem, greedy
+from .speculative import VerificationEvent
+from .utility import UtilityEstimator
+
+CALIBRATION_PATH = CACHE_DIR / "calibration.json"
+# Used until `moespac calibrate` has measured this machine.
+DEFAULT_COSTS = DeviceCosts(flash_read_bps=1.0e9, memcpy_bps=8.0e9, cpu_s_per_token_expert=2e-4)
+
+
+def load_costs() -> DeviceCosts:
+    if CALIBRATION_PATH.exists():
+        d = json.loads(CALIBRATION_PATH.read_text())
+        return DeviceCosts(d["flash_read_bps"], d["memcpy_bps"], d["cpu_s_per_token_expert"])
+    return DEFAULT_COSTS
+
+
+@dataclass
+class EngineStats:
+    prefetched_bytes: int = 0
+    evicted_bytes: int = 0
+    prefetches: int = 0
+    evictions: int = 0
+    plans: int = 0
+    io_s: float = 0.0
+
+
+class ExpertMap:
+    """Byte ranges of every (MoE layer, expert) in the file and in llama.cpp's mapping."""
+
+    def __init__(self, layout: MoeLayout):
+        self.layout = layout
+        self.n_layer, self.n_expert = layout.n_layer, layout.n_expert
+        self.bytes = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
+        self.ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for layer in layout.layers:
+            for e in range(self.n_expert):
+                self.ranges[layer.index, e] = layer.expert_ranges(e)
+                self.bytes[layer.index, e] = layer.bytes_per_expert
+        self.mapping = pages.find_mapping(layout.path)
+
+    def resident(self) -> np.ndarray:
+        """bool [n_layer, n_expert]: experts at least 90% in RAM (mincore)."""
+        out = np.zeros((self.n_layer, self.n_expert), dtype=bool)
+        for (l, e), rs in self.ranges.items():
+            total = sum(n for _, n in rs)
+            got = sum(pages.resident_fraction(self.mapping.address(off), n) * n for off, n in rs)
+            out[l, e] = got >= 0.9 * total
+        return out
+
+
+class ResidencyEngine:
+    """Background worker applying residency targets under a byte budget."""
+
+    def __init__(self, experts: ExpertMap, budget_bytes: int):
+        self.map = experts
+        self.budget = budget_bytes
+        self.stats = EngineStats()
+        m = experts.mapping
+        pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
+        self.fd = os.open(experts.layout.path, os.O_RDONLY)
+        self.resident = experts.resident()
+        self._populate = True  # MADV_POPULATE_READ (Linux 5.14+); else pread the bytes
+        self._target: tuple[np.ndarray, np.ndarray] | None = None
+        self._cv = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="moespac-engine", daemon=True)
+        self._thread.start()
+
+    def apply(self, want: np.ndarray, priority: np.ndarray) -> None:
+        """Make `want` (bool [L,E]) resident, most `priority` first; the newest target wins."""
+        with self._cv:
+            self._target = (want.copy(), priority.copy())
+            self._idle.clear()
+            self._cv.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self.fd)
+
+    # -- worker ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._target is None and not self._stop:
+                    self._idle.set()
+                    self._cv.wait()
+                if self._stop:
+                    return
+                want, priority = self._target
+                self._target = None
+            self.stats.plans += 1
+            self._converge(want, priority)
+
+    def _preempted(self) -> bool:
+        return self._target is not None or self._stop
+
+    def _converge(self, want: np.ndarray, priority: np.ndarray) -> None:
+        """Evict unwanted experts (least useful first) as room is needed, fetch wanted ones (most useful first)."""
+        bytes_ = self.map.bytes
+        fetch = [tuple(ix) for ix in np.argwhere(want & ~self.resident & (bytes_ > 0))]
+        fetch.sort(key=lambda ix: -priority[ix])
+        evictable = [tuple(ix) for ix in np.argwhere(~want & self.resident)]
+        evictable.sort(key=lambda ix: priority[ix])
+        used = int(bytes_[self.resident].sum())
+        for ix in fetch:
+            if self._preempted():
+                return
+            need = int(bytes_[ix])
+            while used + need > self.budget and evictable:
+                victim = evictable.pop(0)
+                self._evict(victim)
+                used -= int(bytes_[victim])
+            if used + need > self.budget:
+                break
+            self._fetch(ix)
+            used += need
+        while used > self.budget and evictable and not self._preempted():
+            victim = evictable.pop(0)
+            self._evict(victim)
+            used -= int(bytes_[victim])
+
+    def _fetch(self, ix: tuple[int, int]) -> None:
+        t = time.perf_counter()
+        for off, n in self.map.ranges[ix]:
+            addr = self.map.mapping.address(off)
+            pages.madvise(addr, n, pages.MADV_WILLNEED)
+            if self._populate:
+                try:
+                    pages.madvise(addr, n, pages.MADV_POPULATE_READ)
+                    continue
+                except OSError:
+                    self._populate = False
+            os.pread(self.fd, n, off)  # into the page cache; the decode thread maps it on use
+        self.stats.io_s += time.perf_counter() - t
+        self.resident[ix] = True
+        self.stats.prefetches += 1
+        self.stats.prefetched_bytes += int(self.map.bytes[ix])
+
+    def _evict(self, ix: tuple[int, int]) -> None:
+        # PAGEOUT reclaims the pages mapped here; fadvise drops what is cached
+        # but unmapped (demand-paged and never touched, or the pread fallback).
+        for off, n in self.map.ranges[ix]:
+            pages.madvise(self.map.mapping.address(off), n, pages.MADV_PAGEOUT)
+            os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        self.resident[ix] = False
+        self.stats.evictions += 1
+        self.stats.evicted_bytes += int(self.map.bytes[ix])
+
+
+@dataclass
+class ResidencyController:
+    """Speculative-loop observer: routing -> utility -> plan -> engine.
+
+    Before verification (on_draft) the token-conditioned prior turns the
+    drafted tokens into a utility and the engine starts prefetching; after it
+    (on_verify) the verification's routing updates the estimator. The
+    balancer re-plans in its background thread; until its plan arrives the
+    greedy plan (optimal for CPU-only, equal-size experts) is applied.
+    """
+    layout: MoeLayout
+    budget_bytes: int
+    costs: DeviceCosts = field(default_factory=load_costs)
+    replan_every: int = 4
+
+    def __post_init__(self):
+        self.map = ExpertMap(self.layout)
+        self.engine = ResidencyEngine(self.map, self.budget_bytes)
+        self.estimator = UtilityEstimator(self.layout.n_layer, self.layout.n_expert)
+        self.balancer = BackgroundBalancer()
+        self.steps = 0
+
+    def _problem(self, utility: np.ndarray) -> PlanProblem:
+        n_layer, n_expert = utility.shape
+        current = np.where(self.engine.resident, 1, FLASH)
+        return PlanProblem(utility=utility, expert_bytes=np.maximum(self.map.bytes, 1), current=current,
+                           slot_capacity=np.zeros(n_layer, dtype=int), resident_budget_bytes=self.budget_bytes,
+                           costs=self.costs)
+
+    def _plan_and_apply(self, utility: np.ndarray, background: bool) -> None:
+        problem = self._problem(utility)
+        plan = None
+        if background:
+            self.balancer.submit(problem)
+            plan = self.balancer.latest()
+        if plan is None or plan.tier.shape != utility.shape:
+            plan = greedy(problem)
+        self.engine.apply(plan.tier != FLASH, utility)
+
+    def on_draft(self, draft: list[int]) -> None:
+        if draft:
+            self._plan_and_apply(self.estimator.predict(draft), background=False)
+
+    def on_verify(self, event: VerificationEvent) -> None:
+        if event.routing is None:
+            return
+        self.estimator.observe_verification(np.asarray(event.batch), event.routing.experts)
+        self.steps += 1
+        self._plan_and_apply(self.estimator.predict(), background=self.steps % self.replan_every == 0)
+
+    def close(self) -> None:
+        self.balancer.close()
+        self.engine.close()

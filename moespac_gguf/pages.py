@@ -1,0 +1,99 @@
+"""The page cache as a tier: where llama.cpp mapped the model, and madvise/mincore/fadvise on it.
+
+Measured on this kernel (NOTES.md): MADV_PAGEOUT really drops resident file
+pages (splitting large folios it only partly covers) but only pages mapped in
+this process; MADV_WILLNEED is asynchronous; MADV_POPULATE_READ maps pages in,
+waiting for them; MADV_RANDOM stops fault readahead (the cheap trick that halves
+I/O); posix_fadvise(DONTNEED) drops only unmapped clean pages in folios wholly
+inside the range (a whole file: a cold cache before a benchmark run; a small
+range inside large folios: nothing). Python's mmap lacks these constants.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MADV_RANDOM, MADV_WILLNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 1, 3, 21, 22
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One mmap of a file in this process: addresses [start, end) show file bytes from `offset`."""
+    start: int
+    end: int
+    offset: int
+
+    def address(self, file_offset: int) -> int:
+        return self.start + file_offset - self.offset
+
+
+def find_mapping(path: str | Path) -> Mapping:
+    """The largest mapping of `path` in this process (llama.cpp maps the whole model once)."""
+    target = os.path.realpath(path)
+    best = None
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip() == target:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                m = Mapping(lo, hi, int(parts[2], 16))
+                if best is None or m.end - m.start > best.end - best.start:
+                    best = m
+    if best is None:
+        raise RuntimeError(f"{path} is not memory-mapped in this process (was it loaded with use_mmap?)")
+    return best
+
+
+def _page_span(addr: int, length: int) -> tuple[int, int]:
+    lo = addr - addr % PAGE
+    hi = -(-(addr + length) // PAGE) * PAGE
+    return lo, hi - lo
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    lo, n = _page_span(addr, length)
+    if _libc.madvise(lo, n, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise({advice}) failed: {os.strerror(err)}")
+
+
+def resident_fraction(addr: int, length: int) -> float:
+    """Share of the pages of [addr, addr+length) in RAM (mincore)."""
+    lo, n = _page_span(addr, length)
+    pages = n // PAGE
+    vec = np.zeros(pages, dtype=np.uint8)
+    if _libc.mincore(lo, n, vec.ctypes.data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore failed: {os.strerror(err)}")
+    return float((vec & 1).sum()) / pages
+
+
+def drop_file_cache(path: str | Path) -> None:
+    """Evict the file's clean, unmapped pages from the page cache (a cold start)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def file_cached_fraction(path: str | Path) -> float:
+    """Share of the file's pages in the page cache (maps it briefly; mincore)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        try:
+            return resident_fraction(view.ctypes.data, view.size)
+        finally:
+            del view

@@ -27,12 +27,10 @@ import numpy as np
 
 from . import pages
 from .layout import MoeLayout
-from .paths import CACHE_DIR
-from .plan import FLASH, BackgroundBalancer, DeviceCosts, PlanProblem, greedy
+from .paths import CALIBRATION_PATH
+from .plan import DeviceCosts
+from .policy import Capacity, MoeSpacPolicy
 from .speculative import VerificationEvent
-from .utility import UtilityEstimator
-
-CALIBRATION_PATH = CACHE_DIR / "calibration.json"
 # Used until `moespac calibrate` has measured this machine.
 DEFAULT_COSTS = DeviceCosts(flash_read_bps=1.0e9, memcpy_bps=8.0e9, cpu_s_per_token_expert=2e-4)
 
@@ -104,6 +102,17 @@ class ResidencyEngine:
             self._target = (want.copy(), priority.copy())
             self._idle.clear()
             self._cv.notify()
+
+    def note_used(self, used: np.ndarray) -> None:
+        """Experts the decode thread just paged in itself (from the routing): count them as resident,
+        so the next target evicts them when unwanted instead of the kernel reclaiming blindly."""
+        with self._cv:
+            self.resident |= used
+
+    def refresh(self) -> None:
+        """Re-read residency from the kernel (mincore): corrects drift after kernel reclaim."""
+        with self._cv:
+            self.resident[:] = self.map.resident()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
@@ -189,52 +198,47 @@ class ResidencyEngine:
 class ResidencyController:
     """Speculative-loop observer: routing -> utility -> plan -> engine.
 
-    Before verification (on_draft) the token-conditioned prior turns the
-    drafted tokens into a utility and the engine starts prefetching; after it
-    (on_verify) the verification's routing updates the estimator. The
-    balancer re-plans in its background thread; until its plan arrives the
-    greedy plan (optimal for CPU-only, equal-size experts) is applied.
+    The decisions are the simulator's `MoeSpacPolicy` (policy.py), the same
+    object `moespac sim --policy moespac` replays: before verification
+    (on_draft) the token-conditioned prior turns the drafted tokens into a
+    utility and the balancer's plan into the set to hold, which the engine
+    starts prefetching while the target runs; after it (on_verify) the
+    verification's routing updates the estimator. On CPU-only machines with
+    equal-size experts the balancer's ILP is a knapsack that its greedy plan
+    solves exactly (tests/test_plan.py), so no solver runs on the decode path;
+    a GPU slot tier would make the ILP (plan.BackgroundBalancer) worth its cost.
     """
     layout: MoeLayout
     budget_bytes: int
     costs: DeviceCosts = field(default_factory=load_costs)
-    replan_every: int = 4
+    refresh_every: int = 16
 
     def __post_init__(self):
         self.map = ExpertMap(self.layout)
         self.engine = ResidencyEngine(self.map, self.budget_bytes)
-        self.estimator = UtilityEstimator(self.layout.n_layer, self.layout.n_expert)
-        self.balancer = BackgroundBalancer()
+        expert_bytes = self.layout.mean_bytes_per_expert
+        self.policy = MoeSpacPolicy(self.costs, expert_bytes)
+        self.policy.reset(self.layout.n_layer, self.layout.n_expert,
+                          Capacity(total=max(1, int(self.budget_bytes // expert_bytes))))
         self.steps = 0
-
-    def _problem(self, utility: np.ndarray) -> PlanProblem:
-        n_layer, n_expert = utility.shape
-        current = np.where(self.engine.resident, 1, FLASH)
-        return PlanProblem(utility=utility, expert_bytes=np.maximum(self.map.bytes, 1), current=current,
-                           slot_capacity=np.zeros(n_layer, dtype=int), resident_budget_bytes=self.budget_bytes,
-                           costs=self.costs)
-
-    def _plan_and_apply(self, utility: np.ndarray, background: bool) -> None:
-        problem = self._problem(utility)
-        plan = None
-        if background:
-            self.balancer.submit(problem)
-            plan = self.balancer.latest()
-        if plan is None or plan.tier.shape != utility.shape:
-            plan = greedy(problem)
-        self.engine.apply(plan.tier != FLASH, utility)
 
     def on_draft(self, draft: list[int]) -> None:
         if draft:
-            self._plan_and_apply(self.estimator.predict(draft), background=False)
+            want = self.policy.before_window(draft)
+            self.engine.apply(want, self.policy.estimator.predict(draft))
 
     def on_verify(self, event: VerificationEvent) -> None:
         if event.routing is None:
             return
-        self.estimator.observe_verification(np.asarray(event.batch), event.routing.experts)
+        experts = event.routing.experts
+        self.policy.access(np.asarray(event.batch), experts)
+        self.engine.note_used(event.routing.counts(self.layout.n_expert) > 0)
         self.steps += 1
-        self._plan_and_apply(self.estimator.predict(), background=self.steps % self.replan_every == 0)
+        if self.steps % self.refresh_every == 0:
+            self.engine.refresh()
+        # what to hold while the draft proposes the next tokens (no drafted ids yet)
+        want = self.policy.before_window(None)
+        self.engine.apply(want, self.policy.estimator.predict())
 
     def close(self) -> None:
-        self.balancer.close()
         self.engine.close()

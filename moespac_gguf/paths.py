@@ -7,3 +7,5 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("MOESPAC_SHARED", REPO_ROOT.parent / "shared"))
 # Built wheels, demo models and other generated artefacts: outside git.
 CACHE_DIR = Path(os.environ.get("MOESPAC_CACHE", Path.home() / ".cache" / "moespac-gguf"))
+# `moespac calibrate` writes this machine's measured costs here (the balancer and `sim --device local` read it).
+CALIBRATION_PATH = CACHE_DIR / "calibration.json"

@@ -1,0 +1,271 @@
+"""Expert residency policies, shared by the trace simulator and the runtime engine.
+
+A policy decides which experts sit in fast memory. It sees verification windows (one decode step,
+or K drafted tokens + 1 verified in one batch), exactly as the engine does:
+
+    policy.reset(n_layer, n_expert, Capacity(total, per_layer))
+    for each window:
+        want = policy.before_window(draft_ids)   # bool [L, E]: make exactly these resident now
+        ... verify the window ...
+        hits = policy.access(token_ids, experts)  # experts int [L, T, k], -1 = none
+
+`before_window` may prefetch (want \\ resident) and evict (resident \\ want). `access` reports which of
+the window's experts were served from fast memory, then lets the policy keep any expert it just used
+(a miss was read once anyway, so keeping it moves no extra bytes); `resident` is always a subset of
+`want | used` and within the capacity. A window uses each (layer, expert) once, however many of its
+tokens route there. Every policy respects `per_layer` except the two that are global by design:
+`lru-global` and `static-layers`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MoespacError
+from .plan import FLASH, RESIDENT, DeviceCosts, PlanProblem, greedy
+from .utility import SpacUtility, UtilityEstimator, routing_counts
+
+POLICIES = ("ondemand", "lru", "lru-global", "static", "static-layers", "spac", "moespac", "belady")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Experts fast memory holds: `total` in all, at most `per_layer` in any layer (None: only the
+    total binds, as under one byte budget shared by all layers)."""
+    total: int
+    per_layer: int | None = None
+
+    def __post_init__(self):
+        if self.total < 0 or (self.per_layer is not None and self.per_layer < 0):
+            raise MoespacError(f"capacity must be non-negative, got {self.total} total, {self.per_layer} per layer")
+
+
+def select(score: np.ndarray, eligible: np.ndarray, capacity: Capacity) -> np.ndarray:
+    """The highest-scoring eligible experts that fit `capacity` (ties to the lower layer, then expert)."""
+    flat = np.flatnonzero(eligible)
+    order = flat[np.argsort(-np.asarray(score, dtype=np.float64).ravel()[flat], kind="stable")]
+    if capacity.per_layer is not None:
+        layer = order // eligible.shape[1]
+        by_layer = np.argsort(layer, kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[by_layer] = np.arange(len(order)) - np.searchsorted(layer[by_layer], layer[by_layer])
+        order = order[rank < capacity.per_layer]
+    chosen = np.zeros(eligible.shape, dtype=bool)
+    chosen.flat[order[:capacity.total]] = True
+    return chosen
+
+
+def used_experts(experts: np.ndarray, n_expert: int) -> np.ndarray:
+    """bool [L, E]: the experts a window routed to at least once."""
+    return routing_counts(experts, n_expert) > 0
+
+
+class Policy:
+    """Holds the resident set; subclasses decide what to fetch (`_want`) and what to keep (`_keep`)."""
+    name = ""
+
+    def reset(self, n_layer: int, n_expert: int, capacity: Capacity) -> None:
+        """Start empty (subclasses may preload: the model-load time, outside the decode loop)."""
+        self.n_layer, self.n_expert, self.capacity = n_layer, n_expert, capacity
+        self.resident = np.zeros((n_layer, n_expert), dtype=bool)
+
+    def before_window(self, draft_tokens=None) -> np.ndarray:
+        """The experts to hold during the next window (a copy); `draft_tokens`: its drafted ids, if known."""
+        self.resident = self._want(draft_tokens)
+        return self.resident.copy()
+
+    def access(self, tokens, experts) -> np.ndarray:
+        """The window ran: return its experts that were resident (hits) and update the state."""
+        used = used_experts(experts, self.n_expert)
+        hits = used & self.resident
+        self.resident = self._keep(tokens, np.asarray(experts), used)
+        return hits
+
+    def _want(self, draft_tokens) -> np.ndarray:
+        return self.resident
+
+    def _keep(self, tokens, experts: np.ndarray, used: np.ndarray) -> np.ndarray:
+        return self.resident
+
+
+class OnDemand(Policy):
+    """No cache: every window reads all its experts from the slow tier."""
+    name = "ondemand"
+
+    def _keep(self, tokens, experts, used):
+        return np.zeros_like(self.resident)
+
+
+class Lru(Policy):
+    """Least recently used. `lru` is per layer (Mixtral-offloading); under a global capacity it splits
+    it evenly, total // n_layer per layer. `lru-global` is one LRU over every layer's experts: what
+    the kernel's page cache does to llama.cpp's mmapped GGUF (readahead aside).
+
+    Replay rule, as `trace_stats.lru_hit_rate`: a window's distinct experts are accessed layer by
+    layer, each in first-use order (token order, then rank order); an access hits if the expert is
+    resident at that moment; a miss evicts the least recent expert (of its layer, when per layer)
+    and takes its place. With one token per window this is exactly trace_stats' replay.
+    """
+
+    def __init__(self, per_layer: bool = True):
+        self.per_layer = per_layer
+        self.name = "lru" if per_layer else "lru-global"
+
+    def reset(self, n_layer, n_expert, capacity):
+        if self.per_layer and capacity.per_layer is None:
+            capacity = Capacity(capacity.total, capacity.total // n_layer)
+        elif not self.per_layer:
+            capacity = Capacity(capacity.total)
+        super().reset(n_layer, n_expert, capacity)
+        # recency order, least recent first: one per layer, or one over (layer, expert) pairs
+        self.order = [OrderedDict() for _ in range(n_layer if self.per_layer else 1)]
+        self.limit = capacity.per_layer if self.per_layer else capacity.total
+
+    def access(self, tokens, experts):
+        hits = np.zeros_like(self.resident)
+        for layer, row in enumerate(np.asarray(experts).tolist()):
+            order = self.order[layer if self.per_layer else 0]
+            for e in dict.fromkeys(e for ids in row for e in ids if e >= 0):  # first-use order
+                key = (layer, e)
+                if key in order:
+                    order.move_to_end(key)
+                    hits[key] = True
+                elif self.limit > 0:
+                    if len(order) >= self.limit:
+                        self.resident[order.popitem(last=False)[0]] = False
+                    order[key] = None
+                    self.resident[key] = True
+        return hits
+
+
+class Static(Policy):
+    """Fiddler-style: the experts a profile (of a DIFFERENT trace) used most, fixed for the whole run."""
+    name = "static"
+
+    def __init__(self, profile_counts: np.ndarray):
+        self.profile_counts = np.asarray(profile_counts, dtype=np.float64)
+
+    def reset(self, n_layer, n_expert, capacity):
+        super().reset(n_layer, n_expert, capacity)
+        if self.profile_counts.shape != (n_layer, n_expert):
+            raise MoespacError(f"static profile has shape {self.profile_counts.shape}, "
+                               f"the trace needs {(n_layer, n_expert)}")
+        self.resident = select(self.profile_counts, np.ones_like(self.resident), capacity)
+
+
+class StaticLayers(Policy):
+    """llama.cpp `--n-cpu-moe` style: whole layers resident (the last ones, as --n-cpu-moe keeps the
+    first N layers' experts on the CPU). Layer-granular: honours the total, not `per_layer`."""
+    name = "static-layers"
+
+    def reset(self, n_layer, n_expert, capacity):
+        super().reset(n_layer, n_expert, capacity)
+        n_full = min(n_layer, capacity.total // n_expert) if n_expert else 0
+        self.resident[n_layer - n_full:] = True
+
+
+class Spac(Policy):
+    """MoE-SpAc's baseline: an expert is wanted while its level in utility.SpacUtility's state
+    machine (defaults S=4, theta_up=1, theta_down=2) is >= `threshold` (fixed); ties broken by
+    recency, then the capacity cuts. Prefetches experts that qualify but are not resident."""
+    name = "spac"
+
+    def __init__(self, threshold: int = 1):
+        if threshold < 1:
+            raise MoespacError(f"SpAc threshold must be >= 1, got {threshold}")
+        self.threshold = threshold
+
+    def reset(self, n_layer, n_expert, capacity):
+        super().reset(n_layer, n_expert, capacity)
+        self.spac = SpacUtility(n_layer, n_expert)
+        self.last_used = np.zeros((n_layer, n_expert))  # window index + 1 of the last use, 0 = never
+        self.window = 0
+
+    def _score(self) -> np.ndarray:
+        return self.spac.state + self.last_used / (self.window + 1.0)  # recency in [0, 1) breaks ties
+
+    def _want(self, draft_tokens):
+        return select(self._score(), self.spac.state >= self.threshold, self.capacity)
+
+    def _keep(self, tokens, experts, used):
+        self.window += 1
+        self.spac.update(routing_counts(experts, self.n_expert))
+        self.last_used[used] = self.window
+        return select(self._score(), (self.resident | used) & (self.spac.state >= self.threshold), self.capacity)
+
+
+class MoeSpacPolicy(Policy):
+    """Ours: the runtime's UtilityEstimator predicts each expert's tokens in the next window (from
+    the drafted ids when known), the balancer's greedy plan (plan.greedy: saving per byte under the
+    byte budget, with the move cost amortized over `horizon_steps`) picks what is resident.
+
+    Without a GPU tier and with equal expert sizes the balancer's ILP is a knapsack that greedy
+    solves exactly, so the simulator needs no solver. `expert_bytes` is the size of one expert;
+    the byte budget is `capacity.total` experts.
+    """
+    name = "moespac"
+
+    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 8.0):
+        self.costs, self.expert_bytes = costs, float(expert_bytes)
+        self.method, self.horizon_steps = method, horizon_steps
+
+    def reset(self, n_layer, n_expert, capacity):
+        super().reset(n_layer, n_expert, capacity)
+        self.estimator = UtilityEstimator(n_layer, n_expert, self.method)
+
+    def _want(self, draft_tokens):
+        utility = self.estimator.predict(draft_tokens)
+        problem = PlanProblem(utility, np.full(self.n_layer, self.expert_bytes),
+                              current=np.where(self.resident, RESIDENT, FLASH),
+                              slot_capacity=np.zeros(self.n_layer, dtype=np.int64),
+                              resident_budget_bytes=self.capacity.total * self.expert_bytes,
+                              costs=self.costs, horizon_steps=self.horizon_steps)
+        return select(utility, greedy(problem).tier != FLASH, self.capacity)
+
+    def _keep(self, tokens, experts, used):
+        self.estimator.observe_verification(tokens, experts)
+        return select(self.estimator.predict(), self.resident | used, self.capacity)
+
+
+class Belady(Policy):
+    """The offline optimum (Belady's MIN with bypass) for windows, given every window's needs.
+
+    Model: the resident set R_w is fixed during window w; each needed expert not in R_w costs one
+    load; after a window the cache may keep any of R_w | used_w for free; prefetching is allowed but
+    also costs one load. Keeping, after each window, the experts whose next use comes soonest
+    (never-used-again ones dropped) minimizes the total loads, hence the bytes moved, of ANY policy
+    under the same capacity, per layer or global with equal expert sizes (exchange argument: swapping
+    a kept expert for one needed sooner never adds a load). The first window starts from the soonest
+    needed experts, as every policy's preload is free. Among policies that load only on demand it
+    also has the highest hit rate (hits = needs - loads); a prefetching policy can exceed its hit
+    rate, but never moves fewer bytes.
+    """
+    name = "belady"
+
+    def __init__(self, future: np.ndarray):
+        self.future = np.asarray(future, dtype=bool)  # [n_windows, L, E]: experts each window uses
+
+    def reset(self, n_layer, n_expert, capacity):
+        super().reset(n_layer, n_expert, capacity)
+        n_window = len(self.future)
+        if self.future.shape[1:] != (n_layer, n_expert):
+            raise MoespacError(f"Belady future has shape {self.future.shape[1:]}, "
+                               f"the trace needs {(n_layer, n_expert)}")
+        self.next_use = np.empty((n_window + 1, n_layer, n_expert), dtype=np.int64)  # first window >= w using it
+        self.next_use[n_window] = n_window
+        for w in range(n_window - 1, -1, -1):
+            self.next_use[w] = np.where(self.future[w], w, self.next_use[w + 1])
+        self.window = 0
+        self.resident = self._soonest(np.ones_like(self.resident))
+
+    def _soonest(self, eligible: np.ndarray) -> np.ndarray:
+        upcoming = self.next_use[self.window]
+        return select(-upcoming, eligible & (upcoming < len(self.future)), self.capacity)
+
+    def _keep(self, tokens, experts, used):
+        if self.window >= len(self.future) or not np.array_equal(used, self.future[self.window]):
+            raise MoespacError(f"Belady was given a future that differs from window {self.window}")
+        self.window += 1
+        return self._soonest(self.resident | used)

@@ -1,0 +1,287 @@
+"""Trace-driven simulator: replay routing through a residency policy on a modeled device.
+
+Windows. The decode tokens of each sequence are cut, in order, into verification windows: a window
+is the next a + 1 tokens, where a = min(K, accepted drafts) and each drafted token is accepted with
+probability A independently until the first rejection (a truncated geometric; numpy
+default_rng(seed)). K = 0 gives one token per window. Windows never span two sequences; the policy's
+state carries over. The drafted rows the target rejected are not in a trace, so their experts are
+not counted (optimistic for speculation). A window needs, per layer, the union of its tokens'
+experts; each needed (layer, expert) is one access: a hit if the policy serves it from fast memory,
+otherwise one miss, loaded once however many of the window's tokens use it.
+
+Device model, per window (b = bytes of one expert, O = all other weights, n = needed experts):
+    compute = (O + n b) / mem_bps + step_overhead_s   memory-bound decode: weights streamed once per pass
+              (on `local`: n x the measured cpu_s_per_token_expert + step_overhead_s)
+    draft   = K draft_s                                draft_s: step_overhead_s (a tiny draft) or measured
+    load    = b / flash_read_bps + page_in_latency_s   one expert from the slow tier
+    time    = compute + draft + misses x load + max(0, prefetches x load - compute - draft)
+Misses stall the pass; prefetches (experts fetched before the window) overlap the draft and the
+compute, and only their excess stalls. tokens/s = tokens / total time; bytes moved = (misses +
+prefetches) x b. Free and reported apart: a policy's first resident set (its preload at model load)
+and, with a profile trace, an uncounted warm-up pass over it (an earlier conversation), so that a
+short trace is not dominated by cold misses; without a profile every cache starts cold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoespacError
+from .policy import (POLICIES, Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Policy, Spac, Static,
+                     StaticLayers, used_experts)
+from .profiles import Device, ModelSpec, load_device, load_model, names
+from .trace import RoutingTrace, import_mixtral_jsonl
+from .units import format_size, parse_size
+
+MODEL_BY_ARCH = {"mixtral": "mixtral-8x7b"}  # default --model for imported traces
+
+
+@dataclass
+class Replay:
+    """What a policy did on each window: all the device model needs."""
+    tokens: np.ndarray      # int [W]: tokens the window produced
+    needed: np.ndarray      # int [W]: distinct (layer, expert) it used
+    hits: np.ndarray        # int [W]: of those, served from fast memory
+    prefetched: np.ndarray  # int [W]: experts loaded before it ran
+    preloaded: int          # experts resident when the counted windows start (preload, warm-up)
+
+
+@dataclass
+class SimResult:
+    """One run, as `moespac sim --json` prints it (bytes in B, times in s)."""
+    trace: str
+    policy: str
+    device: str
+    model: str
+    quant: str
+    draft_k: int
+    acceptance: float
+    n_tokens: int
+    n_windows: int
+    capacity_experts: int
+    cache_per_layer: int | None
+    budget_bytes: float
+    hit_rate: float
+    bytes_per_token: float
+    prefetch_bytes_per_token: float
+    stall_s_per_token: float
+    tokens_per_s: float
+    preload_bytes: float  # resident when the counted windows start: free (model load, warm-up)
+
+
+def load_trace(path) -> RoutingTrace:
+    """Decode tokens of a saved trace or of a Mixtral JSONL (imported on the fly)."""
+    path = str(path)
+    trace = import_mixtral_jsonl(path) if path.endswith(".jsonl") else RoutingTrace.load(path)
+    decode = trace.select(trace.phase == 1)
+    if decode.n_tokens == 0:
+        raise MoespacError(f"{path} has no decode tokens to replay")
+    return decode
+
+
+def make_windows(trace: RoutingTrace, draft_k: int, acceptance: float, seed: int = 0) -> list[tuple[int, int]]:
+    """[start, end) token ranges of the verification windows (module docstring)."""
+    if draft_k < 0 or not 0.0 <= acceptance <= 1.0:
+        raise MoespacError(f"need --draft-k >= 0 and 0 <= --acceptance <= 1, got {draft_k} and {acceptance}")
+    rng = np.random.default_rng(seed)
+    breaks = np.flatnonzero((np.diff(trace.sequence) != 0) | (np.diff(trace.positions) != 1)) + 1
+    windows = []
+    for start, end in zip(np.r_[0, breaks], np.r_[breaks, trace.n_tokens]):
+        while start < end:
+            accepted = draft_k if acceptance == 1.0 else min(draft_k, int(rng.geometric(1.0 - acceptance)) - 1)
+            windows.append((int(start), int(min(end, start + accepted + 1))))
+            start = windows[-1][1]
+    return windows
+
+
+def warmup_of(profile: RoutingTrace | None, draft_k: int, acceptance: float, seed: int):
+    """The uncounted warm-up pass over a profile trace: (trace, windows), or None without one."""
+    return None if profile is None else (profile, make_windows(profile, draft_k, acceptance, seed + 1))
+
+
+def window_needs(trace: RoutingTrace, windows) -> np.ndarray:
+    """bool [W, L, E]: the experts each window uses (Belady's future)."""
+    return np.stack([used_experts(trace.experts[:, a:b], trace.n_expert) for a, b in windows])
+
+
+def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_bytes: float,
+                profile: RoutingTrace | None = None) -> Policy:
+    """A fresh policy; `static` needs the profile trace, `belady` the windows' future."""
+    if name == "static":
+        if profile is None:
+            raise MoespacError("policy static needs --profile TRACE: a DIFFERENT trace of the same model")
+        return Static(profile.usage_counts())
+    simple = {"ondemand": OnDemand, "lru": Lru, "static-layers": StaticLayers, "spac": Spac}
+    if name in simple:
+        return simple[name]()
+    if name == "lru-global":
+        return Lru(per_layer=False)
+    if name == "moespac":
+        return MoeSpacPolicy(device.costs(expert_bytes), expert_bytes)
+    if name == "belady":
+        return Belady(window_needs(trace, windows))
+    raise MoespacError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+
+
+def replay(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
+           warmup: tuple[RoutingTrace, list] | None = None) -> Replay:
+    """Run `policy` over the windows, after an uncounted pass over `warmup` (trace, windows) if given.
+    Belady skips the warm-up: its free optimal preload already beats any warm state."""
+    policy.reset(trace.n_layer, trace.n_expert, capacity)
+    if warmup is not None and not isinstance(policy, Belady):
+        _run(*warmup, policy, capacity)
+    preloaded = int(policy.resident.sum())
+    return Replay(*_run(trace, windows, policy, capacity), preloaded=preloaded)
+
+
+def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity) -> np.ndarray:
+    """int [4, W]: tokens, needed, hits, prefetched per window; checks the policy never holds more
+    than it may nor keeps an expert it neither wanted nor used (that would be a free load)."""
+    counts = np.zeros((4, len(windows)), dtype=np.int64)
+    for w, (a, b) in enumerate(windows):
+        kept = policy.resident.copy()
+        tokens, experts = trace.tokens[a:b], trace.experts[:, a:b]
+        drafted = tokens[:-1]
+        want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None)
+        used = used_experts(experts, trace.n_expert)
+        hits = policy.access(tokens, experts)
+        if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
+                or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
+            raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
+        counts[:, w] = b - a, used.sum(), hits.sum(), (want & ~kept).sum()
+    return counts
+
+
+def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float, draft_k: int) -> dict:
+    """Modeled seconds and bytes (module docstring) summed over the windows."""
+    compute = device.pass_s(rep.needed, expert_bytes, other_bytes)
+    draft = draft_k * device.draft_s
+    load = expert_bytes / device.flash_read_bps + device.page_in_latency_s
+    misses = rep.needed - rep.hits
+    stall = misses * load + np.maximum(0.0, rep.prefetched * load - compute - draft)
+    n_tokens = int(rep.tokens.sum())
+    return {"hit_rate": float(rep.hits.sum() / max(1, rep.needed.sum())),
+            "bytes_per_token": float((misses.sum() + rep.prefetched.sum()) * expert_bytes / n_tokens),
+            "prefetch_bytes_per_token": float(rep.prefetched.sum() * expert_bytes / n_tokens),
+            "stall_s_per_token": float(stall.sum() / n_tokens),
+            "tokens_per_s": float(n_tokens / (compute + draft + stall).sum()),
+            "preload_bytes": float(rep.preloaded * expert_bytes)}
+
+
+def capacity_for(model: ModelSpec, other_bytes: float, expert_bytes: float, device: Device,
+                 cache_per_layer: int | None, mem_budget: float | None) -> tuple[Capacity, float]:
+    """(capacity, budget bytes): N experts per layer, or what a byte budget (default: the device's
+    memory) holds after the non-expert weights."""
+    n_all = model.n_layer * model.n_expert
+    if cache_per_layer is not None:
+        if not 0 <= cache_per_layer <= model.n_expert:
+            raise MoespacError(f"--cache-per-layer must be in 0..{model.n_expert}, got {cache_per_layer}")
+        n = cache_per_layer * model.n_layer
+        return Capacity(n, cache_per_layer), other_bytes + n * expert_bytes
+    budget = device.mem_bytes if mem_budget is None else float(mem_budget)
+    if budget < other_bytes:
+        raise MoespacError(f"memory budget {format_size(budget)} is smaller than the {format_size(other_bytes)} "
+                           f"of {model.name}'s non-expert weights")
+    return Capacity(min(n_all, int((budget - other_bytes) // expert_bytes))), budget
+
+
+def check_shape(model: ModelSpec, trace: RoutingTrace, path) -> None:
+    if (model.n_layer, model.n_expert, model.top_k) != (trace.n_layer, trace.n_expert, trace.k):
+        raise MoespacError(f"{path} routes {trace.n_layer} layers x top-{trace.k} of {trace.n_expert} experts, "
+                           f"but {model.name} has {model.n_layer} x top-{model.top_k} of {model.n_expert}")
+
+
+def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, model: ModelSpec,
+             quant: str | None = None, cache_per_layer: int | None = None, mem_budget: float | None = None,
+             draft_k: int = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
+             seed: int = 0) -> SimResult:
+    """One policy on one device: the numbers `moespac sim` prints."""
+    check_shape(model, trace, trace_name)
+    if device.calibrated_model and Path(device.calibrated_model).name != model.name:
+        raise MoespacError(f"device local was calibrated on {device.calibrated_model}: simulate that model "
+                           f"(--model {device.calibrated_model}) or calibrate on {model.name}")
+    quant, expert_b, other_b = model.sizes(quant)
+    capacity, budget = capacity_for(model, other_b, expert_b, device, cache_per_layer, mem_budget)
+    windows = make_windows(trace, draft_k, acceptance, seed)
+    rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile), capacity,
+                 warmup_of(profile, draft_k, acceptance, seed))
+    return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, trace.n_tokens,
+                     len(windows), capacity.total, cache_per_layer, budget,
+                     **timing(rep, device, expert_b, other_b, draft_k))
+
+
+def _default_model(trace: RoutingTrace, path: str) -> str:
+    name = MODEL_BY_ARCH.get(trace.meta.get("arch", ""))
+    if name is None:
+        raise MoespacError(f"cannot tell the model of {path}: pass --model (one of {', '.join(names('models'))}, "
+                           f"or the .gguf file)")
+    return name
+
+
+def _profile(args) -> RoutingTrace | None:
+    if args.profile is None:
+        return None
+    if Path(args.profile).resolve() == Path(args.trace).resolve():
+        raise MoespacError("--profile must be a DIFFERENT trace than --trace (a static placement tuned on the "
+                           "replayed tokens would see the future)")
+    return load_trace(args.profile)
+
+
+def _print(r: SimResult) -> None:
+    room = (f"{r.cache_per_layer} experts/layer" if r.cache_per_layer is not None
+            else f"{format_size(r.budget_bytes)} budget")
+    mode = f"K={r.draft_k}, A={r.acceptance}" if r.draft_k else "no speculation"
+    print(f"{r.policy} on {r.device}: {r.model} {r.quant}, {room} ({r.capacity_experts} experts), "
+          f"{r.n_tokens} tokens in {r.n_windows} windows ({mode})")
+    print(f"  hit rate         {r.hit_rate:.3f}")
+    print(f"  moved per token  {format_size(r.bytes_per_token)} ({format_size(r.prefetch_bytes_per_token)} prefetched)")
+    print(f"  stall per token  {r.stall_s_per_token * 1e3:.2f} ms")
+    print(f"  modeled speed    {r.tokens_per_s:.2f} tokens/s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moespac sim", description="Replay a routing trace through an expert "
+                                "residency policy on a modeled device (module docstring of moespac_gguf.sim).")
+    p.add_argument("--trace", help="trace .npz (moespac trace-import) or a Mixtral routing .jsonl")
+    p.add_argument("--policy", default="moespac", help=f"one of {', '.join(POLICIES)} (default moespac)")
+    p.add_argument("--device", default="m2-macbook", help="a profile in moespac_gguf/data/devices, or local "
+                   "(CACHE_DIR/calibration.json from moespac calibrate); default m2-macbook")
+    room = p.add_mutually_exclusive_group()
+    room.add_argument("--cache-per-layer", type=int, help="experts held per layer")
+    room.add_argument("--mem-budget", type=parse_size, help="fast memory for the model, e.g. 8G "
+                      "(default: the device's memory)")
+    p.add_argument("--draft-k", type=int, default=0, help="drafted tokens per verification window (default 0)")
+    p.add_argument("--acceptance", type=float, default=0.7, help="chance each drafted token is accepted (default 0.7)")
+    p.add_argument("--quant", help="quant type of the model spec (default: the spec's)")
+    p.add_argument("--model", help="model spec name (moespac_gguf/data/models) or a .gguf file; "
+                   "default from the trace (Mixtral traces)")
+    p.add_argument("--profile", help="a DIFFERENT trace of the same model: static takes its hot experts from it, "
+                   "and every policy (but belady) is warmed up on it, uncounted")
+    p.add_argument("--seed", type=int, default=0, help="seed of the acceptance draws")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sweep", action="store_true", help="every policy x shipped device x shipped model: table, "
+                   "JSON and plots in --out-dir (uses --draft-k, --acceptance, --seed; module sim_sweep)")
+    p.add_argument("--out-dir", default="bench/results", help="where --sweep writes (default bench/results)")
+    return p
+
+
+def main(argv) -> int:
+    args = parser().parse_args(argv)
+    if args.sweep:
+        from .sim_sweep import sweep
+        return sweep(args)
+    if args.trace is None:
+        raise MoespacError("--trace is required (or --sweep)")
+    trace = load_trace(args.trace)
+    model = load_model(args.model or _default_model(trace, args.trace))
+    result = simulate(trace, args.trace, args.policy, load_device(args.device), model, args.quant,
+                      args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        _print(result)
+    return 0

@@ -1,0 +1,179 @@
+"""Residency policies on hand-made windows with answers worked out by hand, and Belady against an
+exhaustive search over every possible sequence of resident sets."""
+
+import numpy as np
+import pytest
+
+from moespac_gguf.errors import MoespacError
+from moespac_gguf.plan import DeviceCosts
+from moespac_gguf.policy import (Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Spac, Static, StaticLayers,
+                                 select, used_experts)
+
+COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=1e-3)
+
+
+def windows_of(*layers_per_window):
+    """Each window: per layer, per token, the expert list -> experts int [L, T, k]."""
+    return [np.array(w) for w in layers_per_window]
+
+
+def single(*ids):
+    """One layer, one token per window, one expert per token."""
+    return [np.array([[[e]]]) for e in ids]
+
+
+def drive(policy, windows, n_layer, n_expert, capacity, drafts=None):
+    """The engine loop: (hits per window, loads per window = prefetches + misses)."""
+    policy.reset(n_layer, n_expert, capacity)
+    hits, loads = [], []
+    for w, experts in enumerate(windows):
+        kept = policy.resident.copy()
+        want = policy.before_window(None if drafts is None else drafts[w]).copy()
+        used = used_experts(experts, n_expert)
+        tokens = np.zeros(experts.shape[1], dtype=np.int64) if drafts is None else np.array(drafts[w])
+        h = policy.access(tokens, experts)
+        assert not (h & ~(used & want)).any() and not (policy.resident & ~(want | used)).any()
+        hits.append(int(h.sum()))
+        loads.append(int((want & ~kept).sum() + (used & ~h).sum()))
+    return hits, loads
+
+
+def test_select_honours_per_layer_and_total_with_ties_to_lower_ids():
+    score = np.array([[3.0, 3.0, 1.0], [5.0, 0.0, 2.0]])
+    assert select(score, np.ones((2, 3), bool), Capacity(4, 2)).tolist() == [[True, True, False], [True, False, True]]
+    assert select(score, np.ones((2, 3), bool), Capacity(2)).tolist() == [[True, False, False], [True, False, False]]
+    eligible = np.array([[False, True, True], [False, True, False]])
+    assert select(score, eligible, Capacity(2)).tolist() == [[False, True, True], [False, False, False]]
+
+
+def test_ondemand_never_hits():
+    hits, loads = drive(OnDemand(), single(0, 0, 1, 0), 1, 2, Capacity(2, 2))
+    assert hits == [0, 0, 0, 0] and loads == [1, 1, 1, 1]
+
+
+def test_lru_per_layer_evicts_the_least_recent():
+    # a miss, b miss, a hit, c miss (evicts b), b miss (evicts a), a miss
+    hits, _ = drive(Lru(), single(0, 1, 0, 2, 1, 0), 1, 3, Capacity(2, 2))
+    assert hits == [0, 0, 1, 0, 0, 0]
+
+
+def test_lru_splits_a_global_budget_per_layer_and_lru_global_does_not():
+    # layer 0 uses 0, 1, 0, 1; layer 1 uses 0 each time; a budget of 3 experts
+    windows = [np.array([[[a]], [[0]]]) for a in (0, 1, 0, 1)]
+    per_layer, _ = drive(Lru(), windows, 2, 2, Capacity(3))  # 3 // 2 = 1 per layer
+    everywhere, _ = drive(Lru(per_layer=False), windows, 2, 2, Capacity(3))
+    assert per_layer == [0, 1, 1, 1]      # layer 1 hits from window 1 on; layer 0 thrashes with 1 slot
+    assert everywhere == [0, 1, 2, 2]     # 3 slots hold all three pairs once warm
+
+
+def test_lru_within_a_window_follows_token_then_rank_order():
+    # one window, two tokens: (x=2, y=0) then (y=0): capacity 1, cache holds 0 at start
+    policy = Lru()
+    policy.reset(1, 3, Capacity(1, 1))
+    policy.access([0], np.array([[[0]]]))
+    hits = policy.access([0, 0], np.array([[[2, 0], [0, -1]]]))
+    assert hits.tolist() == [[False, False, False]]  # 2 evicted 0 before 0's turn: trace_stats' rule
+    assert policy.resident.tolist() == [[True, False, False]]
+
+
+def test_static_keeps_the_profile_hot_set_forever():
+    policy = Static(np.array([[5, 1, 3, 0]]))
+    hits, loads = drive(policy, single(0, 1, 2, 3, 0), 1, 4, Capacity(2, 2))
+    assert hits == [1, 0, 1, 0, 1] and loads == [0, 1, 0, 1, 0]
+    with pytest.raises(MoespacError):
+        Static(np.ones((2, 4))).reset(1, 4, Capacity(2, 2))
+
+
+def test_static_layers_holds_whole_last_layers():
+    policy = StaticLayers()
+    policy.reset(3, 4, Capacity(9, 3))  # 9 // 4 = 2 whole layers, per-layer split ignored
+    assert policy.resident.sum(axis=1).tolist() == [0, 4, 4]
+
+
+def test_spac_fixed_threshold_needs_repeated_use_within_windows():
+    # threshold 2: single-token windows never lift an expert above level 1, so nothing is ever kept
+    hits, _ = drive(Spac(threshold=2), single(0, 0, 0, 0), 1, 2, Capacity(1, 1))
+    assert hits == [0, 0, 0, 0]
+    # two-token windows on expert 0: level 1, then 2 (kept), then a hit; a window on expert 1 drops
+    # expert 0 to level 1 (2 - 0 >= theta_down 2), so it is no longer kept
+    two = [np.array([[[e], [e]]]) for e in (0, 0, 0, 1, 0)]
+    hits, _ = drive(Spac(threshold=2), two, 1, 2, Capacity(1, 1))
+    assert hits == [0, 0, 1, 0, 0]
+
+
+def test_spac_breaks_level_ties_by_recency():
+    hits, _ = drive(Spac(threshold=1), single(0, 1, 0, 2, 0), 1, 3, Capacity(2, 2))
+    assert hits == [0, 0, 1, 0, 1]  # at window 3, expert 1 is the least recent level-1 expert: evicted
+
+
+def test_moespac_prefetches_the_experts_of_the_drafted_token():
+    # token 7 routes to expert 3, token 5 to expert 1, one slot. Window 2 (draft 5) misses: its
+    # predicted 0.53 tokens for expert 1 do not pay for the move against the resident expert 3's 0.47
+    # (hysteresis: p(1) - 1/horizon < p(3)). After it the EWMA prefers expert 1 (0.51 vs 0.49), yet
+    # window 3's draft is token 7: the prior predicts 0.66 for expert 3, prefetches it and hits.
+    windows = single(3, 1, 1, 3)
+    drafts = [[7], [5], [5], [7]]
+    policy = MoeSpacPolicy(COSTS, expert_bytes=1e6)
+    hits, loads = drive(policy, windows, 1, 4, Capacity(1, 1), drafts=drafts)
+    assert hits == [0, 0, 0, 1] and loads == [1, 1, 1, 1]  # the last load is the prefetch
+
+
+def test_belady_hand_example():
+    # a b c a b c with 2 slots: preload {a, b}; c always misses and is not kept (used last)
+    hits, loads = drive(Belady(np.array([[[e == i for e in range(3)]] for i in (0, 1, 2, 0, 1, 2)])),
+                        single(0, 1, 2, 0, 1, 2), 1, 3, Capacity(2, 2))
+    assert hits == [1, 1, 0, 1, 1, 0] and sum(loads) == 2
+
+
+def test_belady_rejects_a_different_future():
+    policy = Belady(np.array([[[True, False]]]))
+    policy.reset(1, 2, Capacity(1, 1))
+    with pytest.raises(MoespacError):
+        policy.access([0], np.array([[[1]]]))
+
+
+def optimal_loads(needs: np.ndarray, capacity: int) -> int:
+    """Exhaustive minimum of loads over every sequence of resident sets (prefetch allowed), items =
+    all (layer, expert) pairs sharing one capacity: a DP over subsets."""
+    n = needs.shape[1]
+    need = [sum(1 << i for i in np.flatnonzero(row)) for row in needs]
+    states = [s for s in range(1 << n) if bin(s).count("1") <= capacity]
+    best = {s: bin(need[0] & ~s).count("1") for s in states}  # preload is free
+    for w in range(1, len(need)):
+        best = {r: min(cost + bin(r & ~(s | need[w - 1])).count("1") for s, cost in best.items())
+                + bin(need[w] & ~r).count("1") for r in states}
+    return min(best.values())
+
+
+def random_windows(rng, n_window, n_layer, n_expert, max_tokens, k):
+    return [rng.integers(0, n_expert, size=(n_layer, int(rng.integers(1, max_tokens + 1)), k))
+            for _ in range(n_window)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_belady_equals_exhaustive_optimum_on_tiny_traces(seed):
+    rng = np.random.default_rng(seed)
+    n_layer, n_expert, cap = (1, 4, 2) if seed % 2 else (2, 3, 3)   # per layer, and one budget over 2 layers
+    windows = random_windows(rng, 7, n_layer, n_expert, max_tokens=2, k=1)
+    needs = np.array([used_experts(w, n_expert) for w in windows])
+    capacity = Capacity(cap) if n_layer > 1 else Capacity(cap, cap)
+    _, loads = drive(Belady(needs), windows, n_layer, n_expert, capacity)
+    assert sum(loads) == optimal_loads(needs.reshape(len(windows), -1), cap)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_belady_bounds_every_policy_on_random_traces(seed):
+    rng = np.random.default_rng(100 + seed)
+    n_layer, n_expert = 3, 6
+    windows = random_windows(rng, 60, n_layer, n_expert, max_tokens=3, k=2)
+    needs = np.array([used_experts(w, n_expert) for w in windows])
+    capacity = Capacity(9, 3) if seed % 2 else Capacity(9)
+    b_hits, b_loads = drive(Belady(needs), windows, n_layer, n_expert, capacity)
+    profile = rng.integers(0, 50, size=(n_layer, n_expert))
+    demand_only = [OnDemand(), Lru(), Lru(per_layer=False), Static(profile), StaticLayers()]
+    prefetching = [Spac(), MoeSpacPolicy(COSTS, 1e6, method="ewma")]
+    for policy in demand_only + prefetching:
+        hits, loads = drive(policy, windows, n_layer, n_expert, capacity)
+        assert sum(b_loads) <= sum(loads), policy.name
+        if policy in demand_only:
+            assert sum(b_hits) >= sum(hits), policy.name

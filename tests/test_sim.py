@@ -1,0 +1,199 @@
+"""The trace simulator: windows, replay, the device model, profiles and the CLI."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from moespac_gguf import cli
+from moespac_gguf.errors import MoespacError
+from moespac_gguf.paths import SHARED_DIR
+from moespac_gguf.policy import POLICIES, Capacity, OnDemand
+from moespac_gguf.profiles import DATA_DIR, Device, load_device, load_model, names
+from moespac_gguf.sim import Replay, make_windows, replay, simulate, timing
+from moespac_gguf.sim_sweep import synthetic_routing
+from moespac_gguf.trace import RoutingTrace, import_mixtral_jsonl
+from moespac_gguf.trace_stats import lru_hit_rate
+
+GSM8K = SHARED_DIR / "data" / "traces" / "mixtral8x7b_gsm8k_routing.jsonl"
+MIXTRAL = load_model("mixtral-8x7b")
+M2 = load_device("m2-macbook")
+
+
+def make_trace(experts, sequence=None, n_expert=8) -> RoutingTrace:
+    experts = np.asarray(experts, dtype=np.int16)
+    n = experts.shape[1]
+    sequence = np.zeros(n, dtype=np.int32) if sequence is None else np.asarray(sequence)
+    positions = np.concatenate([np.arange(c) for c in np.bincount(sequence)])
+    return RoutingTrace(experts, np.zeros(experts.shape), np.full(n, -1), positions, sequence, np.ones(n),
+                        n_expert, {"arch": "mixtral"})
+
+
+def random_mixtral_trace(seed: int, n_tokens: int = 120) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    experts = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(n_tokens)]) for _ in range(32)])
+    return make_trace(experts, np.repeat([0, 1], [n_tokens // 3, n_tokens - n_tokens // 3]))
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 6])
+def test_lru_equals_trace_stats_replay(size):
+    trace = random_mixtral_trace(size)
+    result = simulate(trace, "t", "lru", M2, MIXTRAL, cache_per_layer=size)
+    assert result.hit_rate == lru_hit_rate(trace, size)
+
+
+@pytest.mark.skipif(not GSM8K.is_file(), reason=f"real Mixtral GSM8K trace not found at {GSM8K}")
+def test_lru_on_the_real_mixtral_gsm8k_trace():
+    trace = import_mixtral_jsonl(GSM8K)
+    assert 0.54 <= simulate(trace, "gsm8k", "lru", M2, MIXTRAL, cache_per_layer=4).hit_rate <= 0.62
+
+
+def test_windows_cover_each_sequence_in_order_and_respect_k():
+    trace = random_mixtral_trace(0, 200)
+    for k, a in ((0, 0.7), (4, 0.7), (3, 1.0), (5, 0.0)):
+        windows = make_windows(trace, k, a, seed=1)
+        assert [s for s, _ in windows[1:]] == [e for _, e in windows[:-1]] and windows[-1][1] == 200
+        sizes = np.array([e - s for s, e in windows])
+        assert sizes.min() >= 1 and sizes.max() <= k + 1
+        assert all(trace.sequence[s] == trace.sequence[e - 1] for s, e in windows)
+        if a in (0.0, 1.0):  # deterministic sizes, cut only at the sequence boundary (token 66)
+            assert set(sizes[:-1].tolist()) - {66 % (k + 1), 134 % (k + 1)} <= {1 if a == 0 else k + 1}
+    assert make_windows(trace, 4, 0.7, seed=3) == make_windows(trace, 4, 0.7, seed=3)
+
+
+def test_window_sizes_follow_the_truncated_geometric():
+    trace = make_trace(np.zeros((1, 20000, 2)), n_expert=8)
+    sizes = np.diff([s for s, _ in make_windows(trace, 4, 0.7, seed=0)])
+    expected = (1 - 0.7 ** 5) / (1 - 0.7)  # E[min(accepted, K) + 1]
+    assert abs(sizes.mean() - expected) < 0.05
+
+
+def test_a_window_counts_each_expert_once():
+    # one layer, a window of 3 tokens that all route to experts 0 and 1 (then 2): 2 misses, not 6
+    trace = make_trace([[[0, 1], [1, 0], [0, 1], [2, 0]]])
+    windows = [(0, 3), (3, 4)]
+    rep = replay(trace, windows, OnDemand(), Capacity(2, 2))
+    assert rep.needed.tolist() == [2, 2] and rep.hits.tolist() == [0, 0] and rep.tokens.tolist() == [3, 1]
+
+
+def test_timing_known_answer():
+    device = Device("d", mem_bytes=1e9, mem_bps=100.0, flash_read_bps=10.0, page_in_latency_s=0.5,
+                    memcpy_bps=1.0, step_overhead_s=1.0)
+    rep = Replay(tokens=np.array([2, 1]), needed=np.array([3, 1]), hits=np.array([1, 1]),
+                 prefetched=np.array([0, 4]), preloaded=2)
+    r = timing(rep, device, expert_bytes=10.0, other_bytes=70.0, draft_k=1)
+    # window 0: compute (70 + 30)/100 + 1 = 2, draft 1, 2 misses x (1 + 0.5) = 3  -> 6 s
+    # window 1: compute (70 + 10)/100 + 1 = 1.8, draft 1, prefetch 4 x 1.5 = 6 > 2.8 -> stall 3.2 -> 6 s
+    assert r["tokens_per_s"] == pytest.approx(3 / 12)
+    assert r["hit_rate"] == pytest.approx(2 / 4)
+    assert r["bytes_per_token"] == pytest.approx((2 + 4) * 10 / 3)
+    assert r["prefetch_bytes_per_token"] == pytest.approx(40 / 3)
+    assert r["stall_s_per_token"] == pytest.approx((3 + 3.2) / 3)
+    assert r["preload_bytes"] == 20
+
+
+def test_belady_is_the_best_hit_rate_of_the_demand_policies_on_a_random_trace():
+    trace, profile = random_mixtral_trace(7), random_mixtral_trace(8)
+    rates = {p: simulate(trace, "t", p, M2, MIXTRAL, cache_per_layer=3, draft_k=3, profile=profile)
+             for p in POLICIES}
+    for p in ("ondemand", "lru", "lru-global", "static", "static-layers"):
+        assert rates["belady"].hit_rate >= rates[p].hit_rate, p
+    for p in POLICIES:
+        assert rates["belady"].bytes_per_token <= rates[p].bytes_per_token, p
+
+
+def test_mem_budget_sets_the_capacity_after_the_other_weights():
+    trace = random_mixtral_trace(0)
+    _, expert_b, other_b = MIXTRAL.sizes("Q4_K_M")
+    r = simulate(trace, "t", "lru", M2, MIXTRAL, mem_budget=other_b + 10.5 * expert_b)
+    assert r.capacity_experts == 10 and r.cache_per_layer is None
+    with pytest.raises(MoespacError, match="smaller than"):
+        simulate(trace, "t", "lru", M2, MIXTRAL, mem_budget=other_b / 2)
+
+
+def test_model_specs_match_public_file_sizes_and_every_number_has_a_source():
+    _, expert_b, other_b = MIXTRAL.sizes("Q4_K_M")
+    assert 256 * expert_b + other_b == pytest.approx(26.44e9, rel=0.02)  # TheBloke's Q4_K_M file: 26.44 GB
+    for kind in ("devices", "models"):
+        for name in names(kind):
+            lines = (DATA_DIR / kind / f"{name}.toml").read_text().splitlines()
+            for i, line in enumerate(lines):
+                if re.match(r"^\w+\s*=\s*[-\d.]", line):
+                    assert "#" in line or lines[i - 1].startswith("#"), f"{kind}/{name}.toml:{i + 1} has no source"
+            (load_device if kind == "devices" else load_model)(name)
+
+
+def test_local_device_reads_the_calibration(tmp_path):
+    path = tmp_path / "calibration.json"
+    with pytest.raises(MoespacError, match="moespac calibrate"):
+        load_device("local", path)
+    keys = {"flash_read_bps": 2e9, "memcpy_bps": 8e9, "mem_bps": 2e10, "cpu_s_per_token_expert": 1e-4,
+            "page_in_latency_s": 2e-4}
+    path.write_text(json.dumps(keys))
+    device = load_device("local", path)
+    assert (device.mem_bps, device.flash_read_bps, device.step_overhead_s) == (2e10, 2e9, 0.0)
+    assert device.costs(1e6).cpu_s_per_token_expert == 1e-4
+    assert device.pass_s(64, 1e8, 1e9) == pytest.approx(64 * 1e-4)  # measured, not bandwidth-derived
+    assert device.draft_s == 0.0
+    path.write_text(json.dumps({**keys, "step_overhead_s": 1e-3, "draft_s_per_token": 5e-3}))
+    assert (load_device("local", path).step_overhead_s, load_device("local", path).draft_s) == (1e-3, 5e-3)
+    path.write_text(json.dumps({**keys, "model": "/models/demo.gguf"}))
+    with pytest.raises(MoespacError, match="calibrated on /models/demo.gguf"):
+        simulate(random_mixtral_trace(0, 20), "t", "lru", load_device("local", path), MIXTRAL)
+    path.write_text(json.dumps({k: v for k, v in keys.items() if k != "mem_bps"}))
+    with pytest.raises(MoespacError, match="mem_bps"):
+        load_device("local", path)
+
+
+def test_synthetic_routing_has_the_model_shape_and_is_seeded():
+    olmoe = load_model("olmoe-1b-7b")
+    a, b = synthetic_routing(olmoe, 0), synthetic_routing(olmoe, 1)
+    assert a.experts.shape == (16, 256, 8) and a.n_expert == 64
+    assert all(len(set(row)) == 8 for row in a.experts.reshape(-1, 8).tolist())
+    assert np.array_equal(a.experts, synthetic_routing(olmoe, 0).experts) and not np.array_equal(a.experts, b.experts)
+
+
+def test_cli_json_has_the_promised_keys(tmp_path, capsys):
+    path = tmp_path / "t.npz"
+    random_mixtral_trace(0).save(path)
+    assert cli.main(["sim", "--trace", str(path), "--policy", "lru", "--cache-per-layer", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"hit_rate", "bytes_per_token", "tokens_per_s"} <= set(result)
+    assert result["hit_rate"] == lru_hit_rate(random_mixtral_trace(0), 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "nope"], "unknown policy"),
+    (["--device", "nope"], "unknown device"),
+    (["--model", "nope"], "unknown model"),
+    (["--model", "qwen3-30b-a3b"], "routes 32 layers"),
+    (["--policy", "static"], "needs --profile"),
+    (["--quant", "Q2_K"], "no quant"),
+    (["--cache-per-layer", "9"], "0..8"),
+])
+def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys, args, message):
+    path = tmp_path / "t.npz"
+    random_mixtral_trace(0, 20).save(path)
+    assert cli.main(["sim", "--trace", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_missing_trace_is_a_one_line_error(capsys):
+    assert cli.main(["sim", "--trace", "/nonexistent/trace.npz"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and err.count("\n") == 1
+
+
+def test_a_gguf_file_is_a_model_spec_with_its_exact_sizes(tiny_moe, tmp_path):
+    from moespac_gguf.layout import read_layout
+
+    path = tiny_moe()
+    layout = read_layout(path)
+    model = load_model(str(path))
+    assert (model.n_layer, model.n_expert, model.top_k) == (2, 8, 2)
+    assert model.sizes(None) == ("file", layout.mean_bytes_per_expert, float(layout.other_bytes))
+    rng = np.random.default_rng(0)
+    trace = make_trace(np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(30)]) for _ in range(2)]))
+    r = simulate(trace, "t", "moespac", M2, model, mem_budget=layout.other_bytes + 8 * layout.mean_bytes_per_expert)
+    assert r.capacity_experts == 8 and 0 < r.hit_rate < 1

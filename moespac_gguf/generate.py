@@ -73,15 +73,16 @@ def _rss_anon() -> int:
 def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
     """Bytes left for expert weights once everything else that must stay in memory is counted."""
     runtime = _rss_anon()
-    margin = (64 << 20) + mem_budget // 20
+    margin = (16 << 20) + mem_budget // 50  # allocator slack
     left = mem_budget - layout.other_bytes - draft_bytes - runtime - margin
-    one_token = layout.n_expert_used * max(l.bytes_per_expert for l in layout.layers) * len(layout.layers)
-    if left < one_token:
+    # experts are paged in layer by layer: the floor is one layer's top-k experts
+    one_layer = layout.n_expert_used * max(l.bytes_per_expert for l in layout.layers)
+    if left < one_layer:
         raise MoespacError(
             f"memory budget {format_size(mem_budget)} is too small: non-expert weights "
             f"{format_size(layout.other_bytes)}, draft {format_size(draft_bytes)}, runtime {format_size(runtime)} "
             f"and margin {format_size(margin)} leave {format_size(max(left, 0))} for experts, less than the "
-            f"{format_size(one_token)} one token needs")
+            f"{format_size(one_layer)} one layer's top-{layout.n_expert_used} experts need")
     return left
 
 

@@ -54,6 +54,22 @@ def find_mapping(path: str | Path) -> Mapping:
     return best
 
 
+def mapped_by_others(path: str | Path) -> list[int]:
+    """PIDs of other processes that map `path`: their pages can neither be dropped nor
+    charged to a benchmark's memory cap, so a "cold" run would not be cold."""
+    target, me, pids = os.path.realpath(path), os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                if any(line.rstrip().endswith(target) for line in f):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
 def _page_span(addr: int, length: int) -> tuple[int, int]:
     lo = addr - addr % PAGE
     hi = -(-(addr + length) // PAGE) * PAGE
@@ -79,9 +95,13 @@ def resident_fraction(addr: int, length: int) -> float:
 
 
 def drop_file_cache(path: str | Path) -> None:
-    """Evict the file's clean, unmapped pages from the page cache (a cold start)."""
+    """Evict the file's unmapped pages from the page cache (a cold start).
+
+    Dirty pages (a file just written or copied) cannot be dropped: flush them first.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -29,7 +29,13 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-DEFAULT_CMAKE_ARGS = "-DLLAVA_BUILD=OFF"  # we never use libmtmd; saves ~1.5 min
+# -DLLAVA_BUILD=OFF: we never use libmtmd (saves ~1.5 min).
+# -DGGML_LLAMAFILE=OFF: llamafile's sgemm computes multi-row batches in another
+# accumulation order than single rows (measured 1e-7 in router logits, enough to
+# flip near-tied top-k choices later), so a speculative verification batch would
+# not reproduce the target's own greedy output; without it every batch size uses
+# the same vec_dot kernels.
+DEFAULT_CMAKE_ARGS = "-DLLAVA_BUILD=OFF -DGGML_LLAMAFILE=OFF"
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))

@@ -1,0 +1,136 @@
+"""The lookahead gate inside a decode: predict layers l+1..l+D as soon as layer l's router input exists.
+
+`GateTap` is an eval callback for `Session(..., capture=GateTap(gate, sink))`: the session chains
+it behind the C routing tap, so llama.cpp calls it for every graph node; it asks only for the
+router inputs of MoE layers (`ffn_norm-<l>`, gpt-oss `attn_post_norm-<l>`), and when one has
+been computed it runs the gate on that ubatch's rows and calls `sink(layer, expected)` with the
+expected routings [n_layer, n_expert] of layers l+1..l+D (zeros elsewhere) — while layers
+l+1.. are still to be computed, so a prefetch started by the sink overlaps their compute.
+
+`GatedResidency` is such a sink plus a speculative-loop observer around the engine's
+`ResidencyController`: one utility space. Its utility is the controller's speculative utility
+(expected tokens per (layer, expert) in the step) with the layers the gate reaches replaced by
+the gate's expected routings of the rows being decoded (same unit, better informed: conditioned
+on this pass's hidden states); it hands the engine the experts that fit the capacity, the
+predicted experts of the layers in reach first, nearest layer first (their deadline is soonest).
+
+Cost: the Python callback is entered for every graph node (~50 us each, NOTES.md), which is
+milliseconds per decode on a 30-layer model; a C-side name filter in the tap (forward only
+"ffn_norm-*" nodes to the chained callback) would leave only the n_layer calls that matter.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from .capture import GgmlTensor, _read_f32
+from .gate import LookaheadGate
+from .native import llama_cpp
+
+Sink = Callable[[int, np.ndarray], None]
+
+
+class GateTap:
+    """Run the gate on each MoE layer's router input as llama.cpp computes it (see module doc)."""
+
+    def __init__(self, gate: LookaheadGate, sink: Sink | None = None):
+        self.gate, self.sink = gate, sink
+        self._layer_of = {}
+        for l in gate.moe_layers:
+            self._layer_of[f"ffn_norm-{l}".encode()] = l
+            self._layer_of[f"attn_post_norm-{l}".encode()] = l
+        self.calls = 0          # gate evaluations
+        self.seconds = 0.0      # time spent reading states + predicting + in the sink
+        self.last: dict[int, np.ndarray] = {}   # source layer -> its expected routings, this decode
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
+
+    def _eval(self, tensor_ptr, ask: bool, user_data) -> bool:
+        t = GgmlTensor.from_address(tensor_ptr)
+        layer = self._layer_of.get(t.name)
+        if layer is None:
+            return not ask
+        if ask:
+            return True
+        t0 = time.perf_counter()
+        try:
+            if layer == self.gate.moe_layers[0]:
+                self.last = {}
+            h = _read_f32(t, tensor_ptr)
+            u = self.gate.utility({layer: h}, known_upto=layer)
+            self.last[layer] = u
+            if self.sink is not None:
+                self.sink(layer, u)
+        except Exception:       # never let an exception cross into llama.cpp
+            pass
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return True
+
+
+class GatedResidency:
+    """Observer + gate sink around a `ResidencyController` (engine.py): one utility space.
+
+        tap = GateTap(gate)                              # before the target session ...
+        target = Session(model, capture=tap)             # ... chained behind the routing tap
+        controller = ResidencyController(layout, budget) # needs the model mapped: after the session
+        gated = GatedResidency(controller, gate, tap=tap)  # becomes the tap's sink
+        decoder.subscribe(gated)                         # instead of the controller itself
+
+    Uses of the controller: `on_draft`/`on_verify` (passed through), `policy.estimator.predict`
+    (the speculative utility), `policy.capacity` (experts that fit) and `engine.apply`.
+    """
+
+    def __init__(self, controller, gate: LookaheadGate, weight: float = 1.0, every: int = 1,
+                 threshold: float = 0.5, tap: GateTap | None = None):
+        self.controller, self.gate = controller, gate
+        self.weight = weight            # 1: the gate replaces the speculative utility in its reach
+        self.every = max(1, every)      # re-plan every `every` source layers
+        self.threshold = threshold      # expected routings that make an expert "predicted" (urgent)
+        self.tap = tap or GateTap(gate)
+        self.tap.sink = self.on_lookahead
+        self.base = np.zeros((gate.n_layer, gate.n_expert))
+        self.applied = 0
+
+    def _estimate(self, draft=None) -> np.ndarray:
+        est = getattr(getattr(self.controller, "policy", None), "estimator", None) \
+            or getattr(self.controller, "estimator", None)
+        return np.asarray(est.predict(draft), dtype=np.float64) if est is not None else self.base
+
+    # speculative-loop observer: keep the controller's behaviour, remember its utility
+    def on_draft(self, draft: list[int]) -> None:
+        self.controller.on_draft(draft)
+        self.base = self._estimate(draft or None)
+
+    def on_verify(self, event) -> None:
+        self.controller.on_verify(event)
+        self.base = self._estimate()
+
+    def combine(self, layer: int, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(utility, priority) [n_layer, n_expert] after `layer` routed, given the gate's expected
+        routings of the layers it reaches (rows of zeros elsewhere)."""
+        reach = expected.any(axis=1)
+        util = np.array(self.base, dtype=np.float64, copy=True)
+        util[reach] = self.weight * expected[reach] + (1 - self.weight) * util[reach]
+        priority = util.copy()
+        dist = np.arange(self.gate.n_layer)[:, None] - layer
+        urgent = reach[:, None] & (dist > 0) & (expected >= self.threshold)
+        # predicted experts of the layers in reach first, nearest layer first (its compute starts
+        # soonest), then everything else by utility
+        bonus = (self.gate.distance + 1 - dist) * (1.0 + float(np.abs(util).max()))
+        priority[urgent] += np.broadcast_to(bonus, priority.shape)[urgent]
+        return util, priority
+
+    def on_lookahead(self, layer: int, expected: np.ndarray) -> None:
+        if self.gate.moe_layers.index(layer) % self.every:
+            return
+        from .policy import select
+
+        util, priority = self.combine(layer, expected)
+        want = select(priority, np.ones(priority.shape, bool), self.controller.policy.capacity)
+        self.controller.engine.apply(want, priority)
+        self.applied += 1
+
+    def close(self) -> None:
+        self.controller.close()

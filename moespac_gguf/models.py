@@ -1,0 +1,241 @@
+"""`moespac models`: the models moespac knows by name (models.toml), and building the demo ones.
+
+    moespac models                 table: name, kind, local path or "not built"
+    moespac models --json          the same as JSON
+    moespac models path NAME       print one built model's path (scripts use this)
+    moespac models build [NAME..]  build what is missing (default: the `default = true` demo models)
+
+Demo files are named `<name>-<config hash>.gguf` in CACHE_DIR/models, so a
+changed recipe (models.toml or the builder version) is a new file and never
+a stale cache hit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MoespacError
+from .paths import CACHE_DIR, REPO_ROOT
+
+MODELS_TOML = REPO_ROOT / "models.toml"
+MODELS_DIR = CACHE_DIR / "models"
+KINDS = ("upcycled", "dense", "truncated")
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise MoespacError("reading models.toml needs Python >= 3.11 (tomllib) or `pip install tomli`") from None
+    if not path.is_file():
+        raise MoespacError(f"model list not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise MoespacError(f"{path}: {e}") from None
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    section: str                 # "demo" (built here) or "real" (users bring the file)
+    description: str = ""
+    kind: str = ""               # demo: upcycled | dense | truncated
+    default: bool = False
+    params: dict = field(default_factory=dict)
+
+    @property
+    def buildable(self) -> bool:
+        return self.section == "demo"
+
+    def config(self):
+        """The UpcycleConfig of an upcycled entry."""
+        from .smolmoe import UpcycleConfig
+        p = self.params
+        return UpcycleConfig(n_expert=int(p.get("experts", 8)), top_k=int(p.get("top_k", 2)),
+                             dtype=str(p.get("dtype", "Q8_0")), noise=float(p.get("noise", 0.05)),
+                             seed=int(p.get("seed", 0)))
+
+    @property
+    def filename(self) -> str | None:
+        if not self.buildable:
+            return None
+        from dataclasses import asdict
+        from .smolmoe import BUILDER_VERSION, short_hash
+        recipe = {"kind": self.kind, "builder": BUILDER_VERSION}
+        if self.kind == "upcycled":
+            recipe["config"] = asdict(self.config())
+        elif self.kind == "truncated":
+            recipe["layers"] = int(self.params["layers"])
+        return f"{self.name}-{short_hash(recipe)}.gguf"
+
+    @property
+    def path(self) -> Path | None:
+        return MODELS_DIR / self.filename if self.buildable else None
+
+    @property
+    def built(self) -> bool:
+        return bool(self.path and self.path.is_file())
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "section": self.section, "kind": self.kind or None, "default": self.default,
+                "description": self.description, "built": self.built,
+                "path": str(self.path) if self.built else None,
+                "size_bytes": self.path.stat().st_size if self.built else None, **self.params}
+
+
+def load_models(path: Path = MODELS_TOML) -> dict[str, ModelEntry]:
+    data = _load_toml(path)
+    unknown = set(data) - {"demo", "real"}
+    if unknown:
+        raise MoespacError(f"{path}: unknown section(s) {sorted(unknown)}; expected [demo.NAME] and [real.NAME]")
+    out: dict[str, ModelEntry] = {}
+    for section in ("demo", "real"):
+        for name, table in data.get(section, {}).items():
+            if not isinstance(table, dict):
+                raise MoespacError(f"{path}: [{section}.{name}] must be a table")
+            if name in out:
+                raise MoespacError(f"{path}: model name {name!r} appears twice")
+            t = dict(table)
+            e = ModelEntry(name, section, description=str(t.pop("description", "")), kind=str(t.pop("kind", "")),
+                           default=bool(t.pop("default", False)), params=t)
+            if section == "demo":
+                if e.kind not in KINDS:
+                    raise MoespacError(f"{path}: [demo.{name}] kind must be one of {', '.join(KINDS)}, got {e.kind!r}")
+                if e.kind == "truncated" and not isinstance(t.get("layers"), int):
+                    raise MoespacError(f"{path}: [demo.{name}] needs an integer `layers`")
+                if e.kind == "upcycled":
+                    e.config()  # validates experts/top_k/dtype
+            out[name] = e
+    return out
+
+
+def _get(models: dict[str, ModelEntry], name: str) -> ModelEntry:
+    if name not in models:
+        raise MoespacError(f"unknown model {name!r}; known: {', '.join(models)}")
+    return models[name]
+
+
+def model_path(name: str) -> Path:
+    """The local file of a built demo model (MoespacError if unknown, a real model, or not built)."""
+    e = _get(load_models(), name)
+    if not e.buildable:
+        raise MoespacError(f"{name} is a real model you bring yourself: pass its GGUF file with -m FILE")
+    if not e.built:
+        raise MoespacError(f"{name} is not built yet: run `moespac models build {name}`")
+    return e.path
+
+
+def resolve_model(arg: str) -> Path:
+    """-m argument: an existing file, or the name of a built demo model."""
+    p = Path(arg)
+    if p.is_file():
+        return p
+    models = load_models()
+    if arg in models:
+        return model_path(arg)
+    if p.suffix == ".gguf" or "/" in arg:
+        raise MoespacError(f"no such file: {arg}")
+    raise MoespacError(f"{arg!r} is neither a file nor a known model; known: {', '.join(models)}")
+
+
+def build(names: list[str], force: bool = False, progress: bool = True) -> list[tuple[ModelEntry, str, float]]:
+    """Build the named demo models that are missing; returns (entry, "built"|"cached", seconds)."""
+    from .paths import CACHE_DIR as cache
+    from .smolmoe import RouterFitter, build_upcycled, copy_dense, smollm2_path, write_truncated
+
+    models = load_models()
+    entries = [_get(models, n) for n in names]
+    for e in entries:
+        if not e.buildable:
+            raise MoespacError(f"{e.name} is a real model: moespac does not download models; bring the GGUF file")
+    todo = [e for e in entries if force or not e.built]
+    results = [(e, "cached", 0.0) for e in entries if e not in todo]
+    if not todo:
+        return results
+    src = smollm2_path()
+    fitter = RouterFitter(src, cache / "routers", progress=progress)
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    for e in todo:
+        t0 = time.perf_counter()
+        if progress:
+            print(f"[models] building {e.name} -> {e.path}", file=sys.stderr, flush=True)
+        if e.kind == "upcycled":
+            build_upcycled(e.path, e.config(), src, fitter=fitter, progress=progress,
+                           name=f"SmolMoE {e.config().n_expert}x135M ({e.name})")
+        elif e.kind == "dense":
+            copy_dense(src, e.path)
+        else:
+            write_truncated(src, e.path, int(e.params["layers"]))
+        stale = re.compile(rf"^{re.escape(e.name)}-[0-9a-f]{{10}}\.gguf$")
+        for old in MODELS_DIR.iterdir():
+            if stale.match(old.name) and old.name != e.path.name:
+                old.unlink()
+        results.append((e, "built", time.perf_counter() - t0))
+    return results
+
+
+def _size(e: ModelEntry) -> str:
+    if not e.built:
+        return ""
+    n = e.path.stat().st_size
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _table(models: dict[str, ModelEntry]) -> str:
+    rows = [("name", "kind", "size", "path")]
+    for e in models.values():
+        if e.buildable:
+            where = str(e.path) if e.built else "not built"
+            rows.append((e.name + (" *" if e.default else ""), e.kind, _size(e), where))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    lines.append("(* built by setup; `moespac models build NAME` builds the others)")
+    real = [e for e in models.values() if not e.buildable]
+    if real:
+        lines += ["", "real models (bring the GGUF file, pass it with -m; nothing is downloaded):"]
+        w = max(len(e.name) for e in real)
+        for e in real:
+            lines.append(f"  {e.name.ljust(w)}  {e.description}")
+            if e.params.get("draft"):
+                lines.append(f"  {'':{w}}  draft: {e.params['draft']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moespac models", description="Known models: demo models built from SmolLM2 "
+                                "and real MoE models users bring (models.toml).")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    sub = p.add_subparsers(dest="action")
+    sp = sub.add_parser("path", help="print the local path of a built model")
+    sp.add_argument("name")
+    sb = sub.add_parser("build", help="build demo models that are missing (default: the default ones)")
+    sb.add_argument("names", nargs="*")
+    sb.add_argument("--all", action="store_true", help="every demo model (several GB)")
+    sb.add_argument("--force", action="store_true", help="rebuild even when the file exists")
+    a = p.parse_args(argv)
+    if a.action == "path":
+        print(model_path(a.name))
+        return 0
+    models = load_models()
+    if a.action == "build":
+        names = a.names or [n for n, e in models.items() if e.buildable and (a.all or e.default)]
+        t0 = time.perf_counter()
+        for e, status, secs in build(names, force=a.force):
+            print(f"{e.name}: {status} {e.path} ({_size(e)}{f', {secs:.0f} s' if status == 'built' else ''})")
+        print(f"[models] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        return 0
+    if a.json:
+        print(json.dumps([e.as_dict() for e in models.values()], indent=2))
+    else:
+        print(_table(models))
+    return 0

@@ -242,8 +242,8 @@ class MoeSpac:
 # -- CLI ----------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The llama.cpp-style flags shared by every command that runs a model."""
-    p.add_argument("-m", "--model", required=True, help="target GGUF (MoE)")
-    p.add_argument("-md", "--model-draft", help="draft GGUF with the same vocabulary")
+    p.add_argument("-m", "--model", required=True, help="target GGUF (MoE), or a demo model's name (moespac models)")
+    p.add_argument("-md", "--model-draft", help="draft GGUF with the same vocabulary, or a demo model's name")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="batch size (default 512)")
@@ -259,7 +259,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_model(args) -> MoeSpac:
-    return MoeSpac(args.model, args.model_draft, n_ctx=args.ctx_size, n_threads=args.threads,
+    from .models import resolve_model  # -m accepts a file or a demo model's name
+
+    draft = str(resolve_model(args.model_draft)) if args.model_draft else None
+    return MoeSpac(str(resolve_model(args.model)), draft, n_ctx=args.ctx_size, n_threads=args.threads,
                    n_batch=args.batch_size, draft_max=args.draft_max,
                    adaptive_draft=not args.no_adaptive_draft, seed=args.seed, mem_budget=args.mem_budget,
                    verbose=args.verbose)

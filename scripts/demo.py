@@ -1,19 +1,36 @@
-"""The main job on the built-in demo models (README command 1).
+"""The main job on the built-in demo pair (README command 1).
 
-Until the real-weight demo pair exists, this writes a tiny synthetic qwen3moe
-GGUF into the cache and inspects its expert layout.
+SmolMoE (an 8-expert MoE upcycled from SmolLM2-135M, built by setup) generates
+greedily, first alone (plain llama.cpp decoding) and then drafted by the
+truncated SmolLM2 with a memory budget for the residency engine; the two texts
+must be identical, and the stats lines say what speculation and residency did.
 """
 import sys
 
-from moespac_gguf.cli import main as moespac
-from moespac_gguf.paths import CACHE_DIR
-from moespac_gguf.synthetic import SyntheticSpec, write_synthetic_moe
+from moespac_gguf.generate import MoeSpac, stats_line
+from moespac_gguf.layout import read_layout
+from moespac_gguf.models import model_path
+from moespac_gguf.units import format_size
+
+PROMPT = "Explain in three sentences why a mixture-of-experts model needs less compute per token."
 
 
 def main() -> int:
-    path = write_synthetic_moe(CACHE_DIR / "models" / "synthetic-qwen3moe.gguf",
-                               SyntheticSpec(arch="qwen3moe", n_layer=4, expert_dtype="Q8_0"))
-    return moespac(["inspect", str(path), "--mem", "1M"])
+    target, draft = model_path("smolmoe"), model_path("smollm2-trunc")
+    layout = read_layout(target)
+    budget = layout.other_bytes + layout.expert_bytes // 2 + (512 << 20)  # half the experts resident
+    print(f"target {target.name} ({format_size(layout.file_bytes)}, {layout.n_expert} experts, "
+          f"top-{layout.n_expert_used}); draft {draft.name}\n")
+    with MoeSpac(target, n_ctx=1024) as plain:
+        a = plain.create_completion(PROMPT, max_tokens=64)
+        print("plain llama.cpp:", a["choices"][0]["text"].strip(), "\n" + stats_line(plain.stats) + "\n")
+    with MoeSpac(target, draft, n_ctx=1024, mem_budget=budget) as m:
+        b = m.create_completion(PROMPT, max_tokens=64)
+        print(f"moespac (draft + residency, budget {format_size(budget)}):", b["choices"][0]["text"].strip())
+        print(stats_line(m.stats))
+    same = a["choices"][0]["text"] == b["choices"][0]["text"]
+    print("\nidentical greedy output:", "yes" if same else "NO")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

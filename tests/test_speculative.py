@@ -175,7 +175,7 @@ def test_run_cli_json_and_errors(tiny_moe, tmp_path):
     dense = tiny_moe(FAR_DRAFT)
     cases = [(["-m", str(tmp_path / "nope.gguf"), "-p", "x"], "no such file"),
              (["-m", str(dense), "-p", "x"], "dense model"),
-             (["-m", target, "-md", str(tmp_path / "nod.gguf"), "-p", "x"], "no such draft file"),
+             (["-m", target, "-md", str(tmp_path / "nod.gguf"), "-p", "x"], "no such file"),
              (["-m", target, "-c", "64", "-p", "word " * 200], "does not fit the context")]
     for args, msg in cases:
         r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", *args], capture_output=True, text=True)

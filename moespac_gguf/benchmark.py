@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import MoespacError
 from .memcap import MemoryCap
-from .pages import drop_file_cache
+from .pages import drop_file_cache, file_cached_fraction, mapped_by_others
 from .paths import REPO_ROOT, SHARED_DIR
 from .units import format_size, parse_size
 
@@ -63,7 +63,7 @@ def run_contender(name: str, args) -> dict:
     from .pages import MADV_RANDOM, find_mapping, madvise
 
     draft = args.model_draft if name in ("llama.cpp+sd", "moespac") else None
-    budget = args.mem_cap if name == "moespac" else None
+    budget = args.mem_cap if name == "moespac" and args.mem_cap else None
     m = MoeSpac(args.model, draft, n_ctx=args.ctx_size, n_threads=args.threads, draft_max=args.draft_max,
                 mem_budget=budget)
     if name == "llama.cpp+random":
@@ -105,25 +105,34 @@ def _child_argv(name: str, args) -> list[str]:
 
 def run_capped(name: str, args) -> dict:
     """One contender in its own cgroup, cold cache, as a child process."""
-    for f in filter(None, (args.model, args.model_draft)):
+    files = [f for f in (args.model, args.model_draft) if f]
+    for f in files:
         drop_file_cache(f)
-    with MemoryCap(args.mem_cap, name.replace("+", "-").replace(".", "")) as cap:
-        proc = subprocess.run(_child_argv(name, args), capture_output=True, text=True, preexec_fn=cap.preexec,
-                              cwd=REPO_ROOT)
-        peak = cap.peak_bytes()
+    # pages another process keeps mapped cannot be dropped (and are not charged to the cap): report them
+    cached_at_start = {Path(f).name: round(file_cached_fraction(f), 3) for f in files}
+    if not args.mem_cap:  # uncapped: the model fits; the question is only "never slower"
+        proc = subprocess.run(_child_argv(name, args), capture_output=True, text=True, cwd=REPO_ROOT)
+        peak = 0
+    else:
+        with MemoryCap(args.mem_cap, name.replace("+", "-").replace(".", "")) as cap:
+            proc = subprocess.run(_child_argv(name, args), capture_output=True, text=True,
+                                  preexec_fn=cap.preexec, cwd=REPO_ROOT)
+            peak = cap.peak_bytes()
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"name": name, "error": f"exit {proc.returncode}: {tail}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["peak_bytes"] = peak
+    result["cached_at_start"] = cached_at_start
     return result
 
 
 def markdown(results: list[dict], args) -> str:
     base = {r["name"]: r for r in results if "error" not in r}
-    ref = base.get("llama.cpp")
+    ref = base.get("llama.cpp") or base.get("llama.cpp+random")
     lines = [f"model `{Path(args.model).name}` ({format_size(os.path.getsize(args.model))}), draft "
-             f"`{Path(args.model_draft).name if args.model_draft else '-'}`, cap {format_size(args.mem_cap)}, "
+             f"`{Path(args.model_draft).name if args.model_draft else '-'}`, "
+             f"cap {format_size(args.mem_cap) if args.mem_cap else 'none'}, "
              f"{args.limit} prompts x {args.n_predict} tokens",
              "",
              "| contender | tok/s | vs llama.cpp+random | vs llama.cpp+sd | bytes read | vs +random | major faults | acceptance | same output |",
@@ -147,7 +156,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moespac bench", description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", required=True)
     p.add_argument("-md", "--model-draft")
-    p.add_argument("--mem-cap", required=True, type=parse_size, help="memory cap for each contender, e.g. 1.5G")
+    p.add_argument("--mem-cap", required=True, type=parse_size,
+                   help="memory cap for each contender, e.g. 1.5G (0: no cap, the model fits)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
     p.add_argument("--limit", type=int, default=8)
     p.add_argument("-n", "--n-predict", type=int, default=64)
@@ -173,11 +183,19 @@ def main(argv: list[str]) -> int:
         raise MoespacError("llama.cpp+sd and moespac need a draft model (-md)")
     load_prompts(args.prompts, args.limit)  # fail early on a bad prompt file
     results = []
+    for f in filter(None, (args.model, args.model_draft)):
+        pids = mapped_by_others(f)
+        if pids:
+            raise MoespacError(f"{f} is mapped by other processes (pids {', '.join(map(str, pids))}): their "
+                               "pages would be shared with every contender and not charged to the cap; "
+                               "stop them or benchmark a private copy")
     for name in names:
         if not args.json:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results.append(run_capped(name, args))
-    reference = next((r["outputs"] for r in results if r["name"] == "llama.cpp" and "outputs" in r), None)
+    # plain llama.cpp's greedy output; +random decodes the same way (only paging differs)
+    reference = next((r["outputs"] for name in ("llama.cpp", "llama.cpp+random") for r in results
+                      if r["name"] == name and "outputs" in r), None)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "model": args.model, "draft": args.model_draft, "mem_cap": args.mem_cap,
               "prompts": str(args.prompts), "limit": args.limit, "n_predict": args.n_predict,

@@ -1,0 +1,73 @@
+"""`moespac bench`: every contender runs capped in its own cgroup, agrees with llama.cpp, cleans up."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moespac_gguf.memcap import MemoryCap, _own_cgroup
+from moespac_gguf.synthetic import SyntheticSpec
+
+TARGET = SyntheticSpec(arch="qwen3moe", n_layer=2, n_embd=128, n_ff_exp=128, seed=5)
+DRAFT = SyntheticSpec(arch="qwen3moe", n_layer=2, n_embd=128, n_ff_exp=128, seed=5, n_expert_used=1)
+
+
+def _our_groups():
+    _, parent = _own_cgroup()
+    return sorted(p.name for p in parent.iterdir() if p.is_dir() and p.name.startswith("moespac-"))
+
+
+def test_bench_json_all_contenders(tiny_moe, tmp_path):
+    before = _our_groups()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["hello there"]}\n{"turns": ["the quick brown fox"]}\n')
+    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", str(tiny_moe(TARGET)),
+                        "-md", str(tiny_moe(DRAFT)), "--mem-cap", "1G", "--prompts", str(prompts),
+                        "--limit", "2", "-n", "8", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    names = [x["name"] for x in d["results"]]
+    assert names == ["llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac"]
+    for x in d["results"]:
+        assert "error" not in x, x
+        assert x["tokens_per_s"] > 0 and x["bytes_read"] >= 0 and x["same_output"] is True
+        assert 0 < x["peak_bytes"] <= 1 << 30
+    assert d["results"][0]["acceptance_rate"] is None and d["results"][3]["acceptance_rate"] is not None
+    assert "engine" in d["results"][3]
+    assert _our_groups() == before, "a benchmark cgroup was left behind"
+
+
+def test_cap_really_limits_a_child(tmp_path):
+    """A child that allocates beyond the cap is killed by the kernel, not allowed through."""
+    with MemoryCap(64 << 20, "probe") as cap:
+        r = subprocess.run([sys.executable, "-c", "b = bytearray(256 << 20); b[::4096] = b'x' * len(b[::4096])"],
+                           preexec_fn=cap.preexec, capture_output=True)
+        assert r.returncode != 0
+    assert not cap.path.exists()
+
+
+def test_bench_errors_are_one_line(tiny_moe, tmp_path):
+    cases = [(["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G"], "need a draft model"),
+             (["-m", str(tmp_path / "x.gguf"), "--mem-cap", "1G"], "no such file"),
+             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "vllm"], "unknown contender"),
+             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "lots"], None)]
+    for args, msg in cases:
+        r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", *args], capture_output=True, text=True)
+        assert r.returncode == 2, (args, r.stderr)
+        if msg:
+            assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bench_refuses_a_model_another_process_maps(tiny_moe):
+    """Pages another process maps are shared and uncharged: the run could not be cold or capped."""
+    path = str(tiny_moe(TARGET))
+    holder = subprocess.Popen([sys.executable, "-c", f"import mmap, sys, time\nf = open({path!r}, 'rb')\n"
+                               "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint('ok', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", path, "--mem-cap", "1G",
+                            "--contenders", "llama.cpp"], capture_output=True, text=True)
+        assert r.returncode == 2 and f"pids {holder.pid}" in r.stderr, r.stderr
+    finally:
+        holder.kill()

@@ -2,7 +2,7 @@
 
 SmolMoE (an 8-expert MoE upcycled from SmolLM2-135M, built by setup) generates
 greedily, first alone (plain llama.cpp decoding) and then drafted by the
-truncated SmolLM2 with a memory budget for the residency engine; the two texts
+dense SmolLM2 with a memory budget for the residency engine; the two texts
 must be identical, and the stats lines say what speculation and residency did.
 """
 import sys
@@ -12,23 +12,24 @@ from moespac_gguf.layout import read_layout
 from moespac_gguf.models import model_path
 from moespac_gguf.units import format_size
 
-PROMPT = "Explain in three sentences why a mixture-of-experts model needs less compute per token."
+MESSAGES = [{"role": "user", "content": "Explain in three sentences why a mixture-of-experts model "
+                                        "needs less compute per token."}]
 
 
 def main() -> int:
-    target, draft = model_path("smolmoe"), model_path("smollm2-trunc")
+    target, draft = model_path("smolmoe"), model_path("smollm2")
     layout = read_layout(target)
     budget = layout.other_bytes + layout.expert_bytes // 2 + (512 << 20)  # half the experts resident
     print(f"target {target.name} ({format_size(layout.file_bytes)}, {layout.n_expert} experts, "
           f"top-{layout.n_expert_used}); draft {draft.name}\n")
     with MoeSpac(target, n_ctx=1024) as plain:
-        a = plain.create_completion(PROMPT, max_tokens=64)
-        print("plain llama.cpp:", a["choices"][0]["text"].strip(), "\n" + stats_line(plain.stats) + "\n")
+        a = plain.create_chat_completion(MESSAGES, max_tokens=32)["choices"][0]["message"]["content"]
+        print("plain llama.cpp:", a.strip(), "\n" + stats_line(plain.stats) + "\n")
     with MoeSpac(target, draft, n_ctx=1024, mem_budget=budget) as m:
-        b = m.create_completion(PROMPT, max_tokens=64)
-        print(f"moespac (draft + residency, budget {format_size(budget)}):", b["choices"][0]["text"].strip())
+        b = m.create_chat_completion(MESSAGES, max_tokens=32)["choices"][0]["message"]["content"]
+        print(f"moespac (draft + residency, budget {format_size(budget)}):", b.strip())
         print(stats_line(m.stats))
-    same = a["choices"][0]["text"] == b["choices"][0]["text"]
+    same = a == b
     print("\nidentical greedy output:", "yes" if same else "NO")
     return 0 if same else 1
 

@@ -54,7 +54,7 @@ class Session:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_layer = L.llama_model_n_layer(self.model)
-        self.n_batch = n_batch
+        self.n_batch = n_batch = min(n_batch, n_ctx)  # llama.cpp clamps n_batch to n_ctx; split the same way
         n_used = int(self.metadata(f"{self.metadata('general.architecture')}.expert_used_count") or 0)
         # the tap holds one decode call's rows: at most one batch
         self.tap = RoutingTap(self.n_layer, n_used, n_batch) if tap and n_used else None

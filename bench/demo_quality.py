@@ -56,26 +56,33 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per entropy prompt")
     p.add_argument("--trace", type=Path, default=None,
                    help="use this recorded trace for the default model's entropy instead of recording one")
+    p.add_argument("--acc-trace", type=Path, default=None,
+                   help="replay draft acceptance on this trace of the default target (default: --trace)")
     p.add_argument("--acc-prompts", type=int, default=16)
     p.add_argument("--acc-tokens", type=int, default=64)
     p.add_argument("--draft-max", type=int, default=4)
     p.add_argument("--loop", action="store_true", help="measure acceptance with the real speculative loop")
+    p.add_argument("--no-drafts", action="store_true", help="skip the draft acceptance part")
+    p.add_argument("--drafts-only", action="store_true", help="only the draft acceptance part (merged into --out)")
     p.add_argument("--scan-depth", type=int, nargs="*", default=[], help="truncated-draft depths to measure")
     p.add_argument("--out", type=Path, default=RESULTS / "demo_quality.json")
     a = p.parse_args(argv)
 
     models = load_models()
-    variants = a.variants or [n for n, e in models.items() if e.kind == "upcycled"]
-    drafts = [n for n, e in models.items() if e.kind in ("dense", "truncated")]
+    variants = [] if a.drafts_only else a.variants or [n for n, e in models.items() if e.kind == "upcycled"]
+    drafts = [] if a.no_drafts else [n for n, e in models.items() if e.kind in ("dense", "truncated")]
     target_name = next(n for n, e in models.items() if e.kind == "upcycled" and e.default)
     t_build = {}
-    for e, status, secs in build(sorted(set(variants + drafts + [target_name]), key=list(models).index)):
+    for e, status, secs in build(sorted(set(drafts + [target_name, "smollm2"]), key=list(models).index)):
         t_build[e.name] = round(secs, 1) if status == "built" else None
     text = heldout_text()
     out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "heldout": {"documents": list(HELDOUT_NAMES), "chunks": a.ppl_chunks, "ctx": 512},
            "entropy_prompts": {"file": str(PROMPTS), "n": a.prompts, "select": "spread", "tokens": a.tokens},
            "models": {}, "drafts": {}}
+    if a.drafts_only and a.out.is_file():  # keep the quality part of an earlier run
+        old = json.load(open(a.out))
+        out.update({k: old[k] for k in ("models", "dense", "heldout", "entropy_prompts") if k in old})
 
     def ppl(path):
         r = perplexity(path, text, n_ctx=512, max_chunks=a.ppl_chunks)
@@ -83,10 +90,14 @@ def main(argv=None) -> int:
         return r
 
     dense = models["smollm2"].path
-    out["dense"] = {"name": "smollm2", "size_bytes": dense.stat().st_size, "perplexity": ppl(dense)}
+    if variants:
+        out["dense"] = {"name": "smollm2", "size_bytes": dense.stat().st_size, "perplexity": ppl(dense)}
     prompts = load_prompts(PROMPTS, a.prompts, "spread")
     for name in variants:
         e = models[name]
+        for _, status, secs in build([name]):   # one variant at a time: partial results are saved
+            if status == "built":
+                t_build[name] = round(secs, 1)
         cfg = e.config()
         row = {"experts": cfg.n_expert, "top_k": cfg.top_k, "dtype": cfg.dtype, "noise": cfg.noise,
                "size_bytes": e.path.stat().st_size, "build_s": t_build.get(name), "default": e.default}
@@ -106,9 +117,10 @@ def main(argv=None) -> int:
     # acceptance: replayed on the default target's recorded greedy generations (exact for greedy; see
     # smolmoe.greedy_acceptance_from_trace), or the real speculative loop with --loop
     target = models[target_name].path
-    if a.trace and not a.loop:
-        acc_trace = RoutingTrace.load(a.trace)
-        out["acceptance_method"] = f"greedy replay on {a.trace.name} ({acc_trace.n_tokens} tokens), K={a.draft_max}"
+    acc_path = a.acc_trace or a.trace
+    if acc_path and not a.loop:
+        acc_trace = RoutingTrace.load(acc_path)
+        out["acceptance_method"] = f"greedy replay on {acc_path.name} ({acc_trace.n_tokens} tokens), K={a.draft_max}"
 
         def acceptance(path):
             return greedy_acceptance_from_trace(path, acc_trace, a.draft_max)
@@ -122,7 +134,8 @@ def main(argv=None) -> int:
     for name in drafts:
         e = models[name]
         r = acceptance(e.path)
-        r.update({"size_bytes": e.path.stat().st_size, "layers": e.params.get("layers"), "target": target_name})
+        r.update({"size_bytes": e.path.stat().st_size, "layers": e.params.get("layers"),
+                  "keep_last": e.params.get("keep_last", 0), "target": target_name})
         out["drafts"][name] = r
         print(f"  acceptance {name}: {r['acceptance_rate']:.3f}", flush=True)
     scan = {}
@@ -146,12 +159,14 @@ def _mb(n):
 
 
 def markdown(out: dict) -> str:
-    d = out["dense"]
-    lines = ["| model | experts | top-k | expert dtype | file | held-out ppl | × dense | entropy mean | entropy min "
+    lines = []
+    d = out.get("dense")
+    if d:
+        lines += ["| model | experts | top-k | expert dtype | file | held-out ppl | × dense | entropy mean | entropy min "
              "| all experts used |", "|---|---|---|---|---|---|---|---|---|---|",
              f"| smollm2 (dense Q4_1) | – | – | – | {_mb(d['size_bytes'])} | {d['perplexity']['perplexity']:.2f} "
              "| 1.00 | – | – | – |"]
-    for name, r in out["models"].items():
+    for name, r in out["models"].items() if d else ():
         lines.append(f"| {name}{' (default)' if r['default'] else ''} | {r['experts']} | {r['top_k']} | {r['dtype']} "
                      f"| {_mb(r['size_bytes'])} | {r['perplexity']['perplexity']:.2f} | {r['ppl_ratio']:.2f} "
                      f"| {r['entropy_mean']:.3f} | {r['entropy_min']:.3f} (layer {r['entropy_min_layer']}) "
@@ -159,7 +174,8 @@ def markdown(out: dict) -> str:
     lines += ["", "| draft | layers | file | greedy acceptance vs smolmoe (K=%d) | tokens per verification |"
               % next(iter(out["drafts"].values()))["draft_max"] if out["drafts"] else "", "|---|---|---|---|---|"]
     for name, r in out["drafts"].items():
-        lines.append(f"| {name} | {r['layers'] or 30} | {_mb(r['size_bytes'])} | {r['acceptance_rate']:.3f} "
+        layers = f"first {r['layers']}" + (f" + last {r['keep_last']}" if r.get("keep_last") else "") if r["layers"] else "all 30"
+        lines.append(f"| {name} | {layers} | {_mb(r['size_bytes'])} | {r['acceptance_rate']:.3f} "
                      f"| {r['tokens_per_step']:.2f} |")
     if out.get("depth_scan"):
         lines += ["", "truncated-draft depth scan (acceptance): " +

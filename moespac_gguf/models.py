@@ -76,6 +76,8 @@ class ModelEntry:
             recipe["config"] = asdict(self.config())
         elif self.kind == "truncated":
             recipe["layers"] = int(self.params["layers"])
+            if self.params.get("keep_last"):
+                recipe["keep_last"] = int(self.params["keep_last"])
         return f"{self.name}-{short_hash(recipe)}.gguf"
 
     @property
@@ -175,7 +177,7 @@ def build(names: list[str], force: bool = False, progress: bool = True) -> list[
         elif e.kind == "dense":
             copy_dense(src, e.path)
         else:
-            write_truncated(src, e.path, int(e.params["layers"]))
+            write_truncated(src, e.path, int(e.params["layers"]), int(e.params.get("keep_last", 0)))
         stale = re.compile(rf"^{re.escape(e.name)}-[0-9a-f]{{10}}\.gguf$")
         for old in MODELS_DIR.iterdir():
             if stale.match(old.name) and old.name != e.path.name:

@@ -436,32 +436,49 @@ def write_moe(src: Path, out: Path, routers: list[np.ndarray], cfg: UpcycleConfi
     return out
 
 
-def write_truncated(src: Path, out: Path, n_keep: int, name: str | None = None) -> Path:
-    """The first `n_keep` blocks of `src` plus everything outside the blocks (norm, head)."""
+def truncated_blocks(n_layer: int, keep_first: int, keep_last: int = 0) -> list[int]:
+    """Block indices of a layer-truncated draft: the first `keep_first` and the last `keep_last` blocks."""
+    if keep_first < 1 or keep_last < 0 or keep_first + keep_last > n_layer:
+        raise MoespacError(f"truncated draft: need 1 <= first ({keep_first}) and first + last ({keep_last}) "
+                           f"<= {n_layer} layers")
+    return list(range(keep_first)) + list(range(n_layer - keep_last, n_layer))
+
+
+def write_truncated(src: Path, out: Path, keep_first: int, keep_last: int = 0, name: str | None = None) -> Path:
+    """A dense draft made of some blocks of `src`: its first `keep_first` blocks, then its last
+    `keep_last` ones (renumbered), plus everything outside the blocks (embeddings, final norm, head)."""
     src, out = Path(src), Path(out)
     reader = gguf.GGUFReader(src)
     arch = _arch(reader)
     n_layer = int(_source_hparam(reader, "block_count"))
-    if not 1 <= n_keep <= n_layer:
-        raise MoespacError(f"truncated draft depth must be in 1..{n_layer}, got {n_keep}")
-    keep = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n_keep]
+    blocks = truncated_blocks(n_layer, keep_first, keep_last)
+    new_index = {old: new for new, old in enumerate(blocks)}
+    keep = []
+    for t in reader.tensors:
+        if not t.name.startswith("blk."):
+            keep.append((t.name, t))
+            continue
+        parts = t.name.split(".")
+        if int(parts[1]) in new_index:
+            keep.append((".".join(["blk", str(new_index[int(parts[1])]), *parts[2:]]), t))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     writer = gguf.GGUFWriter(tmp, arch)
     V = gguf.GGUFValueType
     base_name = reader.fields.get("general.name")
-    label = name or f"{base_name.contents() if base_name else src.stem} (first {n_keep} of {n_layer} layers)"
+    which = f"first {keep_first}" + (f" + last {keep_last}" if keep_last else "")
+    label = name or f"{base_name.contents() if base_name else src.stem} ({which} of {n_layer} layers)"
     _copy_metadata(reader, writer, {
         "general.name": (label, V.STRING),
-        f"{arch}.block_count": (n_keep, V.UINT32),
+        f"{arch}.block_count": (len(blocks), V.UINT32),
         "moespac.smolmoe.builder_version": (BUILDER_VERSION, V.UINT32),
-        "moespac.smolmoe.build": (json.dumps({"truncated_from": file_id(src), "layers": n_keep}), V.STRING),
+        "moespac.smolmoe.build": (json.dumps({"truncated_from": file_id(src), "blocks": blocks}), V.STRING),
     })
-    for t in keep:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
+    for new_name, t in keep:
+        writer.add_tensor_info(new_name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
     try:
         _finish(writer)
-        for t in keep:
+        for _, t in keep:
             writer.write_tensor_data(t.data)
     finally:
         writer.close()
@@ -625,11 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-tokens", type=int, default=UpcycleConfig.train_tokens)
     p.add_argument("--truncate", type=int, metavar="L", help="write the first L layers as a dense draft instead")
+    p.add_argument("--keep-last", type=int, default=0, metavar="M", help="with --truncate: also keep the last M layers")
     a = p.parse_args(argv)
     src = a.src or smollm2_path()
     t0 = time.perf_counter()
     if a.truncate:
-        path = write_truncated(src, a.out, a.truncate)
+        path = write_truncated(src, a.out, a.truncate, a.keep_last)
     else:
         cfg = UpcycleConfig(n_expert=a.experts, top_k=a.top_k, dtype=a.dtype, noise=a.noise, seed=a.seed,
                             train_tokens=a.train_tokens)

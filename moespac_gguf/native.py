@@ -14,7 +14,7 @@ import sys
 from .errors import MoespacError
 
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 
@@ -51,7 +51,7 @@ def _declare(lib) -> None:
     sigs = {
         "llama_moespac_tap_new": (c.c_void_p, [c.c_int32, c.c_int32, c.c_int32]),
         "llama_moespac_tap_free": (None, [c.c_void_p]),
-        "llama_moespac_tap_chain": (None, [c.c_void_p, eval_cb, c.c_void_p]),
+        "llama_moespac_tap_chain": (None, [c.c_void_p, eval_cb, c.c_void_p, c.c_char_p]),
         "llama_moespac_tap_reset": (None, [c.c_void_p]),
         "llama_moespac_tap_ids": (c.POINTER(c.c_int32), [c.c_void_p]),
         "llama_moespac_tap_weights": (c.POINTER(c.c_float), [c.c_void_p]),

@@ -24,6 +24,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,21 @@ def madvise(addr: int, length: int, advice: int) -> None:
     if _libc.madvise(lo, n, advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"madvise({advice}) failed: {os.strerror(err)}")
+
+
+def mlock(addr: int, length: int) -> None:
+    """Lock file pages into RAM (reading them in): the kernel's reclaim cannot take them back,
+    so a memory cap's pressure falls on the unlocked pages only. OSError (ENOMEM/EPERM) when
+    RLIMIT_MEMLOCK or the memory cgroup refuses."""
+    lo, n = _page_span(addr, length)
+    if _libc.mlock(lo, n) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mlock failed: {os.strerror(err)}")
+
+
+def munlock(addr: int, length: int) -> None:
+    lo, n = _page_span(addr, length)
+    _libc.munlock(lo, n)
 
 
 def resident_fraction(addr: int, length: int) -> float:

@@ -62,9 +62,13 @@ class RoutingTap:
         self.callback = tap_eval_callback
         self.user_data = ctypes.c_void_p(self.handle)
 
-    def chain(self, callback) -> None:
-        """Run another eval callback (a ctypes CFUNCTYPE object; keep it alive) behind the tap."""
-        lib.llama_moespac_tap_chain(self.handle, callback, None)
+    def chain(self, callback, name_prefixes: tuple[str, ...] = ()) -> None:
+        """Run another eval callback (a ctypes CFUNCTYPE object; keep it alive) behind the tap.
+
+        With `name_prefixes`, llama.cpp asks it only about nodes whose names start
+        with one of them: a Python callback asked about every node costs ~50 us each.
+        """
+        lib.llama_moespac_tap_chain(self.handle, callback, None, "|".join(name_prefixes).encode())
 
     def reset(self) -> None:
         lib.llama_moespac_tap_reset(self.handle)

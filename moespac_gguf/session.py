@@ -69,7 +69,7 @@ class Session:
             cparams.cb_eval = self.tap.callback
             cparams.cb_eval_user_data = self.tap.user_data
             if capture is not None:
-                self.tap.chain(capture.callback)
+                self.tap.chain(capture.callback, getattr(capture, "name_prefixes", ()))
         elif capture is not None:
             cparams.cb_eval = capture.callback
         self.ctx = L.llama_init_from_model(self.model, cparams)

@@ -129,7 +129,7 @@ def capture_router_inputs(model: Path, texts: Iterable[str], max_tokens: int, n_
     from .capture import TensorCapture
     from .session import Session
 
-    cap = TensorCapture(r"ffn_norm-\d+")
+    cap = TensorCapture("ffn_norm")
     n = 0
     with Session(model, n_ctx=n_ctx, n_batch=n_ctx, tap=False, capture=cap) as s, \
             tqdm(total=max_tokens, unit="tok", desc="capturing router inputs", disable=not progress) as bar:

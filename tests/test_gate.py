@@ -153,7 +153,7 @@ def test_gate_tap_predicts_during_the_decode(trained):
         seen.clear()
         s.decode(toks[-1:])
     assert [layer for layer, _ in seen] == gate.moe_layers
-    cap = TensorCapture(G.HIDDEN_PATTERN)
+    cap = TensorCapture(*G.HIDDEN_NAMES)
     with Session(model, n_ctx=128, n_threads=1, capture=cap) as s:
         s.decode(toks[:-1], all_logits=True)
         cap.clear()
@@ -211,3 +211,23 @@ def test_shrinkage_is_validated_across_sources():
         assert (va == (cap.group == g)).all() and (tr == ~va).all()
     single = G.validation_folds(G.Capture({}, cap.experts, cap.tokens, cap.seq_start, cap.generated, None), 0.25)
     assert len(single) == 1 and single[0][1].tolist() == [False] * 8 + [True] * 4
+
+
+def test_moespac_runs_with_the_gate_and_keeps_greedy_output(trained):
+    """`MoeSpac(..., gate=FILE)`: the gate runs inside every decode (one call per MoE layer and
+    ubatch) and steers the engine, without changing a single greedy token."""
+    from moespac_gguf.generate import MoeSpac
+
+    model, out, _, _ = trained
+    prompt = "the lookahead gate predicts later layers of the model"
+    with MoeSpac(model, model, n_ctx=256, n_threads=1, draft_max=3) as plain:
+        plain.create_completion(prompt, max_tokens=12)
+        want = list(plain.completion_tokens)
+    with MoeSpac(model, model, n_ctx=256, n_threads=1, draft_max=3, mem_budget="4G", gate=out) as m:
+        m.create_completion(prompt, max_tokens=12)
+        assert m.completion_tokens == want
+        n_moe = len(m.gate_tap.gate.moe_layers)
+        assert m.gate_tap.calls >= n_moe * (m.stats.n_steps + 1)   # prompt + every verification
+        assert m.residency.engine.stats.plans > 0
+    with pytest.raises(MoespacError, match="needs a memory budget"):
+        MoeSpac(model, gate=out)

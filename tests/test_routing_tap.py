@@ -26,7 +26,7 @@ def test_tap_matches_router_recomputation(tiny_moe, arch):
     path = tiny_moe(arch=arch, n_layer=3)
     layout = read_layout(path)
     moe_layers = [l.index for l in layout.layers]
-    cap = TensorCapture(r"ffn_norm-\d+|attn_post_norm-\d+")
+    cap = TensorCapture("ffn_norm", "attn_post_norm")
     with Session(path, n_ctx=128, capture=cap) as s:
         prompt = s.tokenize(PROMPT)
         s.decode(prompt)                       # prompt batch: the last layer routes only the output row
@@ -76,3 +76,30 @@ def test_rollback_and_batches_larger_than_n_batch(tiny_moe):
         assert s.n_past == 10
         again = s.decode(toks[10:], all_logits=True)
         assert np.allclose(again, logits[10:], atol=1e-4)
+
+
+def test_chained_callback_is_asked_only_about_its_names(tiny_moe):
+    """The tap forwards to a chained callback only the nodes named with its prefixes (C-side filter);
+    with no prefixes it forwards every node. Both captures still see the same router inputs."""
+    names = {}
+    for prefixes in ((), ("ffn_norm-",)):
+        cap = TensorCapture("ffn_norm")
+        asked = []
+        inner = cap._eval
+
+        def counting(ptr, ask, user_data, inner=inner, asked=asked):
+            if ask:
+                from moespac_gguf.capture import GgmlTensor
+                asked.append(GgmlTensor.from_address(ptr).name.decode())
+            return inner(ptr, ask, user_data)
+
+        from moespac_gguf.native import llama_cpp
+        cap.callback = llama_cpp.ggml_backend_sched_eval_callback(counting)
+        cap.name_prefixes = prefixes
+        with Session(tiny_moe(n_layer=3), n_ctx=128, capture=cap) as s:
+            s.decode(s.tokenize(PROMPT))
+        names[prefixes] = (asked, sorted(cap.captured))
+    unfiltered, filtered = names[()], names[("ffn_norm-",)]
+    assert any(not n.startswith("ffn_norm-") for n in unfiltered[0])
+    assert filtered[0] and all(n.startswith("ffn_norm-") for n in filtered[0])
+    assert filtered[1] == unfiltered[1] and len(filtered[1]) == 3

@@ -1,0 +1,93 @@
+"""Cost of the routing tap (issue 3): decode time with the C tap on vs off.
+
+Two contexts of the same model, one with the tap installed as cb_eval and one
+without, decode the same tokens in alternating rounds (so machine load hits
+both alike): a prompt batch and single-token decode. Reports the median time
+per token of each and the overhead; writes bench/results/tap_overhead.{json,md}.
+
+    .venv/bin/python bench/bench_tap.py                # demo model, 7 rounds
+    .venv/bin/python bench/bench_tap.py -m PATH --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moespac_gguf.models import model_path
+from moespac_gguf.paths import SHARED_DIR
+from moespac_gguf.record import load_prompts
+from moespac_gguf.session import Session
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
+
+
+def one_round(s: Session, prompt: list[int], n_decode: int) -> tuple[float, float]:
+    """(seconds per prompt token, seconds per decoded token) for one pass."""
+    s.reset()
+    t0 = time.perf_counter()
+    logits = s.decode(prompt)
+    t1 = time.perf_counter()
+    tok = int(logits[-1].argmax())
+    for _ in range(n_decode):
+        tok = int(s.decode([tok])[-1].argmax())
+    t2 = time.perf_counter()
+    return (t1 - t0) / len(prompt), (t2 - t1) / n_decode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default="smolmoe", help="MoE model (name or path; default smolmoe)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("-n", "--decode-tokens", type=int, default=64)
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "tap_overhead.json")
+    args = p.parse_args(argv)
+
+    path = model_path(args.model)
+    kw = dict(n_ctx=args.prompt_tokens + args.decode_tokens + 8, n_threads=args.threads)
+    sessions = {"tap off": Session(path, tap=False, **kw), "tap on": Session(path, tap=True, **kw)}
+    text = " ".join(r["text"] for r in load_prompts(PROMPTS, 40, select="spread"))
+    prompt = sessions["tap on"].tokenize(text)[:args.prompt_tokens]
+    times = {k: {"prompt": [], "decode": []} for k in sessions}
+    for _ in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
+        for name, s in sessions.items():
+            pt, dt = one_round(s, prompt, args.decode_tokens)
+            times[name]["prompt"].append(pt)
+            times[name]["decode"].append(dt)
+    for s in sessions.values():
+        s.close()
+
+    med = {k: {phase: statistics.median(v) for phase, v in t.items()} for k, t in times.items()}
+    overhead = {phase: med["tap on"][phase] / med["tap off"][phase] - 1 for phase in ("prompt", "decode")}
+    lines = [f"Routing tap cost on `{path.name}`, median of {args.rounds} alternating rounds, "
+             f"{datetime.date.today()}.", "",
+             "| phase | tap off (ms/token) | tap on (ms/token) | overhead |", "|---|---:|---:|---:|"]
+    for phase, label in (("prompt", f"prompt batch ({len(prompt)} tokens)"),
+                         ("decode", f"single-token decode ({args.decode_tokens} tokens)")):
+        lines.append(f"| {label} | {med['tap off'][phase] * 1e3:.2f} | {med['tap on'][phase] * 1e3:.2f} "
+                     f"| {overhead[phase] * 100:+.1f}% |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": str(path),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
+        "args": {k: str(v) for k, v in vars(args).items()}, "median_s_per_token": med, "overhead": overhead,
+        "rounds": times}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,8 @@ them alike (ratios are side by side in one run). Every drafted output must be
 token-identical to the target's own greedy output; the script exits 1 if not.
 Prints a markdown table and writes bench/results/speculative.{json,md}.
 
-    .venv/bin/python bench/bench_speculative.py                  # 20 prompts x 64 tokens
+    .venv/bin/python bench/bench_speculative.py                  # 20 prompts x 64 tokens, K = 4 fixed
+    .venv/bin/python bench/bench_speculative.py --adaptive --draft-max 8 --out bench/results/speculative_adaptive.json
     .venv/bin/python bench/bench_speculative.py --prompts 4 -n 16
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def totals(stats: list[dict]) -> dict:
 def markdown(rows: list[dict], args) -> str:
     base = rows[0]["tokens_per_s"]
     out = [f"Demo pair `{args.target}`, {args.prompts} Spec-Bench prompts x {args.tokens} tokens, greedy, "
-           f"draft-max {args.draft_max} (adaptive), {args.threads or 'default'} threads, {datetime.date.today()}.", "",
+           f"draft-max {args.draft_max} ({'adaptive' if args.adaptive else 'fixed'}), {args.threads or 'default'} threads, {datetime.date.today()}.", "",
            "| contender | tokens | tokens/s | speed-up | acceptance | tokens / verification | draft s | verify s | identical |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -62,15 +63,18 @@ def main(argv=None) -> int:
     p.add_argument("-m", "--target", default="smolmoe", help="target model (name or path; default smolmoe)")
     p.add_argument("--prompts", type=int, default=20, help="Spec-Bench prompts, spread over categories (default 20)")
     p.add_argument("-n", "--tokens", type=int, default=64, help="tokens per prompt (default 64)")
-    p.add_argument("--draft-max", type=int, default=8)
+    p.add_argument("--draft-max", type=int, default=4)
+    p.add_argument("--adaptive", action="store_true",
+                   help="let K adapt to the measured costs (it falls to 0 where drafting does not pay)")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "speculative.json")
     args = p.parse_args(argv)
 
     prompts = load_prompts(PROMPTS, args.prompts, select="spread")
     target = model_path(args.target)
-    models = [(name, MoeSpac(target, model_path(d) if d else None, n_ctx=1024, n_threads=args.threads,
-                             draft_max=args.draft_max)) for name, d in CONTENDERS]
+    models = [(name, MoeSpac(target, model_path(d) if d else None, n_ctx=2048, n_threads=args.threads,
+                             draft_max=args.draft_max, adaptive_draft=args.adaptive))
+              for name, d in CONTENDERS]
     per = {name: [] for name, _ in CONTENDERS}
     identical = {name: True for name, _ in CONTENDERS}
     try:

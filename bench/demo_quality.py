@@ -80,9 +80,11 @@ def main(argv=None) -> int:
            "heldout": {"documents": list(HELDOUT_NAMES), "chunks": a.ppl_chunks, "ctx": 512},
            "entropy_prompts": {"file": str(PROMPTS), "n": a.prompts, "select": "spread", "tokens": a.tokens},
            "models": {}, "drafts": {}}
-    if a.drafts_only and a.out.is_file():  # keep the quality part of an earlier run
-        old = json.load(open(a.out))
-        out.update({k: old[k] for k in ("models", "dense", "heldout", "entropy_prompts") if k in old})
+    # a partial run (--drafts-only, named --variants, --no-drafts) merges into the earlier results
+    old = json.load(open(a.out)) if a.out.is_file() and (a.drafts_only or a.variants or a.no_drafts) else {}
+    out.update({k: old[k] for k in ("models", "dense", "heldout", "entropy_prompts", "drafts",
+                                    "acceptance_method", "traces") if k in old})
+    out["models"], out["drafts"] = dict(out["models"]), dict(out["drafts"] if not drafts else {})
 
     def ppl(path):
         r = perplexity(path, text, n_ctx=512, max_chunks=a.ppl_chunks)

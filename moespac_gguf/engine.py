@@ -55,6 +55,7 @@ class EngineStats:
     evicted_bytes: int = 0
     prefetches: int = 0
     evictions: int = 0
+    hinted_bytes: int = 0   # stream-window read-ahead asked for (hint), not held
     plans: int = 0
     io_s: float = 0.0
 
@@ -123,6 +124,17 @@ class ResidencyEngine:
             self._target = (want.copy(), priority.copy())
             self._idle.clear()
             self._cv.notify()
+
+    def hint(self, experts: np.ndarray, priority: np.ndarray) -> None:
+        """Start reading `experts` (bool [L,E]) that are not held, most `priority` first, into the
+        stream window (MADV_WILLNEED: asynchronous, nothing locked, nothing evicted for them):
+        for predictions about to be needed (the lookahead gate's next layers), which must not
+        reshuffle the held set on every layer."""
+        todo = np.argwhere(experts & ~self.resident)
+        for l, e in sorted(map(tuple, todo), key=lambda ix: -priority[ix]):
+            for off, n in self.map.ranges[l, e]:
+                pages.madvise(self.map.mapping.address(off), n, pages.MADV_WILLNEED)
+            self.stats.hinted_bytes += int(self.map.bytes[l, e])
 
     def note_used(self, used: np.ndarray) -> None:
         """Experts the decode thread just paged in itself (from the routing): count them as resident,
@@ -234,9 +246,11 @@ class ResidencyEngine:
 
 def stream_window(layout: MoeLayout, draft_max: int = 8) -> int:
     """Unlocked room a pinned budget leaves for one layer's non-pinned experts of a verification
-    batch (up to (draft_max + 1) x top-k of them, at most all) to be read, used and dropped."""
+    batch (up to (draft_max + 1) x top-k of them, at most all) to be read, used and dropped, plus
+    64 MiB for the runtime's own growth (compute buffers and KV pages are touched as decoding goes:
+    with everything else locked, a fault that finds no room is the OOM killer's)."""
     n = min(layout.n_expert, (draft_max + 1) * layout.n_expert_used)
-    return n * max(l.bytes_per_expert for l in layout.layers) + (32 << 20)
+    return n * max(l.bytes_per_expert for l in layout.layers) + (64 << 20)
 
 
 def _lock_all(ranges: list[tuple[int, int]]) -> bool:

@@ -166,7 +166,7 @@ def test_gate_tap_predicts_during_the_decode(trained):
 
 def test_gated_residency_puts_the_next_layers_first(trained):
     """One utility space: the gate's layers replace the speculative utility there, and the engine
-    target fetches the predicted experts of layer l+1 before l+2 before l+3 before the rest."""
+    reads ahead the predicted experts of layer l+1 before l+2 before l+3, and nothing else."""
     from types import SimpleNamespace
 
     from moespac_gguf.gate_runtime import GatedResidency
@@ -179,7 +179,7 @@ def test_gated_residency_puts_the_next_layers_first(trained):
     controller = SimpleNamespace(
         policy=SimpleNamespace(estimator=SimpleNamespace(predict=lambda draft=None: base),
                                capacity=Capacity(total=10)),
-        engine=SimpleNamespace(apply=lambda want, prio: applied.append((want, prio))),
+        engine=SimpleNamespace(hint=lambda want, prio: applied.append((want, prio))),
         on_draft=lambda draft: None, on_verify=lambda event: None)
     gated = GatedResidency(controller, gate)
     gated.on_draft([1, 2])
@@ -187,8 +187,9 @@ def test_gated_residency_puts_the_next_layers_first(trained):
     expected = gate.utility({src: test_cap.hidden[src][:1]}, known_upto=src)
     gated.on_lookahead(src, expected)
     want, prio = applied[-1]
-    assert want.sum() == 10
-    util, _ = gated.combine(src, expected)
+    util, _, predicted_mask = gated.combine(src, expected)
+    assert (want == predicted_mask).all() and want.sum() == sum(map(len, [np.flatnonzero(expected[t] >= 0.5)
+                                                                          for t in range(src + 1, src + D + 1)]))
     assert np.allclose(util[src + 1:src + D + 1], expected[src + 1:src + D + 1])
     assert np.allclose(util[src + D + 1:], 0.3)
     predicted = [set(np.flatnonzero(expected[t] >= 0.5)) for t in range(src + 1, src + D + 1)]

@@ -86,11 +86,14 @@ class GatedResidency:
     """
 
     def __init__(self, controller, gate: LookaheadGate, weight: float = 1.0, every: int = 1,
-                 threshold: float = 0.5, tap: GateTap | None = None):
+                 threshold: float = 0.5, tap: GateTap | None = None, read_ahead: int = 1):
         self.controller, self.gate = controller, gate
         self.weight = weight            # 1: the gate replaces the speculative utility in its reach
         self.every = max(1, every)      # re-plan every `every` source layers
         self.threshold = threshold      # expected routings that make an expert "predicted" (urgent)
+        # layers ahead whose predicted experts are read ahead: the stream window under a tight cap
+        # holds about one layer's experts; reading 3 layers ahead there re-read 3x the bytes
+        self.read_ahead = read_ahead
         self.tap = tap or GateTap(gate)
         self.tap.sink = self.on_lookahead
         self.base = np.zeros((gate.n_layer, gate.n_expert))
@@ -130,7 +133,9 @@ class GatedResidency:
         if self.gate.moe_layers.index(layer) % self.every:
             return
         _, priority, predicted = self.combine(layer, expected)
-        self.controller.engine.hint(predicted, priority)
+        near = np.zeros_like(predicted)
+        near[layer + 1:layer + 1 + self.read_ahead] = True
+        self.controller.engine.hint(predicted & near, priority)
         self.applied += 1
 
     def close(self) -> None:

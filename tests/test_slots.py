@@ -355,3 +355,20 @@ def test_one_slot_per_layer(tiny_moe, dtype):
     toks, ref = reference(path)
     got = run_with_slots(path, toks, seed=6, slots=[1, 1, 1])
     assert max_diff(ref, got) <= TOL
+
+
+def test_demand_page_in_skips_experts_in_slots(tiny_moe):
+    """Demand page-in (patch 0003) reads the model-side ids at the expert matmuls: they must be
+    computed by then (0007 builds them before the routing split), and slot experts never advised."""
+    path = tiny_moe(n_layer=2)
+    with Session(path, n_ctx=256) as s, SlotCache(s, 8) as cache:
+        s.tap.set_demand_page_in(True)
+        toks = s.tokenize(PROMPT)
+        s.decode(toks[:8])
+        before = s.tap.demand_paged_bytes
+        assert before > 0  # nothing in slots: every routed expert is advised
+        for layer in cache.moe_layers:
+            for e in range(8):
+                cache.load(layer, e, e)
+        s.decode(toks[8:16])  # stale ids from the last decode would be advised here
+        assert s.tap.demand_paged_bytes == before

@@ -207,9 +207,12 @@ class SlotFiller:
             pinned = getattr(engine, "pin", False) and engine.resident[layer, e]
             for off, n in engine.map.ranges[layer, e]:
                 addr = engine.map.mapping.address(off)
-                if pinned:
-                    pages.munlock(addr, n)  # a pinned engine had locked it
-                pages.madvise(addr, n, pages.MADV_PAGEOUT)
+                try:
+                    if pinned:
+                        pages.munlock(addr, n)  # the pinned engine had locked it
+                    pages.madvise(addr, n, pages.MADV_PAGEOUT)
+                except OSError:
+                    pass  # best effort: the kernel may still hold (or lock) these pages
             engine.resident[layer, e] = False
         self.pending = []
 

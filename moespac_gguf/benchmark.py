@@ -9,6 +9,9 @@ model files' pages are dropped before each start). Contenders:
   llama.cpp+sd      speculative decoding with the same draft, no expert management
   moespac           speculative decoding + utility estimator + balancer + engine
   moespac+gate      the same + the lookahead gate's in-decode predictions (--gate FILE)
+  moespac+slots     moespac with a share of its expert budget (--slot-fraction) in host-RAM expert
+                    slots (patches 0005-0007) that the same utility fills; the page-cache engine
+                    gets the rest
 
 The parent checks that every contender's greedy output equals plain llama.cpp's.
 """
@@ -30,8 +33,11 @@ from .pages import drop_file_cache, file_cached_fraction, mapped_by_others
 from .paths import REPO_ROOT, SHARED_DIR
 from .units import format_size, parse_size
 
-CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac", "moespac+gate")
-DEFAULT_CONTENDERS = CONTENDERS[:4]  # moespac+gate needs a trained gate (--gate)
+CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac", "moespac+gate", "moespac+slots")
+# moespac+gate needs a trained gate (--gate); moespac+slots costs on CPU-only machines
+# (bench/results/memcap_slots.md), it is for a faster slot tier
+DEFAULT_CONTENDERS = CONTENDERS[:4]
+SLOT_FRACTION = 0.5  # default share of the expert budget given to slots (moespac+slots)
 DEFAULT_PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
 
 
@@ -69,6 +75,12 @@ def run_contender(name: str, args) -> dict:
     budget = args.mem_cap if managed and args.mem_cap else None
     m = MoeSpac(args.model, draft, n_ctx=args.ctx_size, n_threads=args.threads, draft_max=args.draft_max,
                 mem_budget=budget, gate=args.gate if name == "moespac+gate" else None)
+    filler = None
+    if name == "moespac+slots":
+        if budget is None:
+            raise MoespacError("moespac+slots needs a memory cap (it sizes the slots)")
+        from .slots import SlotFiller
+        filler = SlotFiller.attach(m, args.slot_fraction)
     if name == "llama.cpp+random":
         mp = find_mapping(args.model)
         madvise(mp.start, mp.end - mp.start, MADV_RANDOM)
@@ -94,6 +106,9 @@ def run_contender(name: str, args) -> dict:
                             "pinned": m.residency.pin, "engine_budget_bytes": m.residency.engine.budget}
     if m.gate_tap is not None:
         result["gate"] = {"calls": m.gate_tap.calls, "seconds": m.gate_tap.seconds}
+    if filler is not None:
+        result["slots"] = filler.stats()
+        filler.close()
     m.close()
     return result
 
@@ -108,6 +123,8 @@ def _child_argv(name: str, args) -> list[str]:
         argv += ["--gate", args.gate]
     if args.threads:
         argv += ["-t", str(args.threads)]
+    if name == "moespac+slots":
+        argv += ["--slot-fraction", str(args.slot_fraction)]
     return argv
 
 
@@ -175,6 +192,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
                    help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate)")
     p.add_argument("--gate", help="lookahead-gate sidecar for the moespac+gate contender")
+    p.add_argument("--slot-fraction", type=float, default=SLOT_FRACTION,
+                   help="moespac+slots: share of the expert budget held in host-RAM expert slots")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON here (e.g. bench/results/memcap.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -193,6 +212,10 @@ def main(argv: list[str]) -> int:
         raise MoespacError("llama.cpp+sd and moespac need a draft model (-md)")
     if "moespac+gate" in names and not args.gate:
         raise MoespacError("the moespac+gate contender needs a gate sidecar (--gate FILE, from moespac train-gate)")
+    if not 0 < args.slot_fraction < 1:
+        raise MoespacError(f"--slot-fraction must be between 0 and 1, got {args.slot_fraction}")
+    if "moespac+slots" in names and not args.mem_cap:
+        raise MoespacError("moespac+slots needs a memory cap (--mem-cap): it sizes the slots")
     load_prompts(args.prompts, args.limit)  # fail early on a bad prompt file
     results = []
     for f in filter(None, (args.model, args.model_draft)):

@@ -14,7 +14,7 @@ import sys
 from .errors import MoespacError
 
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 
@@ -59,6 +59,25 @@ def _declare(lib) -> None:
         "llama_moespac_tap_overflow": (c.c_int32, [c.c_void_p]),
         "llama_moespac_tap_set_willneed": (None, [c.c_void_p, c.c_bool]),
         "llama_moespac_tap_willneed_bytes": (c.c_int64, [c.c_void_p]),
+        # expert slot cache (patches 0005-0007, include/llama-moespac-slots.h)
+        "llama_moespac_slots_new": (c.c_void_p, [c.c_void_p, c.POINTER(c.c_int32), c.c_int32, c.c_void_p]),
+        "llama_moespac_slots_free": (None, [c.c_void_p]),
+        "llama_moespac_slots_attach": (c.c_int32, [c.c_void_p, c.c_void_p]),
+        "llama_moespac_slots_n_layer": (c.c_int32, [c.c_void_p]),
+        "llama_moespac_slots_n_expert": (c.c_int32, [c.c_void_p]),
+        "llama_moespac_slots_n_slots": (c.c_int32, [c.c_void_p, c.c_int32]),
+        "llama_moespac_slots_slot_bytes": (c.c_int64, [c.c_void_p, c.c_int32]),
+        "llama_moespac_slots_buffer_bytes": (c.c_int64, [c.c_void_p]),
+        "llama_moespac_slots_copy_async": (c.c_int32, [c.c_void_p, c.c_int32, c.c_int32, c.c_int32]),
+        "llama_moespac_slots_wait": (c.c_int32, [c.c_void_p]),
+        "llama_moespac_slots_pending": (c.c_int32, [c.c_void_p]),
+        "llama_moespac_slots_assign": (c.c_int32, [c.c_void_p, c.c_int32, c.c_int32, c.c_int32, c.c_int32]),
+        "llama_moespac_slots_evict": (c.c_int32, [c.c_void_p, c.c_int32, c.c_int32]),
+        "llama_moespac_slots_slot_of": (c.c_int32, [c.c_void_p, c.c_int32, c.c_int32]),
+        "llama_moespac_slots_expert_in": (c.c_int32, [c.c_void_p, c.c_int32, c.c_int32]),
+        "llama_moespac_slots_copied_bytes": (c.c_int64, [c.c_void_p]),
+        "llama_moespac_slots_graph_layers": (c.c_int32, [c.c_void_p]),
+        "llama_moespac_slots_last_error": (c.c_char_p, [c.c_void_p]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)

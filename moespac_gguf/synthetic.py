@@ -53,6 +53,8 @@ _EXPERT_DTYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    # Q4_0: on AVX2 llama.cpp repacks these into its CPU_REPACK buffer type (another kernel path)
+    "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 _Q8_BLOCK = 32
 _N_CTX_TRAIN = 2048
@@ -144,8 +146,8 @@ def _validate(s: SyntheticSpec) -> None:
         raise MoespacError(f"n_head ({s.n_head}) must be a multiple of n_head_kv ({s.n_head_kv})")
     if s.expert_dtype not in _EXPERT_DTYPES:
         raise MoespacError(f"expert dtype must be one of {', '.join(_EXPERT_DTYPES)}, got {s.expert_dtype!r}")
-    if s.expert_dtype == "Q8_0" and (s.n_embd % _Q8_BLOCK or s.n_ff_exp % _Q8_BLOCK):
-        raise MoespacError(f"Q8_0 experts need n_embd and the expert width to be multiples of {_Q8_BLOCK}")
+    if s.expert_dtype in ("Q8_0", "Q4_0") and (s.n_embd % _Q8_BLOCK or s.n_ff_exp % _Q8_BLOCK):
+        raise MoespacError(f"{s.expert_dtype} experts need n_embd and the expert width to be multiples of {_Q8_BLOCK}")
     lo, hi, _ = a.shared
     if s.n_expert and not lo <= s.shared_experts <= hi:
         raise MoespacError(f"arch {s.arch} takes {lo}..{hi} shared experts, got {s.shared_experts}")

@@ -37,6 +37,24 @@ def test_bench_json_all_contenders(tiny_moe, tmp_path):
     assert _our_groups() == before, "a benchmark cgroup was left behind"
 
 
+def test_bench_slots_contender_same_output(tiny_moe, tmp_path):
+    """moespac+slots (opt-in): host-RAM expert slots filled by the utility, same greedy output."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["hello there"]}\n{"turns": ["the quick brown fox"]}\n')
+    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", str(tiny_moe(TARGET)),
+                        "-md", str(tiny_moe(DRAFT)), "--mem-cap", "1G", "--prompts", str(prompts),
+                        "--limit", "2", "-n", "8", "--json", "--contenders", "llama.cpp,moespac+slots"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [x["name"] for x in d["results"]] == ["llama.cpp", "moespac+slots"]
+    x = d["results"][1]
+    assert "error" not in x, x
+    assert x["same_output"] is True and "engine" in x
+    slots = x["slots"]
+    assert slots["slots_per_layer"] >= 1 and slots["buffer_bytes"] > 0 and slots["copied_bytes"] > 0
+
+
 def test_cap_really_limits_a_child(tmp_path):
     """A child that allocates beyond the cap is killed by the kernel, not allowed through."""
     with MemoryCap(64 << 20, "probe") as cap:
@@ -50,6 +68,10 @@ def test_bench_errors_are_one_line(tiny_moe, tmp_path):
     cases = [(["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G"], "need a draft model"),
              (["-m", str(tmp_path / "x.gguf"), "--mem-cap", "1G"], "no such file"),
              (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "vllm"], "unknown contender"),
+             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp", "--slot-fraction", "2"],
+              "--slot-fraction must be between 0 and 1"),
+             (["-m", str(tiny_moe(TARGET)), "-md", str(tiny_moe(DRAFT)), "--mem-cap", "0",
+               "--contenders", "moespac+slots"], "needs a memory cap"),
              (["-m", str(tiny_moe(TARGET)), "--mem-cap", "lots"], None)]
     for args, msg in cases:
         r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", *args], capture_output=True, text=True)

@@ -8,7 +8,7 @@ import pytest
 from moespac_gguf.errors import MoespacError
 from moespac_gguf.synthetic import SUPPORTED_ARCHS, SyntheticSpec, main, vocab, write_synthetic_moe
 
-DTYPES = ("F32", "F16", "Q8_0")
+DTYPES = ("F32", "F16", "Q8_0", "Q4_0")
 DENSE_ARCHS = ("llama", "granitemoe", "deepseek2")
 ALL_MOE = [(arch, dtype) for arch in SUPPORTED_ARCHS for dtype in DTYPES]
 

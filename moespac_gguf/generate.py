@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from . import pages
 from .engine import ResidencyController
 from .errors import MoespacError
 from .gate import LookaheadGate
@@ -64,17 +65,9 @@ class TextStream:
         return s
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
     """Bytes left for expert weights once everything else that must stay in memory is counted."""
-    runtime = _rss_anon()
+    runtime = pages.status_bytes("RssAnon")
     margin = (16 << 20) + mem_budget // 50  # allocator slack
     left = mem_budget - layout.other_bytes - draft_bytes - runtime - margin
     # experts are paged in layer by layer: the floor is one layer's top-k experts

@@ -100,6 +100,15 @@ def munlock(addr: int, length: int) -> None:
     _libc.munlock(lo, n)
 
 
+def status_bytes(key: str) -> int:
+    """A memory line of /proc/self/status in bytes (e.g. "RssAnon", "VmRSS", "VmLck"); 0 if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def resident_fraction(addr: int, length: int) -> float:
     """Share of the pages of [addr, addr+length) in RAM (mincore)."""
     lo, n = _page_span(addr, length)

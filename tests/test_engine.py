@@ -117,8 +117,7 @@ def test_mincore_sees_pageout(loaded):
 
 
 def _locked_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmLck:"))
+    return pages.status_bytes("VmLck")
 
 
 def _page_out_each(em: ExpertMap) -> np.ndarray:

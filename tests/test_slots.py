@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from moespac_gguf import pages
 from moespac_gguf.errors import MoespacError
 from moespac_gguf.native import llama_cpp
 from moespac_gguf.session import Session
@@ -255,11 +256,7 @@ def test_copy_into_a_slot_the_running_graph_reads_is_refused(tiny_moe):
 # -- stress ------------------------------------------------------------------------
 
 def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return pages.status_bytes("VmRSS")
 
 
 def test_stress_1000_decodes_with_remaps_and_copies(tiny_moe):

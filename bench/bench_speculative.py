@@ -13,6 +13,7 @@ Prints a markdown table and writes bench/results/speculative.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -26,22 +27,11 @@ from moespac_gguf.generate import MoeSpac
 from moespac_gguf.models import model_path
 from moespac_gguf.paths import SHARED_DIR
 from moespac_gguf.record import load_prompts
+from moespac_gguf.speculative import DecodeStats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
 CONTENDERS = [("no draft", None), ("dense draft (smollm2)", "smollm2"), ("truncated draft (smollm2-trunc)", "smollm2-trunc")]
-
-
-def totals(stats: list[dict]) -> dict:
-    """Pool per-prompt stats into one row (token-weighted, not a mean of rates)."""
-    s = {k: sum(x[k] for x in stats) for k in ("n_tokens", "n_steps", "t_total_s", "t_prompt_s", "t_draft_s", "t_verify_s")}
-    drafted = sum(x["n_drafted"] for x in stats)
-    accepted = sum(x["n_accepted"] for x in stats)
-    decode_s = s["t_total_s"] - s["t_prompt_s"]
-    return {**s, "n_drafted": drafted, "n_accepted": accepted,
-            "tokens_per_s": s["n_tokens"] / decode_s if decode_s > 0 else 0.0,
-            "acceptance_rate": accepted / drafted if drafted else None,
-            "mean_accepted_len": s["n_tokens"] / s["n_steps"] if s["n_steps"] else 0.0}
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -76,6 +66,7 @@ def main(argv=None) -> int:
                              draft_max=args.draft_max, adaptive_draft=args.adaptive))
               for name, d in CONTENDERS]
     per = {name: [] for name, _ in CONTENDERS}
+    stats = {name: [] for name, _ in CONTENDERS}
     identical = {name: True for name, _ in CONTENDERS}
     try:
         for row in tqdm(prompts, desc="prompts", file=sys.stderr):
@@ -86,14 +77,15 @@ def main(argv=None) -> int:
                 tokens = list(m.completion_tokens)
                 reference = tokens if reference is None else reference
                 identical[name] &= tokens == reference
-                per[name].append({**m.stats.as_dict(), "n_drafted": m.stats.n_drafted,
-                                  "n_accepted": m.stats.n_accepted, "question_id": row["question_id"],
+                stats[name].append(dataclasses.replace(m.stats))
+                per[name].append({**m.stats.as_dict(), "question_id": row["question_id"],
                                   "category": row["category"], "identical": tokens == reference})
     finally:
         for _, m in models:
             m.close()
 
-    rows = [{"name": name, **totals(per[name]), "identical": identical[name]} for name, _ in CONTENDERS]
+    rows = [{"name": name, **DecodeStats.pooled(stats[name]).as_dict(), "identical": identical[name]}
+            for name, _ in CONTENDERS]
     table = markdown(rows, args)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -190,7 +190,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--draft-max", type=int, default=8)
     p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
-                   help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate)")
+                   help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots)")
     p.add_argument("--gate", help="lookahead-gate sidecar for the moespac+gate contender")
     p.add_argument("--slot-fraction", type=float, default=SLOT_FRACTION,
                    help="moespac+slots: share of the expert budget held in host-RAM expert slots")

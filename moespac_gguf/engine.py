@@ -207,37 +207,48 @@ class ResidencyEngine:
 
     def _fetch(self, ix: tuple[int, int]) -> bool:
         t = time.perf_counter()
-        for off, n in self.map.ranges[ix]:
-            addr = self.map.mapping.address(off)
-            pages.madvise(addr, n, pages.MADV_WILLNEED)  # large async reads, then wait for them:
-            if self.pin:
-                try:
-                    pages.mlock(addr, n)
-                except OSError:
-                    for o, k in self.map.ranges[ix]:
-                        pages.munlock(self.map.mapping.address(o), k)
-                    return False
-                continue
-            if self._populate:
-                try:
-                    pages.madvise(addr, n, pages.MADV_POPULATE_READ)
-                    continue
-                except OSError:
-                    self._populate = False
-            os.pread(self.fd, n, off)  # into the page cache; the decode thread maps it on use
+        if self.pin:
+            if not pages.mlock_ranges([(self.map.mapping.address(off), n) for off, n in self.map.ranges[ix]]):
+                return False
+        else:
+            for off, n in self.map.ranges[ix]:
+                addr = self.map.mapping.address(off)
+                pages.madvise(addr, n, pages.MADV_WILLNEED)  # large async reads, then wait for them:
+                if self._populate:
+                    try:
+                        pages.madvise(addr, n, pages.MADV_POPULATE_READ)
+                        continue
+                    except OSError:
+                        self._populate = False
+                os.pread(self.fd, n, off)  # into the page cache; the decode thread maps it on use
         self.stats.io_s += time.perf_counter() - t
         self.resident[ix] = True
         self.stats.prefetches += 1
         self.stats.prefetched_bytes += int(self.map.bytes[ix])
         return True
 
+    def release(self, ix: tuple[int, int]) -> None:
+        """An expert now served from elsewhere (a slot copy): give its file pages back, best
+        effort (PAGEOUT refuses a range that shares a page with a locked neighbour)."""
+        self._page_out(ix, unlock=self.pin and bool(self.resident[ix]), best_effort=True)
+        self.resident[ix] = False
+
+    def _page_out(self, ix: tuple[int, int], unlock: bool, best_effort: bool = False) -> None:
+        for off, n in self.map.ranges[ix]:
+            addr = self.map.mapping.address(off)
+            try:
+                if unlock:
+                    pages.munlock(addr, n)
+                pages.madvise(addr, n, pages.MADV_PAGEOUT)
+            except OSError:
+                if not best_effort:
+                    raise
+
     def _evict(self, ix: tuple[int, int]) -> None:
         # PAGEOUT reclaims the pages mapped here; fadvise drops what is cached
         # but unmapped (demand-paged and never touched, or the pread fallback).
+        self._page_out(ix, unlock=self.pin)
         for off, n in self.map.ranges[ix]:
-            if self.pin:
-                pages.munlock(self.map.mapping.address(off), n)
-            pages.madvise(self.map.mapping.address(off), n, pages.MADV_PAGEOUT)
             os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         self.resident[ix] = False
         self.stats.evictions += 1
@@ -264,17 +275,7 @@ def _lock_all(ranges: list[tuple[int, int]]) -> bool:
             resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
         except (ValueError, OSError):
             return False
-    done = []
-    try:
-        for addr, n in ranges:
-            pages.madvise(addr, n, pages.MADV_WILLNEED)
-            pages.mlock(addr, n)
-            done.append((addr, n))
-    except OSError:
-        for addr, n in done:
-            pages.munlock(addr, n)
-        return False
-    return True
+    return pages.mlock_ranges(ranges)
 
 
 @dataclass

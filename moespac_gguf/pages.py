@@ -100,6 +100,22 @@ def munlock(addr: int, length: int) -> None:
     _libc.munlock(lo, n)
 
 
+def mlock_ranges(ranges: list[tuple[int, int]]) -> bool:
+    """Read in (MADV_WILLNEED: large requests) and lock every (address, length), or none of them:
+    False, with nothing left locked, when the kernel refuses one."""
+    done = []
+    try:
+        for addr, n in ranges:
+            madvise(addr, n, MADV_WILLNEED)
+            mlock(addr, n)
+            done.append((addr, n))
+    except OSError:
+        for addr, n in done:
+            munlock(addr, n)
+        return False
+    return True
+
+
 def status_bytes(key: str) -> int:
     """A memory line of /proc/self/status in bytes (e.g. "RssAnon", "VmRSS", "VmLck"); 0 if absent."""
     with open("/proc/self/status") as f:

@@ -198,22 +198,11 @@ class SlotFiller:
         return filler
 
     def _commit(self) -> None:
-        from . import pages
-        engine = self.residency.engine
         for layer, e, slot in self.pending:
             self.cache.assign(layer, e, slot)  # waits for its copy
             self.in_slot[layer, e] = True
             # the copy read the expert's file pages; the slot holds it now: give them back
-            pinned = getattr(engine, "pin", False) and engine.resident[layer, e]
-            for off, n in engine.map.ranges[layer, e]:
-                addr = engine.map.mapping.address(off)
-                try:
-                    if pinned:
-                        pages.munlock(addr, n)  # the pinned engine had locked it
-                    pages.madvise(addr, n, pages.MADV_PAGEOUT)
-                except OSError:
-                    pass  # best effort: the kernel may still hold (or lock) these pages
-            engine.resident[layer, e] = False
+            self.residency.engine.release((layer, e))
         self.pending = []
 
     def on_draft(self, draft: list[int]) -> None:

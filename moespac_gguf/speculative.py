@@ -116,8 +116,16 @@ class DecodeStats:
         """Tokens committed per verification step (accepted drafts + the target's own)."""
         return self.n_generated / self.n_steps if self.n_steps else 0.0
 
+    @classmethod
+    def pooled(cls, parts: list["DecodeStats"]) -> "DecodeStats":
+        """Several calls as one (counts and times summed: rates weighted by tokens, not averaged)."""
+        return cls(**{f: sum(getattr(p, f) for p in parts) for f in
+                      ("n_prompt", "n_generated", "n_steps", "n_drafted", "n_accepted",
+                       "t_prompt", "t_draft", "t_verify", "t_total")})
+
     def as_dict(self) -> dict:
         return {"n_prompt": self.n_prompt, "n_tokens": self.n_generated, "n_steps": self.n_steps,
+                "n_drafted": self.n_drafted, "n_accepted": self.n_accepted,
                 "tokens_per_s": self.tokens_per_s, "acceptance_rate": self.acceptance_rate,
                 "mean_accepted_len": self.mean_accepted_len, "t_prompt_s": self.t_prompt,
                 "t_draft_s": self.t_draft, "t_verify_s": self.t_verify, "t_total_s": self.t_total,

@@ -75,15 +75,18 @@ class ExpertMap:
         self.mapping = pages.find_mapping(layout.path)
 
     def other_ranges(self) -> list[tuple[int, int]]:
-        """(file offset, length) of everything but expert tensors: header, attention, norms, embeddings."""
+        """(file offset, length) of everything llama.cpp mapped but expert tensors: attention,
+        norms, embeddings. The mapping starts at a page offset, not at 0 (the header before it is
+        not mapped: advising or locking there fails with ENOMEM, or hits a neighbouring mapping)."""
+        m = self.mapping
         spans = sorted((t.offset, t.nbytes) for layer in self.layout.layers for t in layer.tensors.values())
-        out, pos = [], 0
+        out, pos, end = [], m.offset, min(self.layout.file_bytes, m.offset + m.end - m.start)
         for off, n in spans:
             if off > pos:
-                out.append((pos, off - pos))
+                out.append((pos, min(off, end) - pos))
             pos = max(pos, off + n)
-        if pos < self.layout.file_bytes:
-            out.append((pos, self.layout.file_bytes - pos))
+        if pos < end:
+            out.append((pos, end - pos))
         return out
 
     def resident(self) -> np.ndarray:

@@ -200,3 +200,22 @@ def test_hint_reads_ahead_without_holding(loaded):
         assert _locked_bytes() == base and eng.resident.sum() == 1
     finally:
         eng.close()
+
+
+def test_other_ranges_lie_inside_the_mapping_and_miss_every_expert(loaded):
+    """The fixed weights the pinned engine locks: inside llama.cpp's mapping (which starts past the
+    header), disjoint from every expert's bytes, and together with them the whole mapping."""
+    layout, _ = loaded
+    em = ExpertMap(layout)
+    m = em.mapping
+    lo, hi = m.offset, min(layout.file_bytes, m.offset + m.end - m.start)
+    other = em.other_ranges()
+    assert other and all(lo <= off and off + n <= hi for off, n in other)
+    experts = [r for rs in em.ranges.values() for r in rs]
+    covered = sorted(other + experts)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(covered, covered[1:])), "overlap"
+    assert covered[0][0] == lo and covered[-1][0] + covered[-1][1] == hi
+    assert sum(n for _, n in covered) == hi - lo
+    assert pages.mlock_ranges([(m.address(off), n) for off, n in other])
+    for off, n in other:
+        pages.munlock(m.address(off), n)

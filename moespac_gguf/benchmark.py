@@ -29,8 +29,10 @@ from pathlib import Path
 
 from .errors import MoespacError
 from .memcap import MemoryCap
-from .pages import drop_file_cache, file_cached_fraction, mapped_by_others
+from .pages import drop_file_cache, file_cached_fraction, mapped_by_others, status_bytes
 from .paths import REPO_ROOT, SHARED_DIR
+from .record import format_prompt, load_prompts
+from .speculative import DecodeStats
 from .units import format_size, parse_size
 
 CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac", "moespac+gate", "moespac+slots")
@@ -41,21 +43,6 @@ SLOT_FRACTION = 0.5  # default share of the expert budget given to slots (moespa
 DEFAULT_PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
 
 
-def load_prompts(path: str | Path, limit: int) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise MoespacError(f"no such prompt file: {path}")
-    prompts = []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            prompts.append(row["turns"][0] if "turns" in row else row.get("prompt", row.get("text", "")))
-    if not prompts:
-        raise MoespacError(f"{path} holds no prompts")
-    step = max(1, len(prompts) // limit)  # spread over the categories
-    return prompts[::step][:limit]
-
-
 def _io_counters() -> tuple[int, int]:
     read_bytes = 0
     with open("/proc/self/io") as f:
@@ -63,6 +50,24 @@ def _io_counters() -> tuple[int, int]:
             if line.startswith("read_bytes:"):
                 read_bytes = int(line.split()[1])
     return read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+class PrefillMeter:
+    """Speculative-loop observer: the bytes each prompt's prefill read (its own phase: a prefill
+    batch routes to nearly every expert, so it would hide the decode's residency behaviour)."""
+
+    def __init__(self):
+        self.bytes_read = 0
+        self._start = _io_counters()[0]
+
+    def on_draft(self, draft) -> None:
+        pass
+
+    def on_verify(self, event) -> None:
+        now = _io_counters()[0]
+        if event.phase == "prefill":
+            self.bytes_read += now - self._start
+        self._start = now
 
 
 def run_contender(name: str, args) -> dict:
@@ -84,21 +89,30 @@ def run_contender(name: str, args) -> dict:
     if name == "llama.cpp+random":
         mp = find_mapping(args.model)
         madvise(mp.start, mp.end - mp.start, MADV_RANDOM)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, select="spread")
+    meter = PrefillMeter()
+    m.decoder.subscribe(meter)
     read0, faults0 = _io_counters()
-    outputs, n_tokens, drafted, accepted = [], 0, 0, 0
+    outputs, n_tokens, stats = [], 0, []
     t0 = time.perf_counter()
-    for p in prompts:
-        out = m.create_completion(p, max_tokens=args.n_predict)
+    for row in prompts:  # as `moespac trace --select spread` records them: its trace replays this run
+        m.create_completion(format_prompt(m.target, row["text"]), max_tokens=args.n_predict)
         outputs.append(m.completion_tokens)
         n_tokens += len(m.completion_tokens)
-        drafted += m.stats.n_drafted
-        accepted += m.stats.n_accepted
+        stats.append(m.stats)
     elapsed = time.perf_counter() - t0
     read1, faults1 = _io_counters()
+    pooled = DecodeStats.pooled(stats)
     result = {"name": name, "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
               "bytes_read": read1 - read0, "major_faults": faults1 - faults0,
-              "acceptance_rate": accepted / drafted if drafted else None, "outputs": outputs}
+              "acceptance_rate": pooled.acceptance_rate, "outputs": outputs,
+              "rss_anon_bytes": status_bytes("RssAnon"),  # not page cache: what the cap leaves the model
+              # the same run without its prompt prefills (every prefill reads most experts once)
+              "decode": {"tokens_per_s": pooled.tokens_per_s, "bytes_read": read1 - read0 - meter.bytes_read,
+                         "seconds": pooled.t_total - pooled.t_prompt, "n_steps": pooled.n_steps,
+                         "n_drafted": pooled.n_drafted, "draft_s": pooled.t_draft, "verify_s": pooled.t_verify,
+                         "n_prompt": pooled.n_prompt, "prefill_s": pooled.t_prompt,
+                         "prefill_bytes_read": meter.bytes_read}}
     if m.residency is not None:
         st = m.residency.engine.stats
         result["engine"] = {"prefetched_bytes": st.prefetched_bytes, "evicted_bytes": st.evicted_bytes,
@@ -153,27 +167,33 @@ def run_capped(name: str, args) -> dict:
 
 
 def markdown(results: list[dict], args) -> str:
+    """The report's rows as a table (rows carry `same_output`, not the outputs)."""
     base = {r["name"]: r for r in results if "error" not in r}
-    ref = base.get("llama.cpp") or base.get("llama.cpp+random")
     lines = [f"model `{Path(args.model).name}` ({format_size(os.path.getsize(args.model))}), draft "
              f"`{Path(args.model_draft).name if args.model_draft else '-'}`, "
              f"cap {format_size(args.mem_cap) if args.mem_cap else 'none'}, "
-             f"{args.limit} prompts x {args.n_predict} tokens",
+             f"{args.limit} prompts x {args.n_predict} tokens; decode: the same run without the prompt prefills",
              "",
-             "| contender | tok/s | vs llama.cpp+random | vs llama.cpp+sd | bytes read | vs +random | major faults | acceptance | same output |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+             "| contender | tok/s | vs llama.cpp+random | vs llama.cpp+sd | bytes read | vs +random | decode tok/s "
+             "| decode MiB/token | vs +random | major faults | acceptance | same output |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    measures = {"tok/s": lambda r: r["tokens_per_s"], "bytes": lambda r: r["bytes_read"],
+                "decode": lambda r: r["decode"]["bytes_read"] / r["n_tokens"]}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} |||||||| ")
+            lines.append(f"| {r['name']} | error: {r['error']} |||||||||||")
             continue
-        def ratio(key, other):
-            o = base.get(other)
-            return f"{r[key] / o[key]:.2f}x" if o and o[key] else "-"
+
+        def ratio(measure, other):
+            o, f = base.get(other), measures[measure]
+            return f"{f(r) / f(o):.2f}x" if o and f(o) else "-"
         acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
-        same = "-" if ref is None else ("yes" if r["outputs"] == ref["outputs"] else "NO")
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.2f} | {ratio('tokens_per_s', 'llama.cpp+random')} | "
-                     f"{ratio('tokens_per_s', 'llama.cpp+sd')} | {format_size(r['bytes_read'])} | "
-                     f"{ratio('bytes_read', 'llama.cpp+random')} | {r['major_faults']} | {acc} | {same} |")
+        same = {True: "yes", False: "NO"}.get(r.get("same_output"), "-")
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.2f} | {ratio('tok/s', 'llama.cpp+random')} | "
+                     f"{ratio('tok/s', 'llama.cpp+sd')} | {format_size(r['bytes_read'])} | "
+                     f"{ratio('bytes', 'llama.cpp+random')} | {r['decode']['tokens_per_s']:.2f} | "
+                     f"{measures['decode'](r) / 2**20:.1f} | {ratio('decode', 'llama.cpp+random')} | "
+                     f"{r['major_faults']} | {acc} | {same} |")
     return "\n".join(lines)
 
 
@@ -216,7 +236,7 @@ def main(argv: list[str]) -> int:
         raise MoespacError(f"--slot-fraction must be between 0 and 1, got {args.slot_fraction}")
     if "moespac+slots" in names and not args.mem_cap:
         raise MoespacError("moespac+slots needs a memory cap (--mem-cap): it sizes the slots")
-    load_prompts(args.prompts, args.limit)  # fail early on a bad prompt file
+    load_prompts(args.prompts, args.limit, select="spread")  # fail early on a bad prompt file
     results = []
     for f in filter(None, (args.model, args.model_draft)):
         pids = mapped_by_others(f)
@@ -240,8 +260,8 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-        Path(args.out).with_suffix(".md").write_text(markdown(results, args) + "\n")
-    print(json.dumps(report) if args.json else markdown(results, args))
+        Path(args.out).with_suffix(".md").write_text(markdown(report["results"], args) + "\n")
+    print(json.dumps(report) if args.json else markdown(report["results"], args))
     return 0
 
 

@@ -81,6 +81,18 @@ def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
     return left
 
 
+def chat_tokens(session, messages: list[dict]) -> list[int] | None:
+    """Token ids of `messages` rendered by the model's chat template (None: it has none)."""
+    template = session.chat_template()
+    if not template:
+        return None
+    bos = session.token_bytes(session.bos, special=True).decode("utf-8", errors="replace")
+    eos_id = int(session.metadata("tokenizer.ggml.eos_token_id") or -1)
+    eos = session.token_bytes(eos_id, special=True).decode("utf-8", errors="replace") if eos_id >= 0 else ""
+    text = render_chat(template, messages, bos, eos)
+    return session.tokenize(text, add_special=not (bos and text.startswith(bos)))
+
+
 def render_chat(template: str, messages: list[dict], bos: str, eos: str) -> str:
     """Render a GGUF chat template (Jinja2, as in Hugging Face tokenizers)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -193,14 +205,10 @@ class MoeSpac:
                 "usage": self._usage(tokens), "moespac": self.stats.as_dict()}
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        template = self.target.chat_template()
-        if not template:
+        tokens = chat_tokens(self.target, messages)
+        if tokens is None:
             raise MoespacError(f"{Path(self.model_path).name} has no chat template (tokenizer.chat_template)")
-        bos = self.target.token_bytes(self.target.bos, special=True).decode("utf-8", errors="replace")
-        eos_id = int(self.target.metadata("tokenizer.ggml.eos_token_id") or -1)
-        eos = self.target.token_bytes(eos_id, special=True).decode("utf-8", errors="replace") if eos_id >= 0 else ""
-        text = render_chat(template, messages, bos, eos)
-        return self.tokenize(text, add_bos=not (bos and text.startswith(bos)))
+        return tokens
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0,
                                top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,

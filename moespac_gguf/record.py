@@ -61,16 +61,10 @@ def load_prompts(path: str | Path, limit: int | None = None, select: str = "firs
 
 def format_prompt(session, text: str) -> list[int]:
     """Token ids of `text` as one user turn of the model's chat template (raw text without one)."""
-    from .generate import render_chat
+    from .generate import chat_tokens
 
-    template = session.chat_template()
-    if not template:
-        return session.tokenize(text)
-    bos = session.token_bytes(session.bos, special=True).decode("utf-8", errors="replace")
-    eos_id = int(session.metadata("tokenizer.ggml.eos_token_id") or -1)
-    eos = session.token_bytes(eos_id, special=True).decode("utf-8", errors="replace") if eos_id >= 0 else ""
-    rendered = render_chat(template, [{"role": "user", "content": text}], bos, eos)
-    return session.tokenize(rendered, add_special=not (bos and rendered.startswith(bos)))
+    tokens = chat_tokens(session, [{"role": "user", "content": text}])
+    return session.tokenize(text) if tokens is None else tokens
 
 
 def record(model: str | Path, prompts: list[dict], n_tokens: int, n_ctx: int = 2048,

@@ -34,6 +34,12 @@ def test_bench_json_all_contenders(tiny_moe, tmp_path):
         assert 0 < x["peak_bytes"] <= 1 << 30
     assert d["results"][0]["acceptance_rate"] is None and d["results"][3]["acceptance_rate"] is not None
     assert "engine" in d["results"][3]
+    for x in d["results"]:  # the decode phase metered apart from the prefills
+        dec = x["decode"]
+        assert 0 <= dec["prefill_bytes_read"] <= x["bytes_read"]
+        assert dec["seconds"] + dec["prefill_s"] <= x["seconds"] and dec["tokens_per_s"] >= x["tokens_per_s"]
+        assert dec["n_steps"] > 0 and x["rss_anon_bytes"] > 0
+    assert d["results"][0]["decode"]["n_drafted"] == 0 < d["results"][3]["decode"]["n_drafted"]
     assert _our_groups() == before, "a benchmark cgroup was left behind"
 
 

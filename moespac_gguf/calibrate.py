@@ -1,44 +1,40 @@
 """`moespac calibrate`: measure this machine's costs for the balancer and the simulator.
 
-Saves CALIBRATION_PATH (JSON): flash_read_bps (cold sequential reads of the
-model file), page_in_latency_s (cold random 4 KiB reads), memcpy_bps and mem_bps
-(numpy copy / sum of a large array), mem_bytes (RAM), and from decodes with the
-model cached: the marginal cost of one more token in a batch (9 tokens vs 1)
-divided by the expert matmuls a token runs, cpu_s_per_token_expert (an upper
-bound: it includes attention), the rest of a one-token step, step_overhead_s,
-and with -md the draft's time per token, draft_s_per_token.
+Saves CALIBRATION_PATH (JSON): flash_read_bps (cold reads of the model file the
+way the engine fetches experts), fault_s_per_page (cold 4 KiB faults in order on
+a MADV_RANDOM mapping, llama.cpp+random's way), both measured inside a small
+memory cgroup with --under-pressure (what runs under a memory cap pay);
+page_in_latency_s (cold random 4 KiB reads), memcpy_bps and mem_bps (numpy copy /
+sum of a large array), mem_bytes (RAM), and from decodes with the model cached:
+the marginal cost of one more token in a batch (9 tokens vs 1) divided by the
+expert matmuls a token runs, cpu_s_per_token_expert (an upper bound: it includes
+attention), the rest of a one-token step, step_overhead_s, and with -md the
+draft's time per token, draft_s_per_token.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
 import psutil
 
+from . import pages
+from .errors import MoespacError
 from .layout import read_layout
+from .memcap import MemoryCap
 from .pages import drop_file_cache
 from .paths import CALIBRATION_PATH
 from .units import format_size
 
-
-def flash_read_bps(path: str, total: int = 256 << 20, block: int = 4 << 20) -> float:
-    drop_file_cache(path)
-    size = os.path.getsize(path)
-    total = min(total, size)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t = time.perf_counter()
-        done = 0
-        while done < total:
-            done += len(os.pread(fd, block, done))
-        return done / (time.perf_counter() - t)
-    finally:
-        os.close(fd)
+PRESSURE_CAP = 128 << 20  # the child's cgroup: a third of what each measurement reads
 
 
 def page_in_latency_s(path: str, n: int = 200) -> float:
@@ -54,6 +50,66 @@ def page_in_latency_s(path: str, n: int = 200) -> float:
         return (time.perf_counter() - t) / n
     finally:
         os.close(fd)
+
+
+def _cold_window(path: str, total: int, which: int) -> tuple[int, int]:
+    """(offset, length) of window `which` (0 or 1) of the file: disjoint, page-aligned, each at most
+    a third of the file, so the second measurement does not find the first one's pages."""
+    size = os.path.getsize(path)
+    length = min(total, size // 3) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    offset = (size // 6 if which == 0 else size // 2) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    return offset, length
+
+
+def flash_read_bps(path: str, chunk: int, total: int = 384 << 20) -> float:
+    """Cold reads through a mapping of the file the way the engine fetches an expert: MADV_WILLNEED
+    then MADV_POPULATE_READ on each `chunk` (one expert's bytes), in order."""
+    offset, length = _cold_window(path, total, 0)
+    drop_file_cache(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset):
+        start = pages.find_mapping(path).start
+        t = time.perf_counter()
+        for pos in range(0, length, chunk):
+            n = min(chunk, length - pos)
+            pages.madvise(start + pos, n, pages.MADV_WILLNEED)
+            pages.madvise(start + pos, n, pages.MADV_POPULATE_READ)
+        return length / (time.perf_counter() - t)
+
+
+def fault_s_per_page(path: str, total: int = 384 << 20) -> float:
+    """Seconds per 4 KiB page fault on a cold MADV_RANDOM mapping of the file, touched in order:
+    how llama.cpp+random (and any mmap without read-ahead) pages a missing expert in."""
+    offset, length = _cold_window(path, total, 1)
+    drop_file_cache(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset) as m:
+        m.madvise(mmap.MADV_RANDOM)
+        touch = np.frombuffer(m, dtype=np.uint8)[::mmap.PAGESIZE]
+        t = time.perf_counter()
+        int(touch.sum())  # one read per page, in order: one fault each
+        elapsed = time.perf_counter() - t
+        del touch
+    return elapsed / (length // mmap.PAGESIZE)
+
+
+def read_costs(path: str, under_pressure: bool) -> dict:
+    """flash_read_bps and fault_s_per_page; `under_pressure`: measured in a child process inside a
+    memory cgroup much smaller than what it reads, so every page read first evicts another, as in
+    a run under `--mem-cap`/`--mem-budget` (reclaim, not the disk, can set the pace there)."""
+    chunk = int(read_layout(path).mean_bytes_per_expert)
+    if not under_pressure:
+        return _read_costs(path, chunk)
+    # the child must not parse the GGUF: its metadata (the vocabulary) alone would fill the cgroup
+    with MemoryCap(PRESSURE_CAP, "calibrate") as cap:
+        proc = subprocess.run([sys.executable, "-m", "moespac_gguf.calibrate", "--read-costs-child", str(chunk),
+                               "-m", path], capture_output=True, text=True, preexec_fn=cap.preexec)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise MoespacError(f"read costs under memory pressure failed: {tail}")
+    return {**json.loads(proc.stdout), "pressure_cap_bytes": PRESSURE_CAP}
+
+
+def _read_costs(path: str, chunk: int) -> dict:
+    return {"flash_read_bps": flash_read_bps(path, chunk), "fault_s_per_page": fault_s_per_page(path)}
 
 
 def memory_bps(n_bytes: int = 256 << 20) -> tuple[float, float]:
@@ -107,16 +163,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("-m", "--model", required=True, help="a GGUF MoE on the disk to measure")
     p.add_argument("-md", "--model-draft", help="draft GGUF: also measure its time per token")
     p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--under-pressure", action="store_true", help="measure the read costs inside a small memory "
+                   "cgroup (every read evicts a page first), as runs under --mem-cap/--mem-budget see them")
     p.add_argument("--out", default=str(CALIBRATION_PATH))
+    p.add_argument("--read-costs-child", type=int, help=argparse.SUPPRESS)  # its value: bytes per read
     args = p.parse_args(argv)
+    if args.read_costs_child:
+        print(json.dumps(_read_costs(args.model, args.read_costs_child)))
+        return 0
     read_layout(args.model)  # one-line errors for bad models
     copy, read = memory_bps()
     profile = {
-        "flash_read_bps": flash_read_bps(args.model),
+        **read_costs(args.model, args.under_pressure),
         "page_in_latency_s": page_in_latency_s(args.model),
         "memcpy_bps": copy,
         "mem_bps": read,
         "mem_bytes": psutil.virtual_memory().total,
+        # prefetches overlap compute only on a core the decode threads leave free
+        "io_overlap": 0.0 if (args.threads or os.cpu_count() or 1) >= (os.cpu_count() or 1) else 1.0,
         **decode_costs(args.model, threads=args.threads),
         "model": os.path.abspath(args.model),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -127,10 +191,16 @@ def main(argv: list[str]) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(profile, f, indent=1)
-    print(f"flash read     {format_size(profile['flash_read_bps'])}/s\n"
-          f"page-in        {profile['page_in_latency_s'] * 1e6:.0f} us per 4 KiB\n"
+    pressure = " (under memory pressure)" if args.under_pressure else ""
+    print(f"flash read     {format_size(profile['flash_read_bps'])}/s{pressure}\n"
+          f"page-in        {profile['page_in_latency_s'] * 1e6:.0f} us per random 4 KiB read, "
+          f"{profile['fault_s_per_page'] * 1e6:.0f} us per 4 KiB fault in order\n"
           f"memcpy         {format_size(copy)}/s\nmemory read    {format_size(read)}/s\n"
           f"expert matmul  {profile['cpu_s_per_token_expert'] * 1e6:.1f} us per token (upper bound)\n"
           f"step overhead  {profile['step_overhead_s'] * 1e3:.2f} ms\n"
           f"saved to {args.out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

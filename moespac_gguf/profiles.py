@@ -7,6 +7,7 @@ CACHE_DIR/calibration.json. A model can also be a GGUF file (its layout gives th
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from .plan import DeviceCosts
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CALIBRATION = CALIBRATION_PATH
+PAGE = 4096
+PAGING = ("bulk", "fault")
 CALIBRATION_KEYS = ("flash_read_bps", "memcpy_bps", "mem_bps", "cpu_s_per_token_expert", "page_in_latency_s")
 _DEVICE_KEYS = ("name", "mem_bytes", "mem_peak_bps", "decode_efficiency", "flash_read_bps", "page_in_latency_s",
                 "memcpy_bps", "step_overhead_s")
@@ -40,11 +43,24 @@ class Device:
     cpu_s_per_token_expert: float | None = None  # measured on `local`: decode time per expert use
     calibrated_model: str | None = None          # the GGUF `local` was measured on
     draft_token_s: float | None = None           # one pass of the draft model; None: step_overhead_s
+    fault_s_per_page: float | None = None        # one 4 KiB page fault in order; None: page_in_latency_s
+    io_overlap: float = 1.0                      # share of prefetch time hidden behind compute: 0 when
+                                                 # decode threads take every core (local, measured so)
 
     @property
     def draft_s(self) -> float:
         """Seconds of one drafted token: measured on `local` if given, else a tiny draft's overhead."""
         return self.step_overhead_s if self.draft_token_s is None else self.draft_token_s
+
+    def load_s(self, expert_bytes: float, paging: str = "bulk") -> float:
+        """Seconds to bring one expert in from the slow tier: in one read ("bulk": the engine's
+        prefetch, a slot copy) or by 4 KiB page faults ("fault": an mmap without read-ahead)."""
+        if paging == "bulk":
+            return expert_bytes / self.flash_read_bps + self.page_in_latency_s
+        if paging == "fault":
+            per_page = self.page_in_latency_s if self.fault_s_per_page is None else self.fault_s_per_page
+            return math.ceil(expert_bytes / PAGE) * per_page
+        raise MoespacError(f"unknown paging {paging!r} (choose from {', '.join(PAGING)})")
 
     def pass_s(self, needed, expert_bytes: float, other_bytes: float):
         """Seconds of a forward pass using `needed` distinct experts, all resident: the weights streamed
@@ -124,8 +140,8 @@ def _read_toml(kind: str, name: str, required: tuple[str, ...]) -> dict:
 
 def _local_device(path: Path) -> Device:
     """This machine, as measured by `moespac calibrate` (on the GGUF in its "model" key); optional keys
-    step_overhead_s (default 0), draft_s_per_token (default: step_overhead_s) and mem_bytes (default:
-    physical RAM)."""
+    step_overhead_s (default 0), draft_s_per_token (default: step_overhead_s), fault_s_per_page
+    (default: page_in_latency_s), io_overlap (default 1) and mem_bytes (default: physical RAM)."""
     if not path.is_file():
         raise MoespacError(f"no calibration for device 'local' at {path}: run `moespac calibrate` first")
     try:
@@ -134,13 +150,15 @@ def _local_device(path: Path) -> Device:
         step = float(raw.get("step_overhead_s", 0.0))
         draft = float(raw.get("draft_s_per_token", step))
         mem = float(raw.get("mem_bytes", psutil.virtual_memory().total))
+        fault = float(raw["fault_s_per_page"]) if "fault_s_per_page" in raw else None
+        overlap = float(raw.get("io_overlap", 1.0))
     except (ValueError, TypeError, KeyError) as e:
         raise MoespacError(f"{path} is not a calibration profile with {', '.join(CALIBRATION_KEYS)} "
                            f"({type(e).__name__}: {e})") from None
     if min(values[key] for key in ("flash_read_bps", "memcpy_bps", "mem_bps")) <= 0:
         raise MoespacError(f"{path}: bandwidths must be positive")
     return Device("local", mem, values["mem_bps"], values["flash_read_bps"], values["page_in_latency_s"],
-                  values["memcpy_bps"], step, values["cpu_s_per_token_expert"], raw.get("model"), draft)
+                  values["memcpy_bps"], step, values["cpu_s_per_token_expert"], raw.get("model"), draft, fault, overlap)
 
 
 def _gguf_model(path: Path) -> ModelSpec:

@@ -1,23 +1,27 @@
 """Trace-driven simulator: replay routing through a residency policy on a modeled device.
 
 Windows. The decode tokens of each sequence are cut, in order, into verification windows: a window
-is the next a + 1 tokens, where a = min(K, accepted drafts) and each drafted token is accepted with
-probability A independently until the first rejection (a truncated geometric; numpy
-default_rng(seed)). K = 0 gives one token per window. Windows never span two sequences; the policy's
-state carries over. The drafted rows the target rejected are not in a trace, so their experts are
-not counted (optimistic for speculation). A window needs, per layer, the union of its tokens'
+produces the next a + 1 tokens, where a = min(K, accepted drafts) and each drafted token is accepted
+with probability A independently until the first rejection (a truncated geometric; numpy
+default_rng(seed)). K = 0 gives one token per window. The target verifies K + 1 rows whatever it
+accepts: the rows of the drafts it rejects are not in a trace, so the trace's next tokens stand in
+for them (a window feeds min(K + 1, tokens left in the sequence) rows). Windows never span two
+sequences; the policy's state carries over. A window needs, per layer, the union of its rows'
 experts; each needed (layer, expert) is one access: a hit if the policy serves it from fast memory,
-otherwise one miss, loaded once however many of the window's tokens use it.
+otherwise one miss, loaded once however many of the window's rows use it.
 
 Device model, per window (b = bytes of one expert, O = all other weights, n = needed experts):
     compute = (O + n b) / mem_bps + step_overhead_s   memory-bound decode: weights streamed once per pass
               (on `local`: n x the measured cpu_s_per_token_expert + step_overhead_s)
     draft   = K draft_s                                draft_s: step_overhead_s (a tiny draft) or measured
-    load    = b / flash_read_bps + page_in_latency_s   one expert from the slow tier
-    time    = compute + draft + misses x load + max(0, prefetches x load - compute - draft)
+    load    = b / flash_read_bps + page_in_latency_s   one expert from the slow tier in one read (paging "bulk")
+              b / 4 KiB x fault_s_per_page             or by 4 KiB page faults (paging "fault": mmap
+                                                       without read-ahead, llama.cpp's with MADV_RANDOM)
+    time    = compute + draft + misses x load + max(0, prefetches x load - io_overlap x (compute + draft))
 Misses stall the pass; prefetches (experts fetched before the window) overlap the draft and the
-compute, and only their excess stalls. tokens/s = tokens / total time; bytes moved = (misses +
-prefetches) x b. Free and reported apart: a policy's first resident set (its preload at model load)
+compute, and only their excess stalls — unless the decode threads take every core (io_overlap 0:
+`local` on this 2-core machine, where the kernel's paging work runs on the cores that compute).
+tokens/s = tokens / total time; bytes moved = (misses + prefetches) x b. Free and reported apart: a policy's first resident set (its preload at model load)
 and, with a profile trace, an uncounted warm-up pass over it (an earlier conversation), so that a
 short trace is not dominated by cold misses; without a profile every cache starts cold.
 """
@@ -33,7 +37,7 @@ import numpy as np
 from .errors import MoespacError
 from .policy import (POLICIES, Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Policy, Spac, Static,
                      StaticLayers, used_experts)
-from .profiles import Device, ModelSpec, load_device, load_model, names
+from .profiles import PAGING, Device, ModelSpec, load_device, load_model, names
 from .trace import RoutingTrace, import_mixtral_jsonl
 from .units import format_size, parse_size
 
@@ -58,8 +62,9 @@ class SimResult:
     device: str
     model: str
     quant: str
-    draft_k: int
+    draft_k: float
     acceptance: float
+    paging: str
     n_tokens: int
     n_windows: int
     capacity_experts: int
@@ -83,29 +88,34 @@ def load_trace(path) -> RoutingTrace:
     return decode
 
 
-def make_windows(trace: RoutingTrace, draft_k: int, acceptance: float, seed: int = 0) -> list[tuple[int, int]]:
-    """[start, end) token ranges of the verification windows (module docstring)."""
+def make_windows(trace: RoutingTrace, draft_k: float, acceptance: float, seed: int = 0) -> list[tuple[int, int, int]]:
+    """(start, end, fed) of each verification window: it produces tokens [start, end) and the target
+    computes rows [start, fed), end <= fed (module docstring). A fractional `draft_k` is a mean, as
+    adaptive drafting gives: each window drafts floor(K) or floor(K) + 1 tokens (the latter with
+    probability frac(K))."""
     if draft_k < 0 or not 0.0 <= acceptance <= 1.0:
         raise MoespacError(f"need --draft-k >= 0 and 0 <= --acceptance <= 1, got {draft_k} and {acceptance}")
     rng = np.random.default_rng(seed)
+    whole, frac = int(draft_k), draft_k - int(draft_k)
     breaks = np.flatnonzero((np.diff(trace.sequence) != 0) | (np.diff(trace.positions) != 1)) + 1
     windows = []
     for start, end in zip(np.r_[0, breaks], np.r_[breaks, trace.n_tokens]):
         while start < end:
-            accepted = draft_k if acceptance == 1.0 else min(draft_k, int(rng.geometric(1.0 - acceptance)) - 1)
-            windows.append((int(start), int(min(end, start + accepted + 1))))
+            k = whole + int(rng.random() < frac) if frac else whole
+            accepted = k if acceptance == 1.0 else min(k, int(rng.geometric(1.0 - acceptance)) - 1)
+            windows.append((int(start), int(min(end, start + accepted + 1)), int(min(end, start + k + 1))))
             start = windows[-1][1]
     return windows
 
 
-def warmup_of(profile: RoutingTrace | None, draft_k: int, acceptance: float, seed: int):
+def warmup_of(profile: RoutingTrace | None, draft_k: float, acceptance: float, seed: int):
     """The uncounted warm-up pass over a profile trace: (trace, windows), or None without one."""
     return None if profile is None else (profile, make_windows(profile, draft_k, acceptance, seed + 1))
 
 
 def window_needs(trace: RoutingTrace, windows) -> np.ndarray:
     """bool [W, L, E]: the experts each window uses (Belady's future)."""
-    return np.stack([used_experts(trace.experts[:, a:b], trace.n_expert) for a, b in windows])
+    return np.stack([used_experts(trace.experts[:, a:fed], trace.n_expert) for a, _, fed in windows])
 
 
 def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_bytes: float,
@@ -142,10 +152,10 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity) -> np
     """int [4, W]: tokens, needed, hits, prefetched per window; checks the policy never holds more
     than it may nor keeps an expert it neither wanted nor used (that would be a free load)."""
     counts = np.zeros((4, len(windows)), dtype=np.int64)
-    for w, (a, b) in enumerate(windows):
+    for w, (a, b, fed) in enumerate(windows):
         kept = policy.resident.copy()
-        tokens, experts = trace.tokens[a:b], trace.experts[:, a:b]
-        drafted = tokens[:-1]
+        tokens, experts = trace.tokens[a:fed], trace.experts[:, a:fed]
+        drafted = tokens[1:]  # the rows after the last committed token
         want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None)
         used = used_experts(experts, trace.n_expert)
         hits = policy.access(tokens, experts)
@@ -156,13 +166,14 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity) -> np
     return counts
 
 
-def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float, draft_k: int) -> dict:
+def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float, draft_k: float,
+           paging: str = "bulk") -> dict:
     """Modeled seconds and bytes (module docstring) summed over the windows."""
     compute = device.pass_s(rep.needed, expert_bytes, other_bytes)
     draft = draft_k * device.draft_s
-    load = expert_bytes / device.flash_read_bps + device.page_in_latency_s
+    load = device.load_s(expert_bytes, paging)
     misses = rep.needed - rep.hits
-    stall = misses * load + np.maximum(0.0, rep.prefetched * load - compute - draft)
+    stall = misses * load + np.maximum(0.0, rep.prefetched * load - device.io_overlap * (compute + draft))
     n_tokens = int(rep.tokens.sum())
     return {"hit_rate": float(rep.hits.sum() / max(1, rep.needed.sum())),
             "bytes_per_token": float((misses.sum() + rep.prefetched.sum()) * expert_bytes / n_tokens),
@@ -197,8 +208,8 @@ def check_shape(model: ModelSpec, trace: RoutingTrace, path) -> None:
 
 def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, model: ModelSpec,
              quant: str | None = None, cache_per_layer: int | None = None, mem_budget: float | None = None,
-             draft_k: int = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
-             seed: int = 0) -> SimResult:
+             draft_k: float = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
+             seed: int = 0, paging: str = "bulk") -> SimResult:
     """One policy on one device: the numbers `moespac sim` prints."""
     check_shape(model, trace, trace_name)
     if device.calibrated_model and Path(device.calibrated_model).name != model.name:
@@ -207,11 +218,12 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     quant, expert_b, other_b = model.sizes(quant)
     capacity, budget = capacity_for(model, other_b, expert_b, device, cache_per_layer, mem_budget)
     windows = make_windows(trace, draft_k, acceptance, seed)
+    device.load_s(expert_b, paging)  # one-line error for an unknown paging
     rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile), capacity,
                  warmup_of(profile, draft_k, acceptance, seed))
-    return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, trace.n_tokens,
-                     len(windows), capacity.total, cache_per_layer, budget,
-                     **timing(rep, device, expert_b, other_b, draft_k))
+    return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging,
+                     trace.n_tokens, len(windows), capacity.total, cache_per_layer, budget,
+                     **timing(rep, device, expert_b, other_b, draft_k, paging))
 
 
 def _default_model(trace: RoutingTrace, path: str) -> str:
@@ -234,9 +246,9 @@ def _profile(args) -> RoutingTrace | None:
 def _print(r: SimResult) -> None:
     room = (f"{r.cache_per_layer} experts/layer" if r.cache_per_layer is not None
             else f"{format_size(r.budget_bytes)} budget")
-    mode = f"K={r.draft_k}, A={r.acceptance}" if r.draft_k else "no speculation"
+    mode = f"K={r.draft_k:g}, A={r.acceptance}" if r.draft_k else "no speculation"
     print(f"{r.policy} on {r.device}: {r.model} {r.quant}, {room} ({r.capacity_experts} experts), "
-          f"{r.n_tokens} tokens in {r.n_windows} windows ({mode})")
+          f"{r.n_tokens} tokens in {r.n_windows} windows ({mode}; misses read {'by 4 KiB faults' if r.paging == 'fault' else 'in one read each'})")
     print(f"  hit rate         {r.hit_rate:.3f}")
     print(f"  moved per token  {format_size(r.bytes_per_token)} ({format_size(r.prefetch_bytes_per_token)} prefetched)")
     print(f"  stall per token  {r.stall_s_per_token * 1e3:.2f} ms")
@@ -254,8 +266,12 @@ def parser() -> argparse.ArgumentParser:
     room.add_argument("--cache-per-layer", type=int, help="experts held per layer")
     room.add_argument("--mem-budget", type=parse_size, help="fast memory for the model, e.g. 8G "
                       "(default: the device's memory)")
-    p.add_argument("--draft-k", type=int, default=0, help="drafted tokens per verification window (default 0)")
+    p.add_argument("--draft-k", type=float, default=0, help="drafted tokens per verification window (default 0; "
+                   "a fractional K is the mean of an adaptive run)")
     p.add_argument("--acceptance", type=float, default=0.7, help="chance each drafted token is accepted (default 0.7)")
+    p.add_argument("--paging", choices=PAGING, default="bulk", help="how a miss is read: one read per expert "
+                   "(bulk, default: the engine, slot copies) or 4 KiB page faults (fault: llama.cpp's mmap with "
+                   "MADV_RANDOM)")
     p.add_argument("--quant", help="quant type of the model spec (default: the spec's)")
     p.add_argument("--model", help="model spec name (moespac_gguf/data/models) or a .gguf file; "
                    "default from the trace (Mixtral traces)")
@@ -279,7 +295,8 @@ def main(argv) -> int:
     trace = load_trace(args.trace)
     model = load_model(args.model or _default_model(trace, args.trace))
     result = simulate(trace, args.trace, args.policy, load_device(args.device), model, args.quant,
-                      args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed)
+                      args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed,
+                      args.paging)
     if args.json:
         print(json.dumps(asdict(result)))
     else:

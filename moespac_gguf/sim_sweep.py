@@ -73,7 +73,7 @@ def _traces(name: str, model: ModelSpec) -> tuple[RoutingTrace, RoutingTrace, st
 
 
 def _table(results: list[dict], args) -> str:
-    mode = (f"speculative windows of K={args.draft_k} drafted tokens, acceptance {args.acceptance}"
+    mode = (f"speculative windows of K={args.draft_k:g} drafted tokens, acceptance {args.acceptance}"
             if args.draft_k else "one token per window (no speculation)")
     lines = [f"Cell: modeled tokens/s · hit rate · GB moved per token. {mode}; budget = the device's memory "
              f"for the model; default quant of each model.", "",
@@ -110,7 +110,7 @@ def _hit_rate_plot(trace, profile, model, device, args, out: Path) -> None:
                           acceptance=args.acceptance, profile=profile, seed=args.seed).hit_rate for n in sizes]
         ax[0, 0].plot(list(sizes), rates, marker="o", label=name)
     ax[0, 0].set(xlabel="experts cached per layer", ylabel="hit rate",
-                 title=f"{model.name}, GSM8K routing, {len(windows)} windows (K={args.draft_k})")
+                 title=f"{model.name}, GSM8K routing, {len(windows)} windows (K={args.draft_k:g})")
     ax[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -142,7 +142,7 @@ def _budget_plot(trace, profile, model, devices, args, out: Path) -> None:
         ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.tick_params(axis="y", which="minor", labelsize=7)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{model.name} {quant}, GSM8K routing (K={args.draft_k})")
+    fig.suptitle(f"{model.name} {quant}, GSM8K routing (K={args.draft_k:g})")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -163,7 +163,7 @@ def sweep(args) -> int:
                              acceptance=args.acceptance, profile=profile, seed=args.seed)
                 results.append({**asdict(r), "trace_label": label, "fits": fits})
             print(f"{model.name} on {device.name}: done", flush=True)
-    stem = f"sim_k{args.draft_k}"
+    stem = f"sim_k{args.draft_k:g}"
     files = [out / f"{stem}{suffix}" for suffix in (".json", "_table.md", "_hit_rate.png", "_tokens_per_s.png")]
     files[0].write_text(json.dumps(results, indent=1))
     files[1].write_text(_table(results, args))

@@ -1,4 +1,5 @@
 """The trace simulator: windows, replay, the device model, profiles and the CLI."""
+import dataclasses
 import json
 import re
 
@@ -52,18 +53,27 @@ def test_windows_cover_each_sequence_in_order_and_respect_k():
     trace = random_mixtral_trace(0, 200)
     for k, a in ((0, 0.7), (4, 0.7), (3, 1.0), (5, 0.0)):
         windows = make_windows(trace, k, a, seed=1)
-        assert [s for s, _ in windows[1:]] == [e for _, e in windows[:-1]] and windows[-1][1] == 200
-        sizes = np.array([e - s for s, e in windows])
+        assert [s for s, _, _ in windows[1:]] == [e for _, e, _ in windows[:-1]] and windows[-1][1] == 200
+        sizes = np.array([e - s for s, e, _ in windows])
         assert sizes.min() >= 1 and sizes.max() <= k + 1
-        assert all(trace.sequence[s] == trace.sequence[e - 1] for s, e in windows)
+        assert all(trace.sequence[s] == trace.sequence[f - 1] for s, _, f in windows)
+        # the target computes K + 1 rows whatever it accepts, up to the end of the sequence
+        ends = {66, 200}
+        assert all(f == min(s + k + 1, min(x for x in ends if x > s)) for s, _, f in windows)
         if a in (0.0, 1.0):  # deterministic sizes, cut only at the sequence boundary (token 66)
             assert set(sizes[:-1].tolist()) - {66 % (k + 1), 134 % (k + 1)} <= {1 if a == 0 else k + 1}
     assert make_windows(trace, 4, 0.7, seed=3) == make_windows(trace, 4, 0.7, seed=3)
 
 
+def test_a_fractional_k_mixes_floor_and_ceil_windows():
+    trace = make_trace(np.zeros((1, 20000, 2)), n_expert=8)
+    fed = np.array([f - s for s, _, f in make_windows(trace, 1.25, 0.0, seed=0)])[:-1]  # last: cut short
+    assert set(fed.tolist()) == {1 + 1, 1 + 2} and abs((fed - 1).mean() - 1.25) < 0.02
+
+
 def test_window_sizes_follow_the_truncated_geometric():
     trace = make_trace(np.zeros((1, 20000, 2)), n_expert=8)
-    sizes = np.diff([s for s, _ in make_windows(trace, 4, 0.7, seed=0)])
+    sizes = np.diff([s for s, _, _ in make_windows(trace, 4, 0.7, seed=0)])
     expected = (1 - 0.7 ** 5) / (1 - 0.7)  # E[min(accepted, K) + 1]
     assert abs(sizes.mean() - expected) < 0.05
 
@@ -71,9 +81,19 @@ def test_window_sizes_follow_the_truncated_geometric():
 def test_a_window_counts_each_expert_once():
     # one layer, a window of 3 tokens that all route to experts 0 and 1 (then 2): 2 misses, not 6
     trace = make_trace([[[0, 1], [1, 0], [0, 1], [2, 0]]])
-    windows = [(0, 3), (3, 4)]
+    windows = [(0, 3, 3), (3, 4, 4)]
     rep = replay(trace, windows, OnDemand(), Capacity(2, 2))
     assert rep.needed.tolist() == [2, 2] and rep.hits.tolist() == [0, 0] and rep.tokens.tolist() == [3, 1]
+
+
+def test_a_window_needs_the_experts_of_rows_it_rejects():
+    # K = 2, nothing accepted: the window produces token 0 but computes rows 0..2, so experts 1 and 2
+    # (of the rows standing in for the rejected drafts) are needed too
+    trace = make_trace([[[0], [1], [2], [0]]], n_expert=3)
+    windows = make_windows(trace, 2, 0.0)
+    assert windows == [(0, 1, 3), (1, 2, 4), (2, 3, 4), (3, 4, 4)]
+    rep = replay(trace, windows, OnDemand(), Capacity(0))
+    assert rep.tokens.tolist() == [1, 1, 1, 1] and rep.needed.tolist() == [3, 3, 2, 1]
 
 
 def test_timing_known_answer():
@@ -90,6 +110,22 @@ def test_timing_known_answer():
     assert r["prefetch_bytes_per_token"] == pytest.approx(40 / 3)
     assert r["stall_s_per_token"] == pytest.approx((3 + 3.2) / 3)
     assert r["preload_bytes"] == 20
+    # no spare core (io_overlap 0): window 1's prefetch stalls whole, 6 s instead of 3.2
+    busy = dataclasses.replace(device, io_overlap=0.0)
+    assert timing(rep, busy, 10.0, 70.0, draft_k=1)["stall_s_per_token"] == pytest.approx((3 + 6) / 3)
+
+
+def test_fault_paging_costs_a_fault_per_page():
+    device = Device("d", mem_bytes=1e9, mem_bps=100.0, flash_read_bps=4096.0, page_in_latency_s=0.5,
+                    memcpy_bps=1.0, step_overhead_s=0.0, fault_s_per_page=0.25)
+    assert device.load_s(3 * 4096) == pytest.approx(3 + 0.5)           # one read: bandwidth + latency
+    assert device.load_s(3 * 4096 + 1, "fault") == pytest.approx(4 * 0.25)  # a fault per page touched
+    rep = Replay(tokens=np.array([1]), needed=np.array([2]), hits=np.array([0]), prefetched=np.array([0]),
+                 preloaded=0)
+    r = timing(rep, device, expert_bytes=8192.0, other_bytes=0.0, draft_k=0, paging="fault")
+    assert r["stall_s_per_token"] == pytest.approx(2 * 2 * 0.25)
+    with pytest.raises(MoespacError, match="unknown paging"):
+        device.load_s(1.0, "mmap")
 
 
 def test_belady_is_the_best_hit_rate_of_the_demand_policies_on_a_random_trace():

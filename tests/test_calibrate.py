@@ -1,0 +1,37 @@
+"""`moespac calibrate`'s read costs: the engine's read path and llama.cpp+random's page faults, measured
+on cold pages, in this process or inside a small memory cgroup."""
+import json
+
+from moespac_gguf import cli
+from moespac_gguf.calibrate import _cold_window, read_costs
+from moespac_gguf.memcap import _own_cgroup
+from moespac_gguf.profiles import load_device
+
+
+def test_windows_are_disjoint_page_aligned_thirds(tiny_moe):
+    path = tiny_moe()
+    size = path.stat().st_size
+    (a, n), (b, m) = _cold_window(str(path), 1 << 40, 0), _cold_window(str(path), 1 << 40, 1)
+    assert a % 4096 == b % 4096 == 0 and 0 < n <= size // 3 and 0 < m <= size // 3
+    assert a + n <= b and b + m <= size
+
+
+def test_read_costs_here_and_under_pressure(tiny_moe):
+    path = str(tiny_moe())
+    _, parent = _own_cgroup()
+    before = sorted(p.name for p in parent.iterdir() if p.name.startswith("moespac-"))
+    here, capped = read_costs(path, under_pressure=False), read_costs(path, under_pressure=True)
+    for costs in (here, capped):
+        assert costs["flash_read_bps"] > 0 and 0 < costs["fault_s_per_page"] < 0.1
+    assert capped["pressure_cap_bytes"] == 128 << 20 and "pressure_cap_bytes" not in here
+    assert sorted(p.name for p in parent.iterdir() if p.name.startswith("moespac-")) == before
+
+
+def test_calibrate_writes_a_profile_sim_can_read(tiny_moe, tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    assert cli.main(["calibrate", "-m", str(tiny_moe()), "--out", str(out)]) == 0
+    profile = json.loads(out.read_text())
+    assert profile["io_overlap"] in (0.0, 1.0) and profile["fault_s_per_page"] > 0
+    assert "fault in order" in capsys.readouterr().out
+    device = load_device("local", out)
+    assert (device.fault_s_per_page, device.io_overlap) == (profile["fault_s_per_page"], profile["io_overlap"])

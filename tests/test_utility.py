@@ -47,17 +47,18 @@ def test_ewma_known_answer():
     assert ewma.utility().tolist() == [[2.0, 1.0, 1.0]]
     second = route([0, 1], [0, 1], [0, 1], [0, 1])  # freq [1, 1, 0] over 4 rows
     ewma.update(routing_counts(second, 3), np.array([4]))
-    # freq = .5*[1, .5, .5] + .5*[1, 1, 0] = [1, .75, .25]; rows per step = .5*2 + .5*4 = 3
-    np.testing.assert_allclose(ewma.freq, [[1.0, 0.75, 0.25]])
-    np.testing.assert_allclose(ewma.utility(), [[3.0, 2.25, 0.75]])
+    # forgetting per routed token: 4 rows keep .5**4 of the old estimate
+    # freq = .0625*[1, .5, .5] + .9375*[1, 1, 0] = [1, .96875, .03125]; rows per step = .5*2 + .5*4 = 3
+    np.testing.assert_allclose(ewma.freq, [[1.0, 0.96875, 0.03125]])
+    np.testing.assert_allclose(ewma.utility(), [[3.0, 2.90625, 0.09375]])
 
 
 def test_ewma_skips_layers_that_routed_nothing():
     est = UtilityEstimator(2, 2, method="ewma", alpha=0.5)
     est.observe_verification([1, 2], np.array([[[0], [0]], [[1], [1]]]))
     est.observe_verification([3, 4], np.array([[[1], [1]], [[-1], [-1]]]))
-    # layer 0: freq .5*[1,0] + .5*[0,1]; layer 1 unchanged [0, 1]; two rows per step
-    np.testing.assert_allclose(est.predict(), [[1.0, 1.0], [0.0, 2.0]])
+    # layer 0: two rows keep .5**2: freq .25*[1,0] + .75*[0,1]; layer 1 unchanged [0, 1]; two rows per step
+    np.testing.assert_allclose(est.predict(), [[0.5, 1.5], [0.0, 2.0]])
 
 
 def test_token_prior_smooths_toward_global_frequency():

@@ -202,12 +202,14 @@ class MoeSpacPolicy(Policy):
     byte budget, with the move cost amortized over `horizon_steps`) picks what is resident.
 
     Without a GPU tier and with equal expert sizes the balancer's ILP is a knapsack that greedy
-    solves exactly, so the simulator needs no solver. `expert_bytes` is the size of one expert;
+    solves exactly, so the simulator needs no solver. The plan is remade every window, so a fetch is
+    amortized over `horizon_steps` = 2, not 8: on our SmolMoE traces 8 prefetched experts evicted
+    before use and moved 5-22% more bytes for 0-21% less modeled speed (sim, local and M2 devices). `expert_bytes` is the size of one expert;
     the byte budget is `capacity.total` experts.
     """
     name = "moespac"
 
-    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 8.0):
+    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 2.0):
         self.costs, self.expert_bytes = costs, float(expert_bytes)
         self.method, self.horizon_steps = method, horizon_steps
 

@@ -113,9 +113,12 @@ def test_moespac_prefetches_the_experts_of_the_drafted_token():
     # window 3's draft is token 7: the prior predicts 0.66 for expert 3, prefetches it and hits.
     windows = single(3, 1, 1, 3)
     drafts = [[7], [5], [5], [7]]
-    policy = MoeSpacPolicy(COSTS, expert_bytes=1e6)
+    policy = MoeSpacPolicy(COSTS, expert_bytes=1e6, horizon_steps=8.0)  # a move amortized over 8 windows
     hits, loads = drive(policy, windows, 1, 4, Capacity(1, 1), drafts=drafts)
     assert hits == [0, 0, 0, 1] and loads == [1, 1, 1, 1]  # the last load is the prefetch
+    # amortized over 2 windows the same prediction (p = 0.48 < 1/2) does not pay for the move
+    hits, loads = drive(MoeSpacPolicy(COSTS, expert_bytes=1e6), windows, 1, 4, Capacity(1, 1), drafts=drafts)
+    assert hits == [0, 0, 0, 0]  # window 3 misses instead of prefetching
 
 
 def test_belady_hand_example():

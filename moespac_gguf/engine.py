@@ -331,7 +331,13 @@ class ResidencyController:
         if event.routing is None:
             return
         experts = event.routing.experts
+        held = self.policy.resident.copy()
         self.policy.access(np.asarray(event.batch), experts)
+        if self.pin:
+            # The policy keeps a just-used expert for free (it was read anyway: true of the page
+            # cache), but a pinned engine streamed it through the window, which has dropped it by
+            # now: keeping it is a re-read, so the plan must weigh it like any other fetch.
+            self.policy.resident &= held
         self.engine.note_used(event.routing.counts(self.layout.n_expert) > 0)
         self.steps += 1
         if self.steps % self.refresh_every == 0:

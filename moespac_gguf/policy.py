@@ -209,9 +209,13 @@ class MoeSpacPolicy(Policy):
     """
     name = "moespac"
 
-    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 2.0):
+    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 2.0,
+                 keep_used: bool = True):
         self.costs, self.expert_bytes = costs, float(expert_bytes)
         self.method, self.horizon_steps = method, horizon_steps
+        # False where the window's misses stream through and are dropped (the pinned engine): keeping
+        # one is then a fetch the next plan must pay for, not free as from a page cache
+        self.keep_used = keep_used
 
     def reset(self, n_layer, n_expert, capacity):
         super().reset(n_layer, n_expert, capacity)
@@ -228,7 +232,8 @@ class MoeSpacPolicy(Policy):
 
     def _keep(self, tokens, experts, used):
         self.estimator.observe_verification(tokens, experts)
-        return select(self.estimator.predict(), self.resident | used, self.capacity)
+        return select(self.estimator.predict(), self.resident | used if self.keep_used else self.resident,
+                      self.capacity)
 
 
 class Belady(Policy):

@@ -121,6 +121,24 @@ def test_moespac_prefetches_the_experts_of_the_drafted_token():
     assert hits == [0, 0, 0, 0]  # window 3 misses instead of prefetching
 
 
+def test_moespac_without_free_keeps_holds_only_what_it_fetched():
+    # the pinned engine's view: a miss streams through and is gone, so only planned experts stay
+    rng = np.random.default_rng(3)
+    windows = random_windows(rng, 40, 2, 6, max_tokens=3, k=2)
+    free, paid = MoeSpacPolicy(COSTS, 1e6), MoeSpacPolicy(COSTS, 1e6, keep_used=False)
+    for policy in (free, paid):
+        policy.reset(2, 6, Capacity(4))
+    kept_a_miss = False
+    for w in windows:
+        for policy in (free, paid):
+            want = policy.before_window()
+            used = used_experts(w, 6)
+            policy.access(np.zeros(w.shape[1], dtype=int), w)
+            assert not (policy.resident & ~want).any() or policy is free
+            kept_a_miss |= policy is free and bool((policy.resident & used & ~want).any())
+    assert kept_a_miss  # the default keeps some misses for free: the two modes differ on this trace
+
+
 def test_belady_hand_example():
     # a b c a b c with 2 slots: preload {a, b}; c always misses and is not kept (used last)
     hits, loads = drive(Belady(np.array([[[e == i for e in range(3)]] for i in (0, 1, 2, 0, 1, 2)])),

@@ -6,8 +6,8 @@ trace` on the same prompts, recorded here once and cached) through the policy th
 contender, on the device `moespac calibrate` measured on the same model:
 
   llama.cpp+random  lru-global (the kernel's page cache), K = 0, misses paged in by 4 KiB faults
-  moespac           moespac (the runtime's own policy object), the run's mean K (adaptive) and acceptance,
-                    bulk reads
+  moespac           moespac (the runtime's own policy object, pinned as in the run: misses not kept for
+                    free), the run's mean K (adaptive) and acceptance, bulk reads
 
 Not modelled: plain `llama.cpp` and `llama.cpp+sd`, whose misses go through the kernel's read-ahead:
 under reclaim it reads pages that are evicted before use and read again (measured 2-18x the bytes
@@ -97,7 +97,8 @@ def agreement(runs: list[dict], trace_path: Path, device: Device) -> list[dict]:
                 if pol == "belady" and r["name"] != "moespac":
                     continue  # the least any policy could read with moespac's capacity, K and acceptance
                 sim = simulate(trace, "bench", pol, device, model, mem_budget=budget, draft_k=k,
-                               acceptance=acceptance, paging=paging)
+                               acceptance=acceptance, paging=paging, pinned=r["engine"]["pinned"]
+                               if "engine" in r else False)
                 measured = dec["tokens_per_s"] if pol != "belady" else None
                 ratio = sim.tokens_per_s / measured if measured else None
                 rows.append({"contender": name, "run": run["date"], "policy": pol, "paging": paging,

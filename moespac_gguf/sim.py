@@ -119,8 +119,9 @@ def window_needs(trace: RoutingTrace, windows) -> np.ndarray:
 
 
 def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_bytes: float,
-                profile: RoutingTrace | None = None) -> Policy:
-    """A fresh policy; `static` needs the profile trace, `belady` the windows' future."""
+                profile: RoutingTrace | None = None, pinned: bool = False) -> Policy:
+    """A fresh policy; `static` needs the profile trace, `belady` the windows' future; `pinned`:
+    moespac as the pinned engine runs it (a miss streams through and is not kept for free)."""
     if name == "static":
         if profile is None:
             raise MoespacError("policy static needs --profile TRACE: a DIFFERENT trace of the same model")
@@ -131,7 +132,7 @@ def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_
     if name == "lru-global":
         return Lru(per_layer=False)
     if name == "moespac":
-        return MoeSpacPolicy(device.costs(expert_bytes), expert_bytes)
+        return MoeSpacPolicy(device.costs(expert_bytes), expert_bytes, keep_used=not pinned)
     if name == "belady":
         return Belady(window_needs(trace, windows))
     raise MoespacError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
@@ -209,7 +210,7 @@ def check_shape(model: ModelSpec, trace: RoutingTrace, path) -> None:
 def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, model: ModelSpec,
              quant: str | None = None, cache_per_layer: int | None = None, mem_budget: float | None = None,
              draft_k: float = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
-             seed: int = 0, paging: str = "bulk") -> SimResult:
+             seed: int = 0, paging: str = "bulk", pinned: bool = False) -> SimResult:
     """One policy on one device: the numbers `moespac sim` prints."""
     check_shape(model, trace, trace_name)
     if device.calibrated_model and Path(device.calibrated_model).name != model.name:
@@ -219,7 +220,7 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     capacity, budget = capacity_for(model, other_b, expert_b, device, cache_per_layer, mem_budget)
     windows = make_windows(trace, draft_k, acceptance, seed)
     device.load_s(expert_b, paging)  # one-line error for an unknown paging
-    rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile), capacity,
+    rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile, pinned), capacity,
                  warmup_of(profile, draft_k, acceptance, seed))
     return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging,
                      trace.n_tokens, len(windows), capacity.total, cache_per_layer, budget,
@@ -272,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--paging", choices=PAGING, default="bulk", help="how a miss is read: one read per expert "
                    "(bulk, default: the engine, slot copies) or 4 KiB page faults (fault: llama.cpp's mmap with "
                    "MADV_RANDOM)")
+    p.add_argument("--pinned", action="store_true", help="moespac as the pinned engine runs it under a memory "
+                   "budget: misses stream through and are not kept for free")
     p.add_argument("--quant", help="quant type of the model spec (default: the spec's)")
     p.add_argument("--model", help="model spec name (moespac_gguf/data/models) or a .gguf file; "
                    "default from the trace (Mixtral traces)")
@@ -296,7 +299,7 @@ def main(argv) -> int:
     model = load_model(args.model or _default_model(trace, args.trace))
     result = simulate(trace, args.trace, args.policy, load_device(args.device), model, args.quant,
                       args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed,
-                      args.paging)
+                      args.paging, args.pinned)
     if args.json:
         print(json.dumps(asdict(result)))
     else:

@@ -7,7 +7,8 @@ contender, on the device `moespac calibrate` measured on the same model:
 
   llama.cpp+random  lru-global (the kernel's page cache), K = 0, misses paged in by 4 KiB faults
   moespac           moespac (the runtime's own policy object, pinned as in the run: misses not kept for
-                    free), the run's mean K (adaptive) and acceptance, bulk reads
+                    free, but the stream window beside it keeps the latest ones), the run's mean K
+                    (adaptive) and acceptance, bulk reads
 
 Not modelled: plain `llama.cpp` and `llama.cpp+sd`, whose misses go through the kernel's read-ahead:
 under reclaim it reads pages that are evicted before use and read again (measured 2-18x the bytes
@@ -93,12 +94,14 @@ def agreement(runs: list[dict], trace_path: Path, device: Device) -> list[dict]:
             k = dec["n_drafted"] / dec["n_steps"] if drafted else 0.0  # the adaptive run's mean K
             acceptance = (r["acceptance_rate"] or 0.0) if drafted else 0.0
             budget = other_b + max(capacity_bytes(r["name"], r, run, other_b), 0.0)
+            engine = r.get("engine", {})
+            pinned = bool(engine.get("pinned"))  # then the rest of its budget is the stream window
+            window = int((engine["budget_bytes"] - engine["engine_budget_bytes"]) // expert_b) if pinned else 0
             for name, pol in ((r["name"], policy), ("(offline optimum)", "belady")):
                 if pol == "belady" and r["name"] != "moespac":
                     continue  # the least any policy could read with moespac's capacity, K and acceptance
                 sim = simulate(trace, "bench", pol, device, model, mem_budget=budget, draft_k=k,
-                               acceptance=acceptance, paging=paging, pinned=r["engine"]["pinned"]
-                               if "engine" in r else False)
+                               acceptance=acceptance, paging=paging, pinned=pinned, stream_window=window)
                 measured = dec["tokens_per_s"] if pol != "belady" else None
                 ratio = sim.tokens_per_s / measured if measured else None
                 rows.append({"contender": name, "run": run["date"], "policy": pol, "paging": paging,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,19 +140,52 @@ def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_
 
 
 def replay(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
-           warmup: tuple[RoutingTrace, list] | None = None) -> Replay:
+           warmup: tuple[RoutingTrace, list] | None = None, stream_window: int = 0) -> Replay:
     """Run `policy` over the windows, after an uncounted pass over `warmup` (trace, windows) if given.
-    Belady skips the warm-up: its free optimal preload already beats any warm state."""
+    Belady skips the warm-up: its free optimal preload already beats any warm state.
+    `stream_window`: experts the unlocked window beside a pinned policy holds (StreamWindow)."""
     policy.reset(trace.n_layer, trace.n_expert, capacity)
+    window = StreamWindow(stream_window)
     if warmup is not None and not isinstance(policy, Belady):
-        _run(*warmup, policy, capacity)
+        _run(*warmup, policy, capacity, window)
     preloaded = int(policy.resident.sum())
-    return Replay(*_run(trace, windows, policy, capacity), preloaded=preloaded)
+    return Replay(*_run(trace, windows, policy, capacity, window), preloaded=preloaded)
 
 
-def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity) -> np.ndarray:
+class StreamWindow:
+    """The unlocked page cache beside a pinned policy: experts read on demand stay there, least
+    recently streamed first out, until `size` newer ones push them out (the engine's stream window).
+    A need it still holds, and a fetch of an expert it holds, read nothing."""
+
+    def __init__(self, size: int):
+        self.size, self.order = size, OrderedDict()
+
+    def holds(self, shape) -> np.ndarray:
+        mask = np.zeros(shape, dtype=bool)
+        for key in self.order:
+            mask[key] = True
+        return mask
+
+    def stream(self, experts: np.ndarray, streamed: np.ndarray, held: np.ndarray) -> None:
+        """The window ran: `streamed` (bool [L, E]) went through in layer order, first use within a
+        layer; what the policy now holds is pinned, no longer the window's."""
+        for layer, row in enumerate(np.asarray(experts).tolist()):
+            for e in dict.fromkeys(e for ids in row for e in ids if e >= 0):
+                if streamed[layer, e]:
+                    self.order.pop((layer, e), None)
+                    self.order[layer, e] = None
+        for key in [k for k in self.order if held[k]]:
+            del self.order[key]
+        while len(self.order) > self.size:
+            self.order.popitem(last=False)
+
+
+def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
+         window: StreamWindow | None = None) -> np.ndarray:
     """int [4, W]: tokens, needed, hits, prefetched per window; checks the policy never holds more
-    than it may nor keeps an expert it neither wanted nor used (that would be a free load)."""
+    than it may nor keeps an expert it neither wanted nor used (that would be a free load). Hits
+    and prefetches count what the stream window (if any) already held as free."""
+    window = window or StreamWindow(0)
     counts = np.zeros((4, len(windows)), dtype=np.int64)
     for w, (a, b, fed) in enumerate(windows):
         kept = policy.resident.copy()
@@ -163,7 +197,9 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity) -> np
         if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
                 or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
             raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
-        counts[:, w] = b - a, used.sum(), hits.sum(), (want & ~kept).sum()
+        in_window = window.holds(used.shape)
+        counts[:, w] = b - a, used.sum(), (hits | (used & in_window)).sum(), (want & ~kept & ~in_window).sum()
+        window.stream(experts, used & ~hits, policy.resident)
     return counts
 
 
@@ -210,7 +246,7 @@ def check_shape(model: ModelSpec, trace: RoutingTrace, path) -> None:
 def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, model: ModelSpec,
              quant: str | None = None, cache_per_layer: int | None = None, mem_budget: float | None = None,
              draft_k: float = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
-             seed: int = 0, paging: str = "bulk", pinned: bool = False) -> SimResult:
+             seed: int = 0, paging: str = "bulk", pinned: bool = False, stream_window: int = 0) -> SimResult:
     """One policy on one device: the numbers `moespac sim` prints."""
     check_shape(model, trace, trace_name)
     if device.calibrated_model and Path(device.calibrated_model).name != model.name:
@@ -221,7 +257,7 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     windows = make_windows(trace, draft_k, acceptance, seed)
     device.load_s(expert_b, paging)  # one-line error for an unknown paging
     rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile, pinned), capacity,
-                 warmup_of(profile, draft_k, acceptance, seed))
+                 warmup_of(profile, draft_k, acceptance, seed), stream_window)
     return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging,
                      trace.n_tokens, len(windows), capacity.total, cache_per_layer, budget,
                      **timing(rep, device, expert_b, other_b, draft_k, paging))
@@ -275,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
                    "MADV_RANDOM)")
     p.add_argument("--pinned", action="store_true", help="moespac as the pinned engine runs it under a memory "
                    "budget: misses stream through and are not kept for free")
+    p.add_argument("--stream-window", type=int, default=0, help="experts the unlocked window beside a "
+                   "--pinned policy keeps after streaming them (the engine's stream window; default 0)")
     p.add_argument("--quant", help="quant type of the model spec (default: the spec's)")
     p.add_argument("--model", help="model spec name (moespac_gguf/data/models) or a .gguf file; "
                    "default from the trace (Mixtral traces)")
@@ -299,7 +337,7 @@ def main(argv) -> int:
     model = load_model(args.model or _default_model(trace, args.trace))
     result = simulate(trace, args.trace, args.policy, load_device(args.device), model, args.quant,
                       args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed,
-                      args.paging, args.pinned)
+                      args.paging, args.pinned, args.stream_window)
     if args.json:
         print(json.dumps(asdict(result)))
     else:

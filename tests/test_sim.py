@@ -115,6 +115,15 @@ def test_timing_known_answer():
     assert timing(rep, busy, 10.0, 70.0, draft_k=1)["stall_s_per_token"] == pytest.approx((3 + 6) / 3)
 
 
+def test_the_stream_window_serves_the_latest_misses_free():
+    # no cache at all, a window of one expert: a need streamed in the previous window hits
+    trace = make_trace([[[0], [0], [1], [0], [0]]], n_expert=2)
+    windows = [(i, i + 1, i + 1) for i in range(5)]
+    rep = replay(trace, windows, OnDemand(), Capacity(0), stream_window=1)
+    assert rep.hits.tolist() == [0, 1, 0, 0, 1] and rep.needed.tolist() == [1] * 5
+    assert replay(trace, windows, OnDemand(), Capacity(0)).hits.tolist() == [0] * 5
+
+
 def test_fault_paging_costs_a_fault_per_page():
     device = Device("d", mem_bytes=1e9, mem_bps=100.0, flash_read_bps=4096.0, page_in_latency_s=0.5,
                     memcpy_bps=1.0, step_overhead_s=0.0, fault_s_per_page=0.25)

@@ -29,7 +29,7 @@ def fake_run(model, layout, speeds: dict) -> dict:
              "decode": {"tokens_per_s": tps, "bytes_read": 20 * 3 * b, "n_steps": 10,
                         "n_drafted": 0 if name == "llama.cpp+random" else 20}}
         if name == "moespac":
-            r["engine"] = {"engine_budget_bytes": 3 * b, "pinned": True}
+            r["engine"] = {"engine_budget_bytes": 3 * b, "budget_bytes": 4 * b, "pinned": True}
         results.append(r)
     return {"model": str(model), "draft": "draft.gguf", "mem_cap": cap, "prompts": "p.jsonl", "limit": 2,
             "n_predict": 12, "date": "today", "results": results}

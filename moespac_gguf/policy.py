@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -55,6 +56,14 @@ def select(score: np.ndarray, eligible: np.ndarray, capacity: Capacity) -> np.nd
     chosen = np.zeros(eligible.shape, dtype=bool)
     chosen.flat[order[:capacity.total]] = True
     return chosen
+
+
+def first_uses(experts) -> Iterator[tuple[int, int]]:
+    """(layer, expert) of a window's accesses, layer by layer, each expert once in first-use order
+    (token order, then rank order): the order a pass touches them."""
+    for layer, row in enumerate(np.asarray(experts).tolist()):
+        for e in dict.fromkeys(e for ids in row for e in ids if e >= 0):
+            yield layer, e
 
 
 def used_experts(experts: np.ndarray, n_expert: int) -> np.ndarray:
@@ -125,18 +134,16 @@ class Lru(Policy):
 
     def access(self, tokens, experts):
         hits = np.zeros_like(self.resident)
-        for layer, row in enumerate(np.asarray(experts).tolist()):
-            order = self.order[layer if self.per_layer else 0]
-            for e in dict.fromkeys(e for ids in row for e in ids if e >= 0):  # first-use order
-                key = (layer, e)
-                if key in order:
-                    order.move_to_end(key)
-                    hits[key] = True
-                elif self.limit > 0:
-                    if len(order) >= self.limit:
-                        self.resident[order.popitem(last=False)[0]] = False
-                    order[key] = None
-                    self.resident[key] = True
+        for key in first_uses(experts):
+            order = self.order[key[0] if self.per_layer else 0]
+            if key in order:
+                order.move_to_end(key)
+                hits[key] = True
+            elif self.limit > 0:
+                if len(order) >= self.limit:
+                    self.resident[order.popitem(last=False)[0]] = False
+                order[key] = None
+                self.resident[key] = True
         return hits
 
 

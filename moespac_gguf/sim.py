@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import MoespacError
 from .policy import (POLICIES, Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Policy, Spac, Static,
-                     StaticLayers, used_experts)
+                     StaticLayers, first_uses, used_experts)
 from .profiles import PAGING, Device, ModelSpec, load_device, load_model, names
 from .trace import RoutingTrace, import_mixtral_jsonl
 from .units import format_size, parse_size
@@ -169,11 +169,10 @@ class StreamWindow:
     def stream(self, experts: np.ndarray, streamed: np.ndarray, held: np.ndarray) -> None:
         """The window ran: `streamed` (bool [L, E]) went through in layer order, first use within a
         layer; what the policy now holds is pinned, no longer the window's."""
-        for layer, row in enumerate(np.asarray(experts).tolist()):
-            for e in dict.fromkeys(e for ids in row for e in ids if e >= 0):
-                if streamed[layer, e]:
-                    self.order.pop((layer, e), None)
-                    self.order[layer, e] = None
+        for key in first_uses(experts):
+            if streamed[key]:
+                self.order.pop(key, None)
+                self.order[key] = None
         for key in [k for k in self.order if held[k]]:
             del self.order[key]
         while len(self.order) > self.size:

@@ -333,7 +333,7 @@ class ResidencyController:
         if event.routing is None:
             return
         experts = event.routing.experts
-        self.policy.access(np.asarray(event.batch), experts)
+        self.policy.access(np.asarray(event.batch), experts, prefill=event.phase == "prefill")
         self.engine.note_used(event.routing.counts(self.layout.n_expert) > 0)
         self.steps += 1
         if self.steps % self.refresh_every == 0:

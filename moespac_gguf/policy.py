@@ -9,6 +9,9 @@ or K drafted tokens + 1 verified in one batch), exactly as the engine does:
         ... verify the window ...
         hits = policy.access(token_ids, experts)  # experts int [L, T, k], -1 = none
 
+A prompt's prefill is one more window, with `access(..., prefill=True)`: it produces no token, but
+its routing says what the generation will use.
+
 `before_window` may prefetch (want \\ resident) and evict (resident \\ want). `access` reports which of
 the window's experts were served from fast memory, then lets the policy keep any expert it just used
 (a miss was read once anyway, so keeping it moves no extra bytes); `resident` is always a subset of
@@ -28,6 +31,7 @@ from .errors import MoespacError
 from .plan import FLASH, RESIDENT, DeviceCosts, PlanProblem, greedy
 from .utility import SpacUtility, UtilityEstimator, routing_counts
 
+FREE_KEEP_ALPHA, PINNED_ALPHA = 0.3, 0.02  # the utility's memory per regime (MoeSpacPolicy)
 POLICIES = ("ondemand", "lru", "lru-global", "static", "static-layers", "spac", "moespac", "belady")
 
 
@@ -85,17 +89,17 @@ class Policy:
         self.resident = self._want(draft_tokens)
         return self.resident.copy()
 
-    def access(self, tokens, experts) -> np.ndarray:
+    def access(self, tokens, experts, prefill: bool = False) -> np.ndarray:
         """The window ran: return its experts that were resident (hits) and update the state."""
         used = used_experts(experts, self.n_expert)
         hits = used & self.resident
-        self.resident = self._keep(tokens, np.asarray(experts), used)
+        self.resident = self._keep(tokens, np.asarray(experts), used, prefill)
         return hits
 
     def _want(self, draft_tokens) -> np.ndarray:
         return self.resident
 
-    def _keep(self, tokens, experts: np.ndarray, used: np.ndarray) -> np.ndarray:
+    def _keep(self, tokens, experts: np.ndarray, used: np.ndarray, prefill: bool) -> np.ndarray:
         return self.resident
 
 
@@ -103,7 +107,7 @@ class OnDemand(Policy):
     """No cache: every window reads all its experts from the slow tier."""
     name = "ondemand"
 
-    def _keep(self, tokens, experts, used):
+    def _keep(self, tokens, experts, used, prefill):
         return np.zeros_like(self.resident)
 
 
@@ -132,7 +136,7 @@ class Lru(Policy):
         self.order = [OrderedDict() for _ in range(n_layer if self.per_layer else 1)]
         self.limit = capacity.per_layer if self.per_layer else capacity.total
 
-    def access(self, tokens, experts):
+    def access(self, tokens, experts, prefill=False):
         hits = np.zeros_like(self.resident)
         for key in first_uses(experts):
             order = self.order[key[0] if self.per_layer else 0]
@@ -196,7 +200,7 @@ class Spac(Policy):
     def _want(self, draft_tokens):
         return select(self._score(), self.spac.state >= self.threshold, self.capacity)
 
-    def _keep(self, tokens, experts, used):
+    def _keep(self, tokens, experts, used, prefill):
         self.window += 1
         self.spac.update(routing_counts(experts, self.n_expert))
         self.last_used[used] = self.window
@@ -204,32 +208,43 @@ class Spac(Policy):
 
 
 class MoeSpacPolicy(Policy):
-    """Ours: the runtime's UtilityEstimator predicts each expert's tokens in the next window (from
-    the drafted ids when known), the balancer's greedy plan (plan.greedy: saving per byte under the
-    byte budget, with the move cost amortized over `horizon_steps`) picks what is resident.
+    """Ours: the runtime's UtilityEstimator predicts each expert's tokens per window over the next
+    `horizon_steps` windows (the next one from the drafted ids when known, the rest at the long-run
+    rate), the balancer's greedy plan (plan.greedy: saving per byte under the byte budget, with the
+    move cost amortized over `horizon_steps`) picks what is resident.
 
     Without a GPU tier and with equal expert sizes the balancer's ILP is a knapsack that greedy
-    solves exactly, so the simulator needs no solver. The plan is remade every window, so a fetch is
-    amortized over `horizon_steps` = 2, not 8: on our SmolMoE traces 8 prefetched experts evicted
-    before use and moved 5-22% more bytes for 0-21% less modeled speed (sim, local and M2 devices). `expert_bytes` is the size of one expert;
-    the byte budget is `capacity.total` experts.
+    solves exactly, so the simulator needs no solver. `expert_bytes` is the size of one expert; the
+    byte budget is `capacity.total` experts.
+
+    How long the utility remembers (the EWMA's per-token `alpha`) depends on what a decision costs.
+    With free keeps (`keep_used`, a page cache) the choice after each window is which just-used
+    experts stay, and recency answers it: alpha 0.3 (~3 tokens). Mixtral GSM8K K=4 on the M2:
+    2.91 GB/token against 3.19 with 0.02; synthetic Qwen3 on the Jetson 0.58 against 0.82. Pinned
+    (the engine under a cap: misses stream through and are dropped), every admission is a paid
+    fetch, worth it only for an expert used often over the steps it is held: alpha 0.02 (~50
+    tokens) with a fetch amortized over 8 windows. That moved 2-26% fewer bytes than 0.3 (at its
+    best horizon, 2) and was within 2% of the best of the grid on three SmolMoE traces, K 0.57
+    and 1.5, 25-52% capacity (bench/results/utility_memory.md); Mixtral M2 3.14 against 3.33
+    GB/token, Qwen3 Jetson 0.89 against 1.00.
     """
     name = "moespac"
 
-    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 2.0,
-                 keep_used: bool = True):
+    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 8.0,
+                 keep_used: bool = True, alpha: float | None = None):
         self.costs, self.expert_bytes = costs, float(expert_bytes)
         self.method, self.horizon_steps = method, horizon_steps
         # False where the window's misses stream through and are dropped (the pinned engine): keeping
         # one is then a fetch the next plan must pay for, not free as from a page cache
         self.keep_used = keep_used
+        self.alpha = alpha if alpha is not None else (FREE_KEEP_ALPHA if keep_used else PINNED_ALPHA)
 
     def reset(self, n_layer, n_expert, capacity):
         super().reset(n_layer, n_expert, capacity)
-        self.estimator = UtilityEstimator(n_layer, n_expert, self.method)
+        self.estimator = UtilityEstimator(n_layer, n_expert, self.method, alpha=self.alpha)
 
     def _want(self, draft_tokens):
-        utility = self.estimator.predict(draft_tokens)
+        utility = self.estimator.predict_over(self.horizon_steps, draft_tokens)
         problem = PlanProblem(utility, np.full(self.n_layer, self.expert_bytes),
                               current=np.where(self.resident, RESIDENT, FLASH),
                               slot_capacity=np.zeros(self.n_layer, dtype=np.int64),
@@ -237,8 +252,8 @@ class MoeSpacPolicy(Policy):
                               costs=self.costs, horizon_steps=self.horizon_steps)
         return select(utility, greedy(problem).tier != FLASH, self.capacity)
 
-    def _keep(self, tokens, experts, used):
-        self.estimator.observe_verification(tokens, experts)
+    def _keep(self, tokens, experts, used, prefill):
+        self.estimator.observe_verification(tokens, experts, prefill)
         return select(self.estimator.predict(), self.resident | used if self.keep_used else self.resident,
                       self.capacity)
 
@@ -278,7 +293,7 @@ class Belady(Policy):
         upcoming = self.next_use[self.window]
         return select(-upcoming, eligible & (upcoming < len(self.future)), self.capacity)
 
-    def _keep(self, tokens, experts, used):
+    def _keep(self, tokens, experts, used, prefill):
         if self.window >= len(self.future) or not np.array_equal(used, self.future[self.window]):
             raise MoespacError(f"Belady was given a future that differs from window {self.window}")
         self.window += 1

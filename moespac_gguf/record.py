@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import MoespacError
-from .trace import RoutingTrace
+from .trace import DECODE, PROMPT, RoutingTrace
 
 
 def load_prompts(path: str | Path, limit: int | None = None, select: str = "first") -> list[dict]:
@@ -96,12 +96,12 @@ def record(model: str | Path, prompts: list[dict], n_tokens: int, n_ctx: int = 2
                 toks = toks[: max(1, s.n_ctx - n_tokens)]
             s.reset()
             logits = s.decode(toks, all_logits=True)[-1]
-            add(toks, s.last_routing, 0, seq, 0)
+            add(toks, s.last_routing, 0, seq, PROMPT)
             for _ in range(n_tokens):
                 tok = int(np.argmax(logits))
                 pos = s.n_past
                 logits = s.decode([tok])[-1]
-                add([tok], s.last_routing, pos, seq, 1)
+                add([tok], s.last_routing, pos, seq, DECODE)
                 n_generated += 1
                 if s.is_eog(tok):
                     break
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     trace.save(out)
     m = trace.meta
-    n_prompt = int((trace.phase == 0).sum())
+    n_prompt = int((trace.phase == PROMPT).sum())
     print(f"{len(prompts)} prompts: {n_prompt} prompt + {m['n_generated']} generated tokens, {trace.n_layer} layers, "
           f"top-{trace.k} of {trace.n_expert} experts, {m['seconds']} s")
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")

@@ -10,6 +10,13 @@ sequences; the policy's state carries over. A window needs, per layer, the union
 experts; each needed (layer, expert) is one access: a hit if the policy serves it from fast memory,
 otherwise one miss, loaded once however many of the window's rows use it.
 
+Prefill. Where the trace holds a sequence's prompt rows (`moespac trace` records them), the policy
+first sees them as one uncounted window, the prompt's single batch: the runtime observes that routing
+before the first decode step, and the page cache holds what the prefill read last. Only decode
+windows are counted and timed, as the benchmark meters decode apart from the prefills. (Belady
+minimizes the loads of every window; a prefill window needs every expert a full cache could hold, so
+its own loads do not depend on the choice and the bound holds for the decode windows.)
+
 Device model, per window (b = bytes of one expert, O = all other weights, n = needed experts):
     compute = (O + n b) / mem_bps + step_overhead_s   memory-bound decode: weights streamed once per pass
               (on `local`: n x the measured cpu_s_per_token_expert + step_overhead_s)
@@ -23,7 +30,8 @@ compute, and only their excess stalls — unless the decode threads take every c
 `local` on this 2-core machine, where the kernel's paging work runs on the cores that compute).
 tokens/s = tokens / total time; bytes moved = (misses + prefetches) x b. Free and reported apart: a policy's first resident set (its preload at model load)
 and, with a profile trace, an uncounted warm-up pass over it (an earlier conversation), so that a
-short trace is not dominated by cold misses; without a profile every cache starts cold.
+short trace is not dominated by cold misses; without a profile every cache starts cold (then warms on
+the first prompt's prefill, where the trace has one).
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from .errors import MoespacError
 from .policy import (POLICIES, Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Policy, Spac, Static,
                      StaticLayers, first_uses, used_experts)
 from .profiles import PAGING, Device, ModelSpec, load_device, load_model, names
-from .trace import RoutingTrace, import_mixtral_jsonl
+from .trace import PROMPT, RoutingTrace, import_mixtral_jsonl
 from .units import format_size, parse_size
 
 MODEL_BY_ARCH = {"mixtral": "mixtral-8x7b"}  # default --model for imported traces
@@ -66,6 +74,8 @@ class SimResult:
     draft_k: float
     acceptance: float
     paging: str
+    pinned: bool          # misses stream through, not kept for free (the pinned engine)
+    stream_window: int    # experts the unlocked window beside a pinned policy keeps
     n_tokens: int
     n_windows: int
     capacity_experts: int
@@ -80,27 +90,30 @@ class SimResult:
 
 
 def load_trace(path) -> RoutingTrace:
-    """Decode tokens of a saved trace or of a Mixtral JSONL (imported on the fly)."""
+    """A saved trace or a Mixtral JSONL (imported on the fly); its prompt rows become prefill windows."""
     path = str(path)
     trace = import_mixtral_jsonl(path) if path.endswith(".jsonl") else RoutingTrace.load(path)
-    decode = trace.select(trace.phase == 1)
-    if decode.n_tokens == 0:
+    if not (trace.phase != PROMPT).any():
         raise MoespacError(f"{path} has no decode tokens to replay")
-    return decode
+    return trace
 
 
 def make_windows(trace: RoutingTrace, draft_k: float, acceptance: float, seed: int = 0) -> list[tuple[int, int, int]]:
-    """(start, end, fed) of each verification window: it produces tokens [start, end) and the target
-    computes rows [start, fed), end <= fed (module docstring). A fractional `draft_k` is a mean, as
-    adaptive drafting gives: each window drafts floor(K) or floor(K) + 1 tokens (the latter with
-    probability frac(K))."""
+    """(start, end, fed) of each window: it produces tokens [start, end) and the target computes rows
+    [start, fed), end <= fed (module docstring). A sequence's prompt rows are one prefill window that
+    produces nothing (end == start). A fractional `draft_k` is a mean, as adaptive drafting gives: each
+    window drafts floor(K) or floor(K) + 1 tokens (the latter with probability frac(K))."""
     if draft_k < 0 or not 0.0 <= acceptance <= 1.0:
         raise MoespacError(f"need --draft-k >= 0 and 0 <= --acceptance <= 1, got {draft_k} and {acceptance}")
     rng = np.random.default_rng(seed)
     whole, frac = int(draft_k), draft_k - int(draft_k)
-    breaks = np.flatnonzero((np.diff(trace.sequence) != 0) | (np.diff(trace.positions) != 1)) + 1
+    breaks = np.flatnonzero((np.diff(trace.sequence) != 0) | (np.diff(trace.positions) != 1)
+                            | (np.diff(trace.phase) != 0)) + 1
     windows = []
     for start, end in zip(np.r_[0, breaks], np.r_[breaks, trace.n_tokens]):
+        if trace.phase[start] == PROMPT:
+            windows.append((int(start), int(start), int(end)))
+            continue
         while start < end:
             k = whole + int(rng.random() < frac) if frac else whole
             accepted = k if acceptance == 1.0 else min(k, int(rng.geometric(1.0 - acceptance)) - 1)
@@ -181,25 +194,26 @@ class StreamWindow:
 
 def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
          window: StreamWindow | None = None) -> np.ndarray:
-    """int [4, W]: tokens, needed, hits, prefetched per window; checks the policy never holds more
-    than it may nor keeps an expert it neither wanted nor used (that would be a free load). Hits
-    and prefetches count what the stream window (if any) already held as free."""
+    """int [4, W]: tokens, needed, hits, prefetched per decode window (prefill windows run uncounted);
+    checks the policy never holds more than it may nor keeps an expert it neither wanted nor used
+    (that would be a free load). Hits and prefetches count what the stream window (if any) already
+    held as free."""
     window = window or StreamWindow(0)
     counts = np.zeros((4, len(windows)), dtype=np.int64)
     for w, (a, b, fed) in enumerate(windows):
         kept = policy.resident.copy()
         tokens, experts = trace.tokens[a:fed], trace.experts[:, a:fed]
-        drafted = tokens[1:]  # the rows after the last committed token
+        drafted = tokens[1:] if b > a else tokens[:0]  # the rows after the last committed token
         want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None)
         used = used_experts(experts, trace.n_expert)
-        hits = policy.access(tokens, experts)
+        hits = policy.access(tokens, experts, prefill=b == a)
         if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
                 or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
             raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
         in_window = window.holds(used.shape)
         counts[:, w] = b - a, used.sum(), (hits | (used & in_window)).sum(), (want & ~kept & ~in_window).sum()
         window.stream(experts, used & ~hits, policy.resident)
-    return counts
+    return counts[:, counts[0] > 0]
 
 
 def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float, draft_k: float,
@@ -257,8 +271,8 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     device.load_s(expert_b, paging)  # one-line error for an unknown paging
     rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile, pinned), capacity,
                  warmup_of(profile, draft_k, acceptance, seed), stream_window)
-    return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging,
-                     trace.n_tokens, len(windows), capacity.total, cache_per_layer, budget,
+    return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging, pinned,
+                     stream_window, int(rep.tokens.sum()), len(rep.tokens), capacity.total, cache_per_layer, budget,
                      **timing(rep, device, expert_b, other_b, draft_k, paging))
 
 
@@ -283,6 +297,8 @@ def _print(r: SimResult) -> None:
     room = (f"{r.cache_per_layer} experts/layer" if r.cache_per_layer is not None
             else f"{format_size(r.budget_bytes)} budget")
     mode = f"K={r.draft_k:g}, A={r.acceptance}" if r.draft_k else "no speculation"
+    if r.pinned:
+        room += f", pinned + a {r.stream_window}-expert stream window"
     print(f"{r.policy} on {r.device}: {r.model} {r.quant}, {room} ({r.capacity_experts} experts), "
           f"{r.n_tokens} tokens in {r.n_windows} windows ({mode}; misses read {'by 4 KiB faults' if r.paging == 'fault' else 'in one read each'})")
     print(f"  hit rate         {r.hit_rate:.3f}")

@@ -33,6 +33,7 @@ FORMAT = "moespac-routing-trace-v1"
 MIXTRAL_N_EXPERT = 8
 ALIGNMENT = ("per problem, keep only the token indices every layer logged "
              "(intersection over layers); rows of other tokens are dropped")
+PROMPT, DECODE = 0, 1  # phase of a row: prefilled with its prompt, or generated
 _ARRAYS = ("experts", "weights", "tokens", "positions", "sequence", "phase")
 _DTYPES = {"experts": np.int16, "weights": np.float32, "tokens": np.int32,
            "positions": np.int32, "sequence": np.int32, "phase": np.uint8}
@@ -46,7 +47,7 @@ class RoutingTrace:
     tokens: np.ndarray     # int32 [n_tokens]; -1 when unknown (imported traces)
     positions: np.ndarray  # int32 [n_tokens]; position in its sequence
     sequence: np.ndarray   # int32 [n_tokens]; which prompt/generation each token belongs to
-    phase: np.ndarray      # uint8 [n_tokens]; 0 = prompt (prefill), 1 = decode
+    phase: np.ndarray      # uint8 [n_tokens]; PROMPT (prefill) or DECODE
     n_expert: int
     meta: dict             # JSON-able: model name/arch, source, prompt file, dates...
 

@@ -92,18 +92,22 @@ class EwmaUtility:
     first observation initialises it, so there is no warm-up bias toward zero. `freq` forgets per
     routed token: a step of r rows keeps (1 - alpha)^r of the old estimate, so a K + 1-row
     verification counts as K + 1 one-token steps (per step, alpha = 0.3 lagged SpAc by up to 16% on
-    speculative windows in the simulator; per token it matches or leads it, bench/results/sim.md).
+    speculative windows in the simulator), and a long prompt's prefill replaces most of what came
+    before it. alpha 0.3 remembers ~3 tokens, 0.02 ~50: which one serves depends on what a decision
+    costs (policy.MoeSpacPolicy).
     """
 
-    def __init__(self, n_layer: int, n_expert: int, alpha: float = 0.3):
-        if not 0.0 < alpha <= 1.0:
-            raise MoespacError(f"EWMA alpha must be in (0, 1], got {alpha}")
-        self.alpha = alpha
+    def __init__(self, n_layer: int, n_expert: int, alpha: float = 0.3, step_alpha: float = 0.3):
+        if not (0.0 < alpha <= 1.0 and 0.0 < step_alpha <= 1.0):
+            raise MoespacError(f"EWMA alphas must be in (0, 1], got {alpha} and {step_alpha}")
+        self.alpha, self.step_alpha = alpha, step_alpha  # rows per step follow adaptive K within a few steps
         self.freq = np.zeros((n_layer, n_expert))
-        self.tokens_per_step = 0.0
+        self.tokens_per_step = 0.0  # 0 until a step is seen: a plain decode step's one row is assumed
         self._seen = np.zeros(n_layer, dtype=bool)
 
-    def update(self, counts: np.ndarray, rows: np.ndarray) -> None:
+    def update(self, counts: np.ndarray, rows: np.ndarray, prefill: bool = False) -> None:
+        """Learn from one step's routing; a prefill (a prompt's rows) updates the frequency but not the
+        rows per step (a prompt is not a verification)."""
         counts = _check_shape(counts, self.freq.shape, "routing counts")
         rows = _check_shape(rows, self.freq.shape[:1], "routed rows")
         live = rows > 0
@@ -114,15 +118,14 @@ class EwmaUtility:
         # forget per routed token, not per step: a 5-row verification weighs as 5 one-token steps
         keep = (1.0 - self.alpha) ** rows[live, None]
         self.freq[live] = np.where(first[:, None], step_freq, keep * self.freq[live] + (1.0 - keep) * step_freq)
-        step_rows = float(rows.max())
-        self.tokens_per_step = self._blend(self.tokens_per_step, step_rows) if self._seen.any() else step_rows
         self._seen |= live
+        if not prefill:
+            step_rows = float(rows.max())
+            self.tokens_per_step = (step_rows if self.tokens_per_step == 0.0 else
+                                    (1.0 - self.step_alpha) * self.tokens_per_step + self.step_alpha * step_rows)
 
     def utility(self) -> np.ndarray:
-        return self.freq * self.tokens_per_step
-
-    def _blend(self, old, new):
-        return (1.0 - self.alpha) * old + self.alpha * new
+        return self.freq * (self.tokens_per_step or 1.0)
 
 
 class TokenPrior:
@@ -192,15 +195,16 @@ class UtilityEstimator:
         self.ewma = EwmaUtility(n_layer, n_expert, alpha) if method != "spac" else None
         self.prior = TokenPrior(n_layer, n_expert, prior_strength, max_tokens) if method == "prior" else None
 
-    def observe_verification(self, tokens, experts) -> None:
-        """Learn from one verification: the row token ids [n_tokens] and their routing."""
+    def observe_verification(self, tokens, experts, prefill: bool = False) -> None:
+        """Learn from one verification (or, with `prefill`, a prompt): the row token ids [n_tokens]
+        and their routing."""
         ids = _check_experts(experts, self.n_expert, self.n_layer)
         _check_tokens(tokens, ids.shape[1])
         counts = routing_counts(ids, self.n_expert)
         if self.spac is not None:
             self.spac.update(counts)
         if self.ewma is not None:
-            self.ewma.update(counts, routed_rows(ids))
+            self.ewma.update(counts, routed_rows(ids), prefill)
         if self.prior is not None:
             self.prior.observe(tokens, ids)
 
@@ -212,6 +216,17 @@ class UtilityEstimator:
         if self.prior is not None and draft_tokens is not None and len(draft_tokens) > 0:
             return self.prior.predict(draft_tokens, fallback=self.ewma.freq)
         return self.ewma.utility()
+
+    def predict_over(self, steps: float, draft_tokens=None) -> np.ndarray:
+        """Mean expected tokens per (layer, expert) per step over the next `steps` steps: the first
+        predicted from its drafted ids (if given), the others at the estimate's rate. What a plan
+        that holds experts for `steps` steps weighs: the drafted ids say nothing about later steps
+        (letting them stand for all 8 steps of the pinned plan read 17-32% more bytes on the traces
+        and capacities of bench/results/utility_memory.md, measured before this blend)."""
+        first = self.predict(draft_tokens)
+        if draft_tokens is None or len(draft_tokens) == 0 or steps <= 1:
+            return first
+        return ((steps - 1.0) * self.predict() + first) / steps
 
 
 def _ratio(num: int, den: int) -> float:

@@ -107,18 +107,39 @@ def test_spac_breaks_level_ties_by_recency():
 
 
 def test_moespac_prefetches_the_experts_of_the_drafted_token():
-    # token 7 routes to expert 3, token 5 to expert 1, one slot. Window 2 (draft 5) misses: its
-    # predicted 0.53 tokens for expert 1 do not pay for the move against the resident expert 3's 0.47
-    # (hysteresis: p(1) - 1/horizon < p(3)). After it the EWMA prefers expert 1 (0.51 vs 0.49), yet
-    # window 3's draft is token 7: the prior predicts 0.66 for expert 3, prefetches it and hits.
-    windows = single(3, 1, 1, 3)
-    drafts = [[7], [5], [5], [7]]
-    policy = MoeSpacPolicy(COSTS, expert_bytes=1e6, horizon_steps=8.0)  # a move amortized over 8 windows
-    hits, loads = drive(policy, windows, 1, 4, Capacity(1, 1), drafts=drafts)
-    assert hits == [0, 0, 0, 1] and loads == [1, 1, 1, 1]  # the last load is the prefetch
-    # amortized over 2 windows the same prediction (p = 0.48 < 1/2) does not pay for the move
-    hits, loads = drive(MoeSpacPolicy(COSTS, expert_bytes=1e6), windows, 1, 4, Capacity(1, 1), drafts=drafts)
-    assert hits == [0, 0, 0, 0]  # window 3 misses instead of prefetching
+    # a prompt [7, 5, 7, 5] routes token 7 to expert 3 and token 5 to expert 1: the long-run rate ties
+    # them (0.5 each). Pinned, one slot, nothing held after the prefill. Before a window drafting
+    # token 7, the first of the 8 horizon steps is predicted from the prior, (2 [0 0 0 1] + 2 x rate)
+    # / 4 = [0 .25 0 .75], the other 7 at the rate: u = [0 .46875 0 .53125]; the empty slot takes
+    # expert 3 and the window hits. Without the drafted id the tie goes to the lower id: a miss.
+    prompt = np.array([[[3], [1], [3], [1]]])
+    for draft, held, hit in (([7], 3, 1), (None, 1, 0)):
+        policy = MoeSpacPolicy(COSTS, expert_bytes=1e6, keep_used=False)
+        policy.reset(1, 4, Capacity(1, 1))
+        policy.before_window(None)
+        policy.access([7, 5, 7, 5], prompt, prefill=True)
+        np.testing.assert_allclose(policy.estimator.predict(), [[0, 0.5, 0, 0.5]])
+        want = policy.before_window(draft)
+        assert np.flatnonzero(want[0]).tolist() == [held]
+        assert int(policy.access([7], np.array([[[3]]])).sum()) == hit
+
+
+def test_moespac_drafted_ids_weigh_one_step_of_the_horizon():
+    # token 7 went to expert 3 fifty times, then 200 rows of token 5 to expert 1 moved the long-run
+    # rate to expert 1 (0.98^200: 2% left on expert 3). A draft of token 7 predicts expert 3 for the
+    # next window (prior ~0.96), but that is one of the 8 steps a held expert is weighed over:
+    # u(3) = (7 x 0.018 + 0.96) / 8 = 0.14 against u(1) = 0.86, so expert 3 goes for expert 1
+    # (letting the drafted ids stand for all 8 steps over-fetched in the simulator)
+    policy = MoeSpacPolicy(COSTS, expert_bytes=1e6, keep_used=False)
+    policy.reset(1, 4, Capacity(1, 1))
+    policy.before_window(None)
+    policy.access([7] * 50, np.array([[[3]] * 50]), prefill=True)
+    policy.before_window(None)
+    assert policy.resident[0, 3]
+    policy.access([5] * 200, np.array([[[1]] * 200]), prefill=True)
+    next_window = policy.estimator.predict([7])[0]
+    assert next_window[3] > 0.9 > 0.1 > next_window[1]
+    assert np.flatnonzero(policy.before_window([7])[0]).tolist() == [1]
 
 
 def test_moespac_without_free_keeps_holds_only_what_it_fetched():

@@ -9,7 +9,7 @@ import pytest
 from moespac_gguf import cli
 from moespac_gguf.errors import MoespacError
 from moespac_gguf.paths import SHARED_DIR
-from moespac_gguf.policy import POLICIES, Capacity, OnDemand
+from moespac_gguf.policy import POLICIES, Capacity, Lru, OnDemand
 from moespac_gguf.profiles import DATA_DIR, Device, load_device, load_model, names
 from moespac_gguf.sim import Replay, make_windows, replay, simulate, timing
 from moespac_gguf.sim_sweep import synthetic_routing
@@ -94,6 +94,19 @@ def test_a_window_needs_the_experts_of_rows_it_rejects():
     assert windows == [(0, 1, 3), (1, 2, 4), (2, 3, 4), (3, 4, 4)]
     rep = replay(trace, windows, OnDemand(), Capacity(0))
     assert rep.tokens.tolist() == [1, 1, 1, 1] and rep.needed.tolist() == [3, 3, 2, 1]
+
+
+def test_a_prompt_is_one_uncounted_prefill_window_that_warms_the_cache():
+    # sequence 0: prompt rows 0-2 (experts 0, 1, 2), decode rows 3-4 (experts 2, 0); one layer, LRU of 2
+    trace = make_trace([[[0], [1], [2], [2], [0]]], n_expert=3)
+    trace = dataclasses.replace(trace, phase=np.array([0, 0, 0, 1, 1]))
+    windows = make_windows(trace, 0, 0.7)
+    assert windows == [(0, 0, 3), (3, 4, 4), (4, 5, 5)]  # the prefill produces no token
+    rep = replay(trace, windows, Lru(), Capacity(2, 2))
+    # the prefill left experts 1 and 2 cached: row 3 (expert 2) hits, row 4 (expert 0) misses
+    assert rep.tokens.tolist() == [1, 1] and rep.needed.tolist() == [1, 1] and rep.hits.tolist() == [1, 0]
+    decode_only = trace.select(trace.phase == 1)
+    assert replay(decode_only, make_windows(decode_only, 0, 0.7), Lru(), Capacity(2, 2)).hits.tolist() == [0, 0]
 
 
 def test_timing_known_answer():
@@ -203,7 +216,8 @@ def test_cli_json_has_the_promised_keys(tmp_path, capsys):
     random_mixtral_trace(0).save(path)
     assert cli.main(["sim", "--trace", str(path), "--policy", "lru", "--cache-per-layer", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert {"hit_rate", "bytes_per_token", "tokens_per_s"} <= set(result)
+    assert {"hit_rate", "bytes_per_token", "tokens_per_s", "pinned", "stream_window"} <= set(result)
+    assert result["pinned"] is False and result["stream_window"] == 0
     assert result["hit_rate"] == lru_hit_rate(random_mixtral_trace(0), 4)
 
 

@@ -41,7 +41,7 @@ def test_spac_rejects_thresholds_that_could_fire_both_ways():
 
 
 def test_ewma_known_answer():
-    ewma = EwmaUtility(1, 3, alpha=0.5)
+    ewma = EwmaUtility(1, 3, alpha=0.5, step_alpha=0.5)
     first = route([0, 1], [0, 2])  # counts [2, 1, 1] over 2 rows
     ewma.update(routing_counts(first, 3), np.array([2]))
     assert ewma.utility().tolist() == [[2.0, 1.0, 1.0]]
@@ -59,6 +59,25 @@ def test_ewma_skips_layers_that_routed_nothing():
     est.observe_verification([3, 4], np.array([[[1], [1]], [[-1], [-1]]]))
     # layer 0: two rows keep .5**2: freq .25*[1,0] + .75*[0,1]; layer 1 unchanged [0, 1]; two rows per step
     np.testing.assert_allclose(est.predict(), [[0.5, 1.5], [0.0, 2.0]])
+
+
+def test_a_prefill_moves_the_frequency_but_not_the_rows_per_step():
+    ewma = EwmaUtility(1, 2, alpha=0.5)
+    ewma.update(routing_counts(route([0], [0], [1], [1]), 2), np.array([4]), prefill=True)
+    np.testing.assert_allclose(ewma.utility(), [[0.5, 0.5]])  # no step seen yet: one row per step
+    ewma.update(routing_counts(route([0], [0]), 2), np.array([2]))
+    # two rows keep .25: freq .25*[.5, .5] + .75*[1, 0]; rows per step: the first step's 2
+    np.testing.assert_allclose(ewma.utility(), [[2 * 0.875, 2 * 0.125]])
+
+
+def test_predict_over_weighs_the_drafted_ids_as_one_step():
+    est = UtilityEstimator(1, 2, method="prior", alpha=0.5)
+    est.observe_verification([7, 5], route([0], [1]))  # rate [.5, .5] per row, 2 rows per step
+    next_window = est.predict([7])                    # (1 [1, 0] + 2 [.5, .5]) / 3 = [2/3, 1/3]
+    np.testing.assert_allclose(next_window, [[2 / 3, 1 / 3]])
+    np.testing.assert_allclose(est.predict_over(4, [7]), (3 * est.predict() + next_window) / 4)
+    np.testing.assert_allclose(est.predict_over(4), est.predict())
+    np.testing.assert_allclose(est.predict_over(1, [7]), next_window)
 
 
 def test_token_prior_smooths_toward_global_frequency():

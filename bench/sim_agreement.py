@@ -46,8 +46,7 @@ TOLERANCE = 0.25
 MODELS = {"llama.cpp+random": ("lru-global", "fault", False),
           "moespac": ("moespac", "bulk", True)}
 # kernel read-ahead under reclaim: pages read ahead are evicted before use and read again
-NOT_MODELLED = {"llama.cpp": "kernel read-ahead under reclaim (not in the simulator)",
-                "llama.cpp+sd": "kernel read-ahead under reclaim (not in the simulator)"}
+NOT_MODELLED = dict.fromkeys(("llama.cpp", "llama.cpp+sd"), "kernel read-ahead under reclaim (not in the simulator)")
 
 
 def bench_trace(run: dict) -> Path:

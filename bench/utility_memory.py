@@ -35,7 +35,7 @@ COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=
 
 
 def mib_per_token(rep, expert_bytes: float) -> float:
-    return float((rep.needed - rep.hits + rep.prefetched).sum() * expert_bytes / rep.tokens.sum() / 2**20)
+    return rep.bytes_per_token(expert_bytes) / 2**20
 
 
 def rows_for(path: Path, draft_k: float, acceptance: float, window_share: float, max_sequences: int | None):

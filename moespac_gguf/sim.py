@@ -62,6 +62,11 @@ class Replay:
     prefetched: np.ndarray  # int [W]: experts loaded before it ran
     preloaded: int          # experts resident when the counted windows start (preload, warm-up)
 
+    def bytes_per_token(self, expert_bytes: float) -> float:
+        """Bytes moved per token produced: (misses + prefetches) x expert bytes."""
+        moved = (self.needed - self.hits + self.prefetched).sum()
+        return float(moved * expert_bytes / self.tokens.sum())
+
 
 @dataclass
 class SimResult:
@@ -203,10 +208,11 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
     for w, (a, b, fed) in enumerate(windows):
         kept = policy.resident.copy()
         tokens, experts = trace.tokens[a:fed], trace.experts[:, a:fed]
-        drafted = tokens[1:] if b > a else tokens[:0]  # the rows after the last committed token
+        prefill = b == a  # produces no token
+        drafted = tokens[:0] if prefill else tokens[1:]  # the rows after the last committed token
         want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None)
         used = used_experts(experts, trace.n_expert)
-        hits = policy.access(tokens, experts, prefill=b == a)
+        hits = policy.access(tokens, experts, prefill=prefill)
         if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
                 or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
             raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
@@ -226,7 +232,7 @@ def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float,
     stall = misses * load + np.maximum(0.0, rep.prefetched * load - device.io_overlap * (compute + draft))
     n_tokens = int(rep.tokens.sum())
     return {"hit_rate": float(rep.hits.sum() / max(1, rep.needed.sum())),
-            "bytes_per_token": float((misses.sum() + rep.prefetched.sum()) * expert_bytes / n_tokens),
+            "bytes_per_token": rep.bytes_per_token(expert_bytes),
             "prefetch_bytes_per_token": float(rep.prefetched.sum() * expert_bytes / n_tokens),
             "stall_s_per_token": float(stall.sum() / n_tokens),
             "tokens_per_s": float(n_tokens / (compute + draft + stall).sum()),

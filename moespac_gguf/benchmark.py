@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from .errors import MoespacError
+from .generate import SELF_DRAFT
 from .memcap import MemoryCap
 from .pages import drop_file_cache, file_cached_fraction, mapped_by_others, status_bytes
 from .paths import REPO_ROOT, SHARED_DIR
@@ -55,21 +56,23 @@ def _io_counters() -> tuple[int, int]:
 class PrefillMeter:
     """Speculative-loop observer: the bytes each prompt's prefill read (its own phase: a prefill
     batch routes to nearly every expert, so it would hide the decode's residency behaviour).
-    `begin()` before each prompt; decode steps cost it nothing."""
+    The phase ends when the first step's drafts are heard: the target's and the draft's prompt
+    prefills are in it (and that one step's drafting). `begin()` before each prompt."""
 
     def __init__(self):
         self.bytes_read = 0
-        self._start = 0
+        self._start: int | None = None
 
     def begin(self) -> None:
         self._start = _io_counters()[0]
 
     def on_draft(self, draft) -> None:
-        pass
+        if self._start is not None:
+            self.bytes_read += _io_counters()[0] - self._start
+            self._start = None
 
     def on_verify(self, event) -> None:
-        if event.phase == "prefill":
-            self.bytes_read += _io_counters()[0] - self._start
+        pass
 
 
 def run_contender(name: str, args) -> dict:
@@ -121,6 +124,8 @@ def run_contender(name: str, args) -> dict:
         result["engine"] = {"prefetched_bytes": st.prefetched_bytes, "evicted_bytes": st.evicted_bytes,
                             "plans": st.plans, "budget_bytes": m.residency.budget_bytes,
                             "pinned": m.residency.pin, "engine_budget_bytes": m.residency.engine.budget}
+    if m.draft is not None and m.draft.tap is not None:  # a self-draft under a budget
+        result["draft_tap"] = {"rerouted": m.draft.tap.rerouted, "demand_paged_bytes": m.draft.tap.demand_paged_bytes}
     if m.gate_tap is not None:
         result["gate"] = {"calls": m.gate_tap.calls, "seconds": m.gate_tap.seconds}
     if filler is not None:
@@ -145,9 +150,14 @@ def _child_argv(name: str, args) -> list[str]:
     return argv
 
 
+def _files(args) -> list[str]:
+    """The model files a contender maps (a self-draft maps the target's)."""
+    return [f for f in (args.model, args.model_draft) if f and f != SELF_DRAFT]
+
+
 def run_capped(name: str, args) -> dict:
     """One contender in its own cgroup, cold cache, as a child process."""
-    files = [f for f in (args.model, args.model_draft) if f]
+    files = _files(args)
     for f in files:
         drop_file_cache(f)
     # pages another process keeps mapped cannot be dropped (and are not charged to the cap): report them
@@ -203,7 +213,7 @@ def markdown(results: list[dict], args) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moespac bench", description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", required=True)
-    p.add_argument("-md", "--model-draft")
+    p.add_argument("-md", "--model-draft", help=f"draft GGUF, or '{SELF_DRAFT}' (the target routing fewer experts)")
     p.add_argument("--mem-cap", required=True, type=parse_size,
                    help="memory cap for each contender, e.g. 1.5G (0: no cap, the model fits)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
@@ -224,7 +234,7 @@ def main(argv: list[str]) -> int:
     if args.child:
         print(json.dumps(run_contender(args.child, args)))
         return 0
-    for f in filter(None, (args.model, args.model_draft)):
+    for f in _files(args):
         if not Path(f).is_file():
             raise MoespacError(f"no such file: {f}")
     names = args.contenders.split(",")
@@ -241,7 +251,7 @@ def main(argv: list[str]) -> int:
         raise MoespacError("moespac+slots needs a memory cap (--mem-cap): it sizes the slots")
     load_prompts(args.prompts, args.limit, select="spread")  # fail early on a bad prompt file
     results = []
-    for f in filter(None, (args.model, args.model_draft)):
+    for f in _files(args):
         pids = mapped_by_others(f)
         if pids:
             raise MoespacError(f"{f} is mapped by other processes (pids {', '.join(map(str, pids))}): their "

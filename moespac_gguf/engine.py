@@ -72,7 +72,7 @@ class ExpertMap:
             for e in range(self.n_expert):
                 self.ranges[layer.index, e] = layer.expert_ranges(e)
                 self.bytes[layer.index, e] = layer.bytes_per_expert
-        self.mapping = pages.find_mapping(layout.path)
+        self.mapping, *self.other_mappings = pages.find_mappings(layout.path)  # others: a self-draft's
 
     def other_ranges(self) -> list[tuple[int, int]]:
         """(file offset, length) of everything llama.cpp mapped but expert tensors: attention,
@@ -107,8 +107,8 @@ class ResidencyEngine:
         self.budget = budget_bytes
         self.pin = pin
         self.stats = EngineStats()
-        m = experts.mapping
-        pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
+        for m in (experts.mapping, *experts.other_mappings):
+            pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
         self.fd = os.open(experts.layout.path, os.O_RDONLY)
         # pinned: "resident" means locked (unlocked pages are the kernel's to reclaim)
         self.resident = np.zeros((experts.n_layer, experts.n_expert), bool) if pin else experts.resident()
@@ -242,6 +242,8 @@ class ResidencyEngine:
             try:
                 if unlock:
                     pages.munlock(addr, n)
+                for other in self.map.other_mappings:  # PAGEOUT leaves pages another mapping shares
+                    pages.madvise(other.address(off), n, pages.MADV_DONTNEED)
                 pages.madvise(addr, n, pages.MADV_PAGEOUT)
             except OSError:
                 if not best_effort:
@@ -250,10 +252,10 @@ class ResidencyEngine:
     def _evict(self, ix: tuple[int, int]) -> None:
         # PAGEOUT reclaims the pages mapped here; fadvise drops what is cached
         # but unmapped (demand-paged and never touched, or the pread fallback).
+        self.resident[ix] = False  # first: a draft restricted to held experts stops using it
         self._page_out(ix, unlock=self.pin)
         for off, n in self.map.ranges[ix]:
             os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
-        self.resident[ix] = False
         self.stats.evictions += 1
         self.stats.evicted_bytes += int(self.map.bytes[ix])
 

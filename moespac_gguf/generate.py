@@ -65,6 +65,25 @@ class TextStream:
         return s
 
 
+SELF_DRAFT = "self"  # -md self: the target drafts for itself, routing DRAFT_TOP_K experts per token
+DRAFT_TOP_K = 1
+
+
+def self_draft_overrides(layout: MoeLayout) -> dict[str, int]:
+    """Metadata that turns the target into its own draft: the same weights, fewer routed experts.
+
+    Loaded from the same file, the draft shares the target's page-cache pages: it costs no
+    weight memory (under a cap a separate draft's file takes memory experts could have). Under
+    a memory budget its routing is restricted to the experts the engine holds (patch 0009), so
+    it reads nothing either: unrestricted, its reads of experts not held landed in the unlocked
+    window and were mostly reclaimed before verification (bench/results/memcap_16x_self_run1).
+    """
+    if layout.n_expert_used <= DRAFT_TOP_K:
+        raise MoespacError(f"-md {SELF_DRAFT} needs a target that routes more than {DRAFT_TOP_K} expert(s) "
+                           f"per token; {Path(layout.path).name} routes {layout.n_expert_used}")
+    return {f"{layout.arch}.expert_used_count": DRAFT_TOP_K}
+
+
 def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
     """Bytes left for expert weights once everything else that must stay in memory is counted."""
     runtime = pages.status_bytes("RssAnon")
@@ -107,7 +126,8 @@ def render_chat(template: str, messages: list[dict], bos: str, eos: str) -> str:
 
 
 class MoeSpac:
-    """A GGUF MoE target, optionally drafted by a small GGUF model of the same vocabulary."""
+    """A GGUF MoE target, optionally drafted by a small GGUF model of the same vocabulary
+    or by itself routing fewer experts (`draft_model_path="self"`)."""
 
     def __init__(self, model_path: str | Path, draft_model_path: str | Path | None = None, *,
                  n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
@@ -119,7 +139,8 @@ class MoeSpac:
         set_verbose(verbose)
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
-        if draft_model_path is not None and not Path(draft_model_path).is_file():
+        self_draft = draft_model_path is not None and str(draft_model_path) == SELF_DRAFT
+        if draft_model_path is not None and not self_draft and not Path(draft_model_path).is_file():
             raise MoespacError(f"no such draft file: {draft_model_path}")
         if gate is not None and mem_budget is None:
             raise MoespacError("a lookahead gate needs a memory budget (--mem-budget): its predictions "
@@ -130,7 +151,10 @@ class MoeSpac:
                               capture=self.gate_tap)
         self.draft = None
         try:
-            if draft_model_path is not None:
+            if self_draft:  # with a budget, its tap restricts routing to the held experts (below)
+                self.draft = Session(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
+                                     tap=mem_budget is not None, overrides=self_draft_overrides(self.layout))
+            elif draft_model_path is not None:
                 self.draft = Session(draft_model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                                      tap=False)
             self.decoder = SpeculativeDecoder(self.target, self.draft, draft_max=draft_max,
@@ -138,12 +162,17 @@ class MoeSpac:
             self.residency = None
             if mem_budget is not None:
                 budget = parse_size(mem_budget) if isinstance(mem_budget, str) else int(mem_budget)
-                draft_bytes = Path(draft_model_path).stat().st_size if draft_model_path else 0
+                own_draft = draft_model_path if draft_model_path and not self_draft else None
+                draft_bytes = Path(own_draft).stat().st_size if own_draft else 0
                 self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes),
-                                                     draft_path=draft_model_path, draft_max=draft_max)
+                                                     draft_path=own_draft, draft_max=draft_max)
                 self.decoder.subscribe(self.residency if lookahead is None else
                                        GatedResidency(self.residency, lookahead, tap=self.gate_tap))
-                self.target.tap.set_demand_page_in(True)
+                for s in (self.target, self.draft):
+                    if s is not None and s.tap is not None:
+                        s.tap.set_demand_page_in(True)
+                if self_draft:  # the draft computes with held experts only: it reads nothing
+                    self.draft.tap.restrict_to(self.residency.engine.resident)
         except Exception:
             self.close()
             raise
@@ -256,7 +285,8 @@ class MoeSpac:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The llama.cpp-style flags shared by every command that runs a model."""
     p.add_argument("-m", "--model", required=True, help="target GGUF (MoE), or a demo model's name (moespac models)")
-    p.add_argument("-md", "--model-draft", help="draft GGUF with the same vocabulary, or a demo model's name")
+    p.add_argument("-md", "--model-draft", help="draft GGUF with the same vocabulary, a demo model's name, or "
+                   f"'{SELF_DRAFT}' (the target routing {DRAFT_TOP_K} expert per token: no extra weights)")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="batch size (default 512)")
@@ -276,7 +306,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def open_model(args) -> MoeSpac:
     from .models import resolve_model  # -m accepts a file or a demo model's name
 
-    draft = str(resolve_model(args.model_draft)) if args.model_draft else None
+    draft = args.model_draft
+    if draft and draft != SELF_DRAFT:
+        draft = str(resolve_model(draft))
     return MoeSpac(str(resolve_model(args.model)), draft, n_ctx=args.ctx_size, n_threads=args.threads,
                    n_batch=args.batch_size, draft_max=args.draft_max,
                    adaptive_draft=not args.no_adaptive_draft, seed=args.seed, mem_budget=args.mem_budget,

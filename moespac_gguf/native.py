@@ -14,7 +14,7 @@ import sys
 from .errors import MoespacError
 
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 
@@ -59,6 +59,8 @@ def _declare(lib) -> None:
         "llama_moespac_tap_overflow": (c.c_int32, [c.c_void_p]),
         "llama_moespac_tap_set_willneed": (None, [c.c_void_p, c.c_bool]),
         "llama_moespac_tap_willneed_bytes": (c.c_int64, [c.c_void_p]),
+        "llama_moespac_tap_set_allowed": (None, [c.c_void_p, c.c_void_p, c.c_int32]),
+        "llama_moespac_tap_rerouted": (c.c_int64, [c.c_void_p]),
         # expert slot cache (patches 0005-0007, include/llama-moespac-slots.h)
         "llama_moespac_slots_new": (c.c_void_p, [c.c_void_p, c.POINTER(c.c_int32), c.c_int32, c.c_void_p]),
         "llama_moespac_slots_free": (None, [c.c_void_p]),

@@ -2,7 +2,9 @@
 
 Measured on this kernel (NOTES.md): MADV_PAGEOUT really drops resident file
 pages (splitting large folios it only partly covers) but only pages mapped in
-this process; MADV_WILLNEED is asynchronous; MADV_POPULATE_READ maps pages in,
+this process, and only pages no other mapping shares (a page two mappings of
+the file share stays put until MADV_DONTNEED unmaps it from the others, which
+alone evicts nothing); MADV_WILLNEED is asynchronous; MADV_POPULATE_READ maps pages in,
 waiting for them; MADV_RANDOM stops fault readahead (the cheap trick that halves
 I/O); posix_fadvise(DONTNEED) drops only unmapped clean pages in folios wholly
 inside the range (a whole file: a cold cache before a benchmark run; a small
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-MADV_RANDOM, MADV_WILLNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 1, 3, 21, 22
+MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 1, 3, 4, 21, 22
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -39,21 +41,25 @@ class Mapping:
         return self.start + file_offset - self.offset
 
 
-def find_mapping(path: str | Path) -> Mapping:
-    """The largest mapping of `path` in this process (llama.cpp maps the whole model once)."""
+def find_mappings(path: str | Path) -> list[Mapping]:
+    """Every mapping of `path` in this process, largest first (llama.cpp maps a model whole, once
+    per loaded model: a target drafting for itself is mapped twice)."""
     target = os.path.realpath(path)
-    best = None
+    found = []
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].strip() == target:
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                m = Mapping(lo, hi, int(parts[2], 16))
-                if best is None or m.end - m.start > best.end - best.start:
-                    best = m
-    if best is None:
+                found.append(Mapping(lo, hi, int(parts[2], 16)))
+    if not found:
         raise RuntimeError(f"{path} is not memory-mapped in this process (was it loaded with use_mmap?)")
-    return best
+    return sorted(found, key=lambda m: m.start - m.end)
+
+
+def find_mapping(path: str | Path) -> Mapping:
+    """The largest mapping of `path` in this process."""
+    return find_mappings(path)[0]
 
 
 def mapped_by_others(path: str | Path) -> list[int]:

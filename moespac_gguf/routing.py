@@ -81,6 +81,25 @@ class RoutingTap:
     def demand_paged_bytes(self) -> int:
         return int(lib.llama_moespac_tap_willneed_bytes(self.handle))
 
+    def restrict_to(self, allowed: np.ndarray | None) -> None:
+        """Route only to experts where `allowed` (bool [n_layer, n_expert], read in place at every
+        decode: keep it alive and update it in place) is True, best-ranked first (patch 0009); a
+        layer with fewer than top-k allowed falls back to its best-ranked others. None: off."""
+        if allowed is None:
+            self._allowed = None
+            lib.llama_moespac_tap_set_allowed(self.handle, None, 0)
+            return
+        if allowed.dtype != np.bool_ or allowed.ndim != 2 or allowed.shape[0] != self.n_layer \
+                or not allowed.flags.c_contiguous:
+            raise ValueError(f"allowed must be a C-contiguous bool [{self.n_layer}, n_expert] array")
+        self._allowed = allowed  # the C side holds a pointer into it
+        lib.llama_moespac_tap_set_allowed(self.handle, allowed.ctypes.data, allowed.shape[1])
+
+    @property
+    def rerouted(self) -> int:
+        """Selections replaced by an allowed expert so far."""
+        return int(lib.llama_moespac_tap_rerouted(self.handle))
+
     def read(self, n_tokens: int, output_rows: np.ndarray | None = None) -> Routing:
         """Routing of the `n_tokens` decoded since reset().
 

@@ -34,8 +34,10 @@ class Session:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_batch: int = 512,
                  n_threads: int | None = None, tap: bool = True, use_mmap: bool = True,
-                 capture=None):
+                 capture=None, overrides: dict[str, int] | None = None):
         """`capture`: an optional TensorCapture (offline hidden-state collection).
+        `overrides`: integer metadata llama.cpp reads in place of the file's (kv_overrides),
+        e.g. `{"llama.expert_used_count": 1}` for the target as its own draft.
 
         Flash attention is off: its CPU kernel tiles a multi-token batch differently
         from a single token (measured: 1e-3 in attention output, 0.9 in logits after
@@ -48,6 +50,13 @@ class Session:
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.use_mmap = use_mmap
+        if overrides:
+            self._overrides = (L.llama_model_kv_override * (len(overrides) + 1))()
+            for slot, (key, value) in zip(self._overrides, overrides.items()):
+                slot.key = key.encode()
+                slot.tag = L.LLAMA_KV_OVERRIDE_TYPE_INT
+                slot.value.val_i64 = int(value)
+            mparams.kv_overrides = self._overrides
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise MoespacError(f"llama.cpp could not load {self.path}: {last_log_line() or 'unknown error'}")
@@ -55,7 +64,8 @@ class Session:
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_layer = L.llama_model_n_layer(self.model)
         self.n_batch = n_batch = min(n_batch, n_ctx)  # llama.cpp clamps n_batch to n_ctx; split the same way
-        n_used = int(self.metadata(f"{self.metadata('general.architecture')}.expert_used_count") or 0)
+        used_key = f"{self.metadata('general.architecture')}.expert_used_count"
+        n_used = int((overrides or {}).get(used_key) or self.metadata(used_key) or 0)
         # the tap holds one decode call's rows: at most one batch
         self.tap = RoutingTap(self.n_layer, n_used, n_batch) if tap and n_used else None
 

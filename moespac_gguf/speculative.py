@@ -231,10 +231,13 @@ class SpeculativeDecoder:
         for s in (target, draft):
             if s is not None:
                 s.reset()
-                if len(prompt) > 1:
-                    s.decode(prompt[:-1])
         if len(prompt) > 1:
+            target.decode(prompt[:-1])
+            # observers plan residency from the prompt's routing before the draft's own prefill,
+            # which may route to what they hold (a self-draft restricted to held experts)
             self._publish(VerificationEvent("prefill", prompt[:-1], [], 0, [], target.last_routing))
+            if draft is not None:
+                draft.decode(prompt[:-1])
         st.t_prompt = time.perf_counter() - t0
         committed, last = list(prompt), prompt[-1]
         try:

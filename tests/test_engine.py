@@ -219,3 +219,54 @@ def test_other_ranges_lie_inside_the_mapping_and_miss_every_expert(loaded):
     assert pages.mlock_ranges([(m.address(off), n) for off, n in other])
     for off, n in other:
         pages.munlock(m.address(off), n)
+
+
+def test_eviction_reaches_pages_a_second_mapping_shares(loaded):
+    """A self-draft maps the model file a second time. MADV_PAGEOUT skips a page another mapping
+    shares, so the engine unmaps the expert there first: evicted means gone from RAM."""
+    layout, _ = loaded
+    with Session(layout.path, n_ctx=128, tap=False):
+        em = ExpertMap(layout)
+        assert len(em.other_mappings) == 1
+
+        def touch(ix):
+            for m in (em.mapping, *em.other_mappings):
+                for off, n in em.ranges[ix]:
+                    pages.madvise(m.address(off), n, pages.MADV_POPULATE_READ)
+
+        touch((1, 2))
+        for off, n in em.ranges[1, 2]:  # the control: PAGEOUT through one mapping alone
+            pages.madvise(em.mapping.address(off), n, pages.MADV_PAGEOUT)
+        assert em.resident()[1, 2], "PAGEOUT evicted a shared page: the DONTNEED step would be untested"
+        eng = ResidencyEngine(em, 8 * int(em.bytes[0, 0]))
+        try:
+            touch((1, 2))
+            touch((2, 5))
+            eng._evict((1, 2))
+            real = em.resident()
+            assert not real[1, 2] and real[2, 5]
+        finally:
+            eng.close()
+
+
+def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
+    """-md self: the target routing one expert per token drafts for itself. Greedy output stays
+    the target's own; the draft maps the same file (no weights of its own to budget), routes one
+    expert per token and pages its experts in whole, as the target does."""
+    target = tiny_moe(SPEC)
+    prompt = "the draft is the target with fewer experts"
+    with MoeSpac(target, n_ctx=256) as plain:
+        plain.create_completion(prompt, max_tokens=40)
+        ref = plain.completion_tokens
+    layout = read_layout(target)
+    with MoeSpac(target, "self", n_ctx=256, draft_max=4, adaptive_draft=False,
+                 mem_budget=layout.other_bytes + (600 << 20)) as m:
+        m.create_completion(prompt, max_tokens=40)
+        assert m.completion_tokens == ref
+        assert m.stats.n_drafted > 0 and m.stats.n_accepted > 0
+        assert m.draft.path == m.target.path and len(pages.find_mappings(target)) == 2
+        assert m.draft.tap.k == 1 and m.draft.last_routing.experts.shape[2] == 1
+        assert m.draft.tap.demand_paged_bytes > 0
+        assert len(m.residency.map.other_mappings) == 1
+    with pytest.raises(MoespacError, match="-md self needs a target that routes more than 1"):
+        MoeSpac(tiny_moe(SPEC, n_expert_used=1), "self")

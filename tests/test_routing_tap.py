@@ -103,3 +103,30 @@ def test_chained_callback_is_asked_only_about_its_names(tiny_moe):
     assert any(not n.startswith("ffn_norm-") for n in unfiltered[0])
     assert filtered[0] and all(n.startswith("ffn_norm-") for n in filtered[0])
     assert filtered[1] == unfiltered[1] and len(filtered[1]) == 3
+
+
+def test_restricted_routing_picks_the_best_ranked_allowed_experts(tiny_moe):
+    """restrict_to (patch 0009): every row's experts become the best-ranked allowed ones by the
+    router's own logits; a layer allowing fewer than top-k fills up with its best-ranked others."""
+    path = tiny_moe(n_layer=3)
+    layout = read_layout(path)
+    k, n_expert = layout.n_expert_used, layout.n_expert
+    allowed = np.zeros((3, n_expert), bool)
+    allowed[0, [1, 4, 6]] = True   # a choice among three
+    allowed[1, 5] = True           # one allowed: it, then the best other
+    # layer 2 allows nothing: the router's own top-k
+    cap = TensorCapture("ffn_norm", "attn_post_norm")
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+    with Session(path, n_ctx=128, capture=cap) as s:
+        s.tap.restrict_to(allowed)
+        s.decode(s.tokenize(PROMPT), all_logits=True)
+        got = s.last_routing.experts
+        assert s.tap.rerouted > 0
+        s.tap.restrict_to(None)
+    for l in range(3):
+        h = cap.take(f"ffn_norm-{l}") if f"ffn_norm-{l}" in cap.captured else cap.take(f"attn_post_norm-{l}")
+        rank = np.argsort(-(h @ tensors[f"blk.{l}.ffn_gate_inp.weight"].T), axis=1)
+        want = [[e for e in row if allowed[l, e]][:k] for row in rank]
+        want = np.sort([w + [e for e in row if not allowed[l, e]][:k - len(w)] for w, row in zip(want, rank)], axis=1)
+        assert (np.sort(got[l], axis=1) == want).all(), f"layer {l}"
+    assert set(np.unique(got[0])) <= {1, 4, 6} and (got[1] == 5).any(axis=1).all()

@@ -28,6 +28,7 @@ import psutil
 
 from . import pages
 from .errors import MoespacError
+from .generate import SELF_DRAFT, self_draft_overrides
 from .layout import read_layout
 from .memcap import MemoryCap
 from .pages import drop_file_cache
@@ -149,10 +150,11 @@ def decode_costs(path: str, threads: int | None = None, repeat: int = 16) -> dic
             "step_overhead_s": max(one - marginal, 0.0)}
 
 
-def draft_s_per_token(path: str, threads: int | None = None, repeat: int = 16) -> float:
+def draft_s_per_token(path: str, threads: int | None = None, repeat: int = 16,
+                      overrides: dict[str, int] | None = None) -> float:
     from .session import Session
 
-    with Session(path, n_ctx=256, n_threads=threads, tap=False) as s:
+    with Session(path, n_ctx=256, n_threads=threads, tap=False, overrides=overrides) as s:
         s.decode(s.tokenize("warm up"))
         _decode_s(s, [s.bos], 2)
         return _decode_s(s, [s.bos], repeat)
@@ -161,7 +163,8 @@ def draft_s_per_token(path: str, threads: int | None = None, repeat: int = 16) -
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moespac calibrate", description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", required=True, help="a GGUF MoE on the disk to measure")
-    p.add_argument("-md", "--model-draft", help="draft GGUF: also measure its time per token")
+    p.add_argument("-md", "--model-draft", help="draft GGUF, or 'self' (the target routing fewer experts): "
+                   "also measure its time per token")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--under-pressure", action="store_true", help="measure the read costs inside a small memory "
                    "cgroup (every read evicts a page first), as runs under --mem-cap/--mem-budget see them")
@@ -171,7 +174,7 @@ def main(argv: list[str]) -> int:
     if args.read_costs_child:
         print(json.dumps(_read_costs(args.model, args.read_costs_child)))
         return 0
-    read_layout(args.model)  # one-line errors for bad models
+    layout = read_layout(args.model)  # one-line errors for bad models
     copy, read = memory_bps()
     profile = {
         **read_costs(args.model, args.under_pressure),
@@ -186,7 +189,10 @@ def main(argv: list[str]) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    if args.model_draft:
+    if args.model_draft == SELF_DRAFT:
+        profile["draft_s_per_token"] = draft_s_per_token(args.model, threads=args.threads,
+                                                         overrides=self_draft_overrides(layout))
+    elif args.model_draft:
         profile["draft_s_per_token"] = draft_s_per_token(args.model_draft, threads=args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,4 +1,5 @@
-"""The speculative decoding loop: a dense draft proposes, the MoE target verifies.
+"""The speculative decoding loop: a draft (a small dense model, or the target routing fewer
+experts) proposes, the MoE target verifies.
 
 Each step the draft proposes K tokens, the target decodes [last, d1..dK] in ONE
 batch with logits at every position, and the standard rule accepts a prefix:

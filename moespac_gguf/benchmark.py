@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 from .errors import MoespacError
-from .generate import SELF_DRAFT
 from .memcap import MemoryCap
 from .pages import drop_file_cache, file_cached_fraction, mapped_by_others, status_bytes
 from .paths import REPO_ROOT, SHARED_DIR
 from .record import format_prompt, load_prompts
+from .session import SELF_DRAFT
 from .speculative import DecodeStats
 from .units import format_size, parse_size
 

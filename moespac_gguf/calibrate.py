@@ -28,7 +28,6 @@ import psutil
 
 from . import pages
 from .errors import MoespacError
-from .generate import SELF_DRAFT, self_draft_overrides
 from .layout import read_layout
 from .memcap import MemoryCap
 from .pages import drop_file_cache
@@ -92,11 +91,11 @@ def fault_s_per_page(path: str, total: int = 384 << 20) -> float:
     return elapsed / (length // mmap.PAGESIZE)
 
 
-def read_costs(path: str, under_pressure: bool) -> dict:
-    """flash_read_bps and fault_s_per_page; `under_pressure`: measured in a child process inside a
-    memory cgroup much smaller than what it reads, so every page read first evicts another, as in
-    a run under `--mem-cap`/`--mem-budget` (reclaim, not the disk, can set the pace there)."""
-    chunk = int(read_layout(path).mean_bytes_per_expert)
+def read_costs(path: str, chunk: int, under_pressure: bool) -> dict:
+    """flash_read_bps (reads of `chunk` bytes, one expert's) and fault_s_per_page; `under_pressure`:
+    measured in a child process inside a memory cgroup much smaller than what it reads, so every
+    page read first evicts another, as in a run under `--mem-cap`/`--mem-budget` (reclaim, not the
+    disk, can set the pace there)."""
     if not under_pressure:
         return _read_costs(path, chunk)
     # the child must not parse the GGUF: its metadata (the vocabulary) alone would fill the cgroup
@@ -135,12 +134,11 @@ def _decode_s(session, tokens: list[int], repeat: int) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def decode_costs(path: str, threads: int | None = None, repeat: int = 16) -> dict:
-    """cpu_s_per_token_expert and step_overhead_s of the target, with its pages cached."""
+def decode_costs(layout, threads: int | None = None, repeat: int = 16) -> dict:
+    """cpu_s_per_token_expert and step_overhead_s of the target (`layout`'s file), with its pages cached."""
     from .session import Session
 
-    layout = read_layout(path)
-    with Session(path, n_ctx=256, n_threads=threads, tap=False) as s:
+    with Session(layout.path, n_ctx=256, n_threads=threads, tap=False) as s:
         s.decode(s.tokenize("warm up the page cache and the threads"))
         tok = s.bos
         _decode_s(s, [tok] * 9, 2)  # warm-up
@@ -150,10 +148,11 @@ def decode_costs(path: str, threads: int | None = None, repeat: int = 16) -> dic
             "step_overhead_s": max(one - marginal, 0.0)}
 
 
-def draft_s_per_token(path: str, threads: int | None = None, repeat: int = 16,
-                      overrides: dict[str, int] | None = None) -> float:
-    from .session import Session
+def draft_s_per_token(draft: str, layout, threads: int | None = None, repeat: int = 16) -> float:
+    """One drafted token's time; `draft` as -md takes it (a file, or 'self' for the target `layout`)."""
+    from .session import Session, draft_source
 
+    path, overrides = draft_source(draft, layout)
     with Session(path, n_ctx=256, n_threads=threads, tap=False, overrides=overrides) as s:
         s.decode(s.tokenize("warm up"))
         _decode_s(s, [s.bos], 2)
@@ -177,23 +176,20 @@ def main(argv: list[str]) -> int:
     layout = read_layout(args.model)  # one-line errors for bad models
     copy, read = memory_bps()
     profile = {
-        **read_costs(args.model, args.under_pressure),
+        **read_costs(args.model, int(layout.mean_bytes_per_expert), args.under_pressure),
         "page_in_latency_s": page_in_latency_s(args.model),
         "memcpy_bps": copy,
         "mem_bps": read,
         "mem_bytes": psutil.virtual_memory().total,
         # prefetches overlap compute only on a core the decode threads leave free
         "io_overlap": 0.0 if (args.threads or os.cpu_count() or 1) >= (os.cpu_count() or 1) else 1.0,
-        **decode_costs(args.model, threads=args.threads),
+        **decode_costs(layout, threads=args.threads),
         "model": os.path.abspath(args.model),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    if args.model_draft == SELF_DRAFT:
-        profile["draft_s_per_token"] = draft_s_per_token(args.model, threads=args.threads,
-                                                         overrides=self_draft_overrides(layout))
-    elif args.model_draft:
-        profile["draft_s_per_token"] = draft_s_per_token(args.model_draft, threads=args.threads)
+    if args.model_draft:
+        profile["draft_s_per_token"] = draft_s_per_token(args.model_draft, layout, threads=args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(profile, f, indent=1)

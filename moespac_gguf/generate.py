@@ -20,7 +20,7 @@ from .gate import LookaheadGate
 from .gate_runtime import GatedResidency, GateTap
 from .layout import MoeLayout, read_layout
 from .native import set_verbose
-from .session import Session
+from .session import DRAFT_TOP_K, SELF_DRAFT, Session, draft_source
 from .speculative import DecodeStats, Sampler, SpeculativeDecoder
 from .units import format_size, parse_size
 
@@ -63,25 +63,6 @@ class TextStream:
     def _release(self, s: str) -> str:
         self.text += s
         return s
-
-
-SELF_DRAFT = "self"  # -md self: the target drafts for itself, routing DRAFT_TOP_K experts per token
-DRAFT_TOP_K = 1
-
-
-def self_draft_overrides(layout: MoeLayout) -> dict[str, int]:
-    """Metadata that turns the target into its own draft: the same weights, fewer routed experts.
-
-    Loaded from the same file, the draft shares the target's page-cache pages: it costs no
-    weight memory (under a cap a separate draft's file takes memory experts could have). Under
-    a memory budget its routing is restricted to the experts the engine holds (patch 0009), so
-    it reads nothing either: unrestricted, its reads of experts not held landed in the unlocked
-    window and were mostly reclaimed before verification (bench/results/memcap_16x_self_run1).
-    """
-    if layout.n_expert_used <= DRAFT_TOP_K:
-        raise MoespacError(f"-md {SELF_DRAFT} needs a target that routes more than {DRAFT_TOP_K} expert(s) "
-                           f"per token; {Path(layout.path).name} routes {layout.n_expert_used}")
-    return {f"{layout.arch}.expert_used_count": DRAFT_TOP_K}
 
 
 def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
@@ -151,12 +132,10 @@ class MoeSpac:
                               capture=self.gate_tap)
         self.draft = None
         try:
-            if self_draft:  # with a budget, its tap restricts routing to the held experts (below)
-                self.draft = Session(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
-                                     tap=mem_budget is not None, overrides=self_draft_overrides(self.layout))
-            elif draft_model_path is not None:
-                self.draft = Session(draft_model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
-                                     tap=False)
+            if draft_model_path is not None:  # a self-draft's tap, with a budget, restricts its routing (below)
+                path, overrides = draft_source(draft_model_path, self.layout)
+                self.draft = Session(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
+                                     tap=self_draft and mem_budget is not None, overrides=overrides)
             self.decoder = SpeculativeDecoder(self.target, self.draft, draft_max=draft_max,
                                               adaptive=adaptive_draft)
             self.residency = None

@@ -14,11 +14,33 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MoespacError
-from .layout import GGUF_MAGIC
+from .layout import GGUF_MAGIC, MoeLayout
 from .native import last_log_line, llama_cpp
 from .routing import Routing, RoutingTap
 
 L = llama_cpp  # the low-level bindings (llama_cpp.llama_cpp re-exported by the package)
+
+
+SELF_DRAFT = "self"  # a draft argument (-md self): the target drafts for itself, routing DRAFT_TOP_K experts
+DRAFT_TOP_K = 1
+
+
+def draft_source(draft: str | Path, layout: MoeLayout) -> tuple[str, dict[str, int] | None]:
+    """(file, metadata overrides) a draft argument loads: a GGUF path as it is, or SELF_DRAFT, the
+    target's own file with fewer routed experts (`layout` is the target's).
+
+    Loaded from the same file, a self-draft shares the target's page-cache pages: it costs no
+    weight memory (under a cap a separate draft's file takes memory experts could have). Under
+    a memory budget its routing is restricted to the experts the engine holds (patch 0009), so
+    it reads nothing either: unrestricted, its reads of experts not held landed in the unlocked
+    window and were mostly reclaimed before verification (bench/results/memcap_16x_self_run1).
+    """
+    if str(draft) != SELF_DRAFT:
+        return str(draft), None
+    if layout.n_expert_used <= DRAFT_TOP_K:
+        raise MoespacError(f"-md {SELF_DRAFT} needs a target that routes more than {DRAFT_TOP_K} expert(s) "
+                           f"per token; {Path(layout.path).name} routes {layout.n_expert_used}")
+    return layout.path, {f"{layout.arch}.expert_used_count": DRAFT_TOP_K}
 
 
 def _check_gguf_path(path: Path) -> None:

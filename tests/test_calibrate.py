@@ -4,6 +4,7 @@ import json
 
 from moespac_gguf import cli
 from moespac_gguf.calibrate import _cold_window, read_costs
+from moespac_gguf.layout import read_layout
 from moespac_gguf.memcap import _own_cgroup
 from moespac_gguf.profiles import load_device
 
@@ -20,7 +21,8 @@ def test_read_costs_here_and_under_pressure(tiny_moe):
     path = str(tiny_moe())
     _, parent = _own_cgroup()
     before = sorted(p.name for p in parent.iterdir() if p.name.startswith("moespac-"))
-    here, capped = read_costs(path, under_pressure=False), read_costs(path, under_pressure=True)
+    chunk = int(read_layout(path).mean_bytes_per_expert)
+    here, capped = read_costs(path, chunk, under_pressure=False), read_costs(path, chunk, under_pressure=True)
     for costs in (here, capped):
         assert costs["flash_read_bps"] > 0 and 0 < costs["fault_s_per_page"] < 0.1
     assert capped["pressure_cap_bytes"] == 128 << 20 and "pressure_cap_bytes" not in here

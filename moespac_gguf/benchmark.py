@@ -66,7 +66,7 @@ class PrefillMeter:
     def begin(self) -> None:
         self._start = _io_counters()[0]
 
-    def on_draft(self, draft) -> None:
+    def on_draft(self, draft, ahead=None) -> None:
         if self._start is not None:
             self.bytes_read += _io_counters()[0] - self._start
             self._start = None
@@ -84,7 +84,8 @@ def run_contender(name: str, args) -> dict:
     draft = args.model_draft if name == "llama.cpp+sd" or managed else None
     budget = args.mem_cap if managed and args.mem_cap else None
     m = MoeSpac(args.model, draft, n_ctx=args.ctx_size, n_threads=args.threads, draft_max=args.draft_max,
-                mem_budget=budget, gate=args.gate if name == "moespac+gate" else None)
+                mem_budget=budget, gate=args.gate if name == "moespac+gate" else None,
+                draft_ahead=args.draft_ahead if managed else None)
     filler = None
     if name == "moespac+slots":
         if budget is None:
@@ -145,6 +146,8 @@ def _child_argv(name: str, args) -> list[str]:
         argv += ["--gate", args.gate]
     if args.threads:
         argv += ["-t", str(args.threads)]
+    if args.draft_ahead is not None:
+        argv += ["--draft-ahead", str(args.draft_ahead)]
     if name == "moespac+slots":
         argv += ["--slot-fraction", str(args.slot_fraction)]
     return argv
@@ -222,6 +225,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("-c", "--ctx-size", type=int, default=1024)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--draft-max", type=int, default=8)
+    p.add_argument("--draft-ahead", type=int, default=None, metavar="N",
+                   help=f"moespac with -md {SELF_DRAFT}: tokens the draft runs ahead (default: moespac run's)")
     p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
                    help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots)")
     p.add_argument("--gate", help="lookahead-gate sidecar for the moespac+gate contender")

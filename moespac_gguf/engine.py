@@ -36,7 +36,7 @@ from . import pages
 from .layout import MoeLayout
 from .paths import CALIBRATION_PATH
 from .plan import DeviceCosts
-from .policy import Capacity, MoeSpacPolicy
+from .policy import Capacity, MoeSpacPolicy, lookahead_score
 from .speculative import VerificationEvent
 # Used until `moespac calibrate` has measured this machine.
 DEFAULT_COSTS = DeviceCosts(flash_read_bps=1.0e9, memcpy_bps=8.0e9, cpu_s_per_token_expert=2e-4)
@@ -292,7 +292,10 @@ class ResidencyController:
     (on_draft) the token-conditioned prior turns the drafted tokens into a
     utility and the balancer's plan into the set to hold, which the engine
     starts prefetching while the target runs; after it (on_verify) the
-    verification's routing updates the estimator. On CPU-only machines with
+    verification's routing updates the estimator. When a self-draft runs ahead
+    (--draft-ahead), its routing of the next rows decides on_draft instead
+    (MoeSpacPolicy._want_ahead: keep, among what is held or was just used, what
+    those rows route to), and on_verify only learns. On CPU-only machines with
     equal-size experts the balancer's ILP is a knapsack that its greedy plan
     solves exactly (tests/test_plan.py), so no solver runs on the decode path;
     a GPU slot tier would make the ILP (plan.BackgroundBalancer) worth its cost.
@@ -325,9 +328,14 @@ class ResidencyController:
         self.policy.reset(self.layout.n_layer, self.layout.n_expert,
                           Capacity(total=max(1, int(budget // expert_bytes))))
         self.steps = 0
+        self.lookahead = False  # set once a draft's lookahead routing is heard
 
-    def on_draft(self, draft: list[int]) -> None:
-        if draft:
+    def on_draft(self, draft: list[int], ahead: np.ndarray | None = None) -> None:
+        if ahead is not None:  # the draft ran ahead: its routing decides (MoeSpacPolicy._want_ahead)
+            self.lookahead = True
+            want = self.policy.before_window(draft, ahead)
+            self.engine.apply(want, lookahead_score(self.policy.estimator.predict(draft), ahead))
+        elif draft:
             want = self.policy.before_window(draft)
             self.engine.apply(want, self.policy.estimator.predict(draft))
 
@@ -340,6 +348,8 @@ class ResidencyController:
         self.steps += 1
         if self.steps % self.refresh_every == 0:
             self.engine.refresh()
+        if self.lookahead and event.phase != "prefill":
+            return  # the draft's lookahead, heard next, decides; a plan now would only churn
         # what to hold while the draft proposes the next tokens (no drafted ids yet)
         want = self.policy.before_window(None)
         self.engine.apply(want, self.policy.estimator.predict())

@@ -105,8 +105,8 @@ class GatedResidency:
         return np.asarray(est.predict(draft), dtype=np.float64) if est is not None else self.base
 
     # speculative-loop observer: keep the controller's behaviour, remember its utility
-    def on_draft(self, draft: list[int]) -> None:
-        self.controller.on_draft(draft)
+    def on_draft(self, draft: list[int], ahead=None) -> None:
+        self.controller.on_draft(draft, ahead)
         self.base = self._estimate(draft or None)
 
     def on_verify(self, event) -> None:

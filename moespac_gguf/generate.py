@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import pages
+from .capture import RouterCapture
 from .engine import ResidencyController
 from .errors import MoespacError
 from .gate import LookaheadGate
@@ -23,6 +24,9 @@ from .native import set_verbose
 from .session import DRAFT_TOP_K, SELF_DRAFT, Session, draft_source
 from .speculative import DecodeStats, Sampler, SpeculativeDecoder
 from .units import format_size, parse_size
+
+DRAFT_BATCH = 64  # a draft's batch under a memory budget (batch_sizes)
+DRAFT_AHEAD = 6   # tokens a self-draft runs ahead under a budget (MoeSpac, bench/results/lookahead.md)
 
 
 class TextStream:
@@ -81,6 +85,19 @@ def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
     return left
 
 
+def batch_sizes(n_batch: int | None, n_ctx: int, budgeted: bool) -> tuple[int, int]:
+    """(target, draft) batch sizes. Without a budget both are llama.cpp's 512 (or `n_batch`).
+    Under a budget a prompt is prefilled in one batch of up to `n_ctx` tokens, since every batch
+    routes to nearly every expert and so reads each unheld one again (a 682-token prompt read
+    them twice in batches of 512); the draft's batches shrink to DRAFT_BATCH, because its reads
+    cost nothing (a self-draft computes with held experts only; a separate draft's file is
+    pinned) and a batch's compute buffer is memory the experts could use (measured on
+    smolmoe-16x, a 682-token prefill: target 512 -> 1024 +21 MiB, self-draft 512 -> 64 -26 MiB)."""
+    if not budgeted:
+        return (n_batch or 512,) * 2
+    return n_batch or n_ctx, min(n_batch or n_ctx, DRAFT_BATCH)
+
+
 def chat_tokens(session, messages: list[dict]) -> list[int] | None:
     """Token ids of `messages` rendered by the model's chat template (None: it has none)."""
     template = session.chat_template()
@@ -111,12 +128,17 @@ class MoeSpac:
     or by itself routing fewer experts (`draft_model_path="self"`)."""
 
     def __init__(self, model_path: str | Path, draft_model_path: str | Path | None = None, *,
-                 n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
+                 n_ctx: int = 2048, n_threads: int | None = None, n_batch: int | None = None,
                  draft_max: int = 8, adaptive_draft: bool = True, seed: int | None = None,
-                 mem_budget: int | str | None = None, gate: str | Path | None = None, verbose: bool = False):
+                 mem_budget: int | str | None = None, gate: str | Path | None = None,
+                 draft_ahead: int | None = None, verbose: bool = False):
         """`mem_budget` (bytes or "8G"): keep expert residency within it (the residency engine).
         `gate`: a lookahead-gate sidecar (`moespac train-gate`) whose predictions of the next
-        layers' experts, made inside each decode, join the engine's utility (needs `mem_budget`)."""
+        layers' experts, made inside each decode, join the engine's utility (needs `mem_budget`).
+        `n_batch`: the target's batch (see `batch_sizes`).
+        `draft_ahead`: tokens a self-draft drafts each step, beyond what it proposes if need be, so
+        its routing of them tells the engine what the next steps need (default DRAFT_AHEAD with
+        `-md self` under a budget, else 0)."""
         set_verbose(verbose)
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
@@ -126,18 +148,26 @@ class MoeSpac:
         if gate is not None and mem_budget is None:
             raise MoespacError("a lookahead gate needs a memory budget (--mem-budget): its predictions "
                                "steer the residency engine")
-        lookahead = LookaheadGate.load(gate, model_path) if gate is not None else None
-        self.gate_tap = GateTap(lookahead) if lookahead is not None else None
+        if draft_ahead is None:
+            draft_ahead = DRAFT_AHEAD if self_draft and mem_budget is not None else 0
+        if draft_ahead and not (self_draft and mem_budget is not None):
+            raise MoespacError(f"--draft-ahead reads a self-draft's routing for the residency engine: it needs "
+                               f"-md {SELF_DRAFT} and --mem-budget")
+        lookahead_gate = LookaheadGate.load(gate, model_path) if gate is not None else None
+        self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
+        n_batch, draft_batch = batch_sizes(n_batch, n_ctx, budgeted=mem_budget is not None)
         self.target = Session(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                               capture=self.gate_tap)
         self.draft = None
+        router = RouterCapture() if draft_ahead else None
         try:
             if draft_model_path is not None:  # a self-draft's tap, with a budget, restricts its routing (below)
                 path, overrides = draft_source(draft_model_path, self.layout)
-                self.draft = Session(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
-                                     tap=self_draft and mem_budget is not None, overrides=overrides)
+                self.draft = Session(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=draft_batch,
+                                     tap=self_draft and mem_budget is not None, overrides=overrides,
+                                     capture=router)
             self.decoder = SpeculativeDecoder(self.target, self.draft, draft_max=draft_max,
-                                              adaptive=adaptive_draft)
+                                              adaptive=adaptive_draft, draft_ahead=draft_ahead, draft_router=router)
             self.residency = None
             if mem_budget is not None:
                 budget = parse_size(mem_budget) if isinstance(mem_budget, str) else int(mem_budget)
@@ -145,8 +175,8 @@ class MoeSpac:
                 draft_bytes = Path(own_draft).stat().st_size if own_draft else 0
                 self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes),
                                                      draft_path=own_draft, draft_max=draft_max)
-                self.decoder.subscribe(self.residency if lookahead is None else
-                                       GatedResidency(self.residency, lookahead, tap=self.gate_tap))
+                self.decoder.subscribe(self.residency if lookahead_gate is None else
+                                       GatedResidency(self.residency, lookahead_gate, tap=self.gate_tap))
                 for s in (self.target, self.draft):
                     if s is not None and s.tap is not None:
                         s.tap.set_demand_page_in(True)
@@ -268,9 +298,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    f"'{SELF_DRAFT}' (the target routing {DRAFT_TOP_K} expert per token: no extra weights)")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="batch size (default 512)")
+    p.add_argument("-b", "--batch-size", type=int, default=None,
+                   help="batch size (default 512; with --mem-budget the context size: one prefill pass per prompt)")
     p.add_argument("--draft-max", type=int, default=8, help="most tokens drafted per step (default 8)")
     p.add_argument("--no-adaptive-draft", action="store_true", help="always draft --draft-max tokens")
+    p.add_argument("--draft-ahead", type=int, default=None, metavar="N",
+                   help=f"with -md {SELF_DRAFT} and --mem-budget: tokens the draft runs ahead each step, whose "
+                   f"routing tells the engine which experts to keep (default {DRAFT_AHEAD}; 0: off)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -291,7 +325,7 @@ def open_model(args) -> MoeSpac:
     return MoeSpac(str(resolve_model(args.model)), draft, n_ctx=args.ctx_size, n_threads=args.threads,
                    n_batch=args.batch_size, draft_max=args.draft_max,
                    adaptive_draft=not args.no_adaptive_draft, seed=args.seed, mem_budget=args.mem_budget,
-                   gate=args.gate, verbose=args.verbose)
+                   gate=args.gate, draft_ahead=args.draft_ahead, verbose=args.verbose)
 
 
 def stats_line(st: DecodeStats) -> str:

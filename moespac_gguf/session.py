@@ -87,7 +87,7 @@ class Session:
         self.n_layer = L.llama_model_n_layer(self.model)
         self.n_batch = n_batch = min(n_batch, n_ctx)  # llama.cpp clamps n_batch to n_ctx; split the same way
         used_key = f"{self.metadata('general.architecture')}.expert_used_count"
-        n_used = int((overrides or {}).get(used_key) or self.metadata(used_key) or 0)
+        self.n_expert_used = n_used = int((overrides or {}).get(used_key) or self.metadata(used_key) or 0)
         # the tap holds one decode call's rows: at most one batch
         self.tap = RoutingTap(self.n_layer, n_used, n_batch) if tap and n_used else None
 
@@ -216,6 +216,22 @@ class Session:
     def reset(self) -> None:
         L.llama_memory_clear(self.memory, True)
         self.n_past = 0
+
+    def copy_kv_from(self, other: "Session") -> None:
+        """Replace this KV cache with `other`'s (the same model file: a self-draft takes the
+        target's prompt instead of prefilling it again; measured on smolmoe-16x, 682 tokens:
+        8.7 s of draft prefill for a 16 MB copy, and the draft then attends to the target's own
+        keys and values)."""
+        if other.path != self.path:
+            raise ValueError("KV caches can be shared only between sessions of the same model file")
+        size = L.llama_state_seq_get_size(other.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        if L.llama_state_seq_get_data(other.ctx, buf, size, 0) != size:
+            raise MoespacError(f"could not read the KV cache of {other.path.name}")
+        self.reset()
+        if L.llama_state_seq_set_data(self.ctx, buf, size, 0) != size:
+            raise MoespacError(f"could not load a KV cache into {self.path.name}: {last_log_line()}")
+        self.n_past = other.n_past
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -158,16 +158,18 @@ def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_
 
 
 def replay(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
-           warmup: tuple[RoutingTrace, list] | None = None, stream_window: int = 0) -> Replay:
+           warmup: tuple[RoutingTrace, list] | None = None, stream_window: int = 0,
+           ahead: list[np.ndarray | None] | None = None) -> Replay:
     """Run `policy` over the windows, after an uncounted pass over `warmup` (trace, windows) if given.
     Belady skips the warm-up: its free optimal preload already beats any warm state.
-    `stream_window`: experts the unlocked window beside a pinned policy holds (StreamWindow)."""
+    `stream_window`: experts the unlocked window beside a pinned policy holds (StreamWindow).
+    `ahead`: per window, a draft's routing of the rows ahead (recorded: bench/lookahead.py)."""
     policy.reset(trace.n_layer, trace.n_expert, capacity)
     window = StreamWindow(stream_window)
     if warmup is not None and not isinstance(policy, Belady):
         _run(*warmup, policy, capacity, window)
     preloaded = int(policy.resident.sum())
-    return Replay(*_run(trace, windows, policy, capacity, window), preloaded=preloaded)
+    return Replay(*_run(trace, windows, policy, capacity, window, ahead), preloaded=preloaded)
 
 
 class StreamWindow:
@@ -198,7 +200,7 @@ class StreamWindow:
 
 
 def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
-         window: StreamWindow | None = None) -> np.ndarray:
+         window: StreamWindow | None = None, ahead: list[np.ndarray | None] | None = None) -> np.ndarray:
     """int [4, W]: tokens, needed, hits, prefetched per decode window (prefill windows run uncounted);
     checks the policy never holds more than it may nor keeps an expert it neither wanted nor used
     (that would be a free load). Hits and prefetches count what the stream window (if any) already
@@ -210,7 +212,8 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
         tokens, experts = trace.tokens[a:fed], trace.experts[:, a:fed]
         prefill = b == a  # produces no token
         drafted = tokens[:0] if prefill else tokens[1:]  # the rows after the last committed token
-        want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None)
+        want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None,
+                                    None if ahead is None else ahead[w])
         used = used_experts(experts, trace.n_expert)
         hits = policy.access(tokens, experts, prefill=prefill)
         if (want.sum() > capacity.total or policy.resident.sum() > capacity.total

@@ -205,7 +205,7 @@ class SlotFiller:
             self.residency.engine.release((layer, e))
         self.pending = []
 
-    def on_draft(self, draft: list[int]) -> None:
+    def on_draft(self, draft: list[int], ahead=None) -> None:
         self._commit()
 
     def on_verify(self, event) -> None:

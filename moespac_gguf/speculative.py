@@ -8,8 +8,11 @@ speculative-sampling rejection rule (Leviathan et al. 2023), so the output
 follows the target's distribution exactly. Rejected KV entries are rolled back.
 
 The loop is also the runtime's sensor: observers hear the drafted tokens before
-verification and the verification's routing after it. With no draft (or K = 0)
-the same path is plain decoding, which is the llama.cpp baseline.
+verification and the verification's routing after it. With `draft_ahead` a
+self-draft drafts further than it proposes, and its own routing of those rows
+(RouterCapture) tells observers which experts the next steps will need. With no
+draft (or K = 0 and no draft_ahead) the same path is plain decoding, which is the
+llama.cpp baseline.
 
 Invariant: the target's KV holds every committed token but the last one,
 which opens the next verification batch.
@@ -22,6 +25,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from .capture import RouterCapture
 from .errors import MoespacError
 from .routing import Routing
 from .session import Session
@@ -83,8 +87,10 @@ class VerificationEvent:
 
 
 class Observer(Protocol):
-    def on_draft(self, draft: list[int]) -> None:
-        """Drafted tokens, before the target verifies them (prefetch can start here)."""
+    def on_draft(self, draft: list[int], ahead: np.ndarray | None = None) -> None:
+        """Drafted tokens, before the target verifies them (prefetch can start here). `ahead`
+        (with a lookahead): int [n_layer, rows, k], the draft's routing of the rows from the
+        verification's first on, through the tokens it drafted beyond `draft`."""
 
     def on_verify(self, event: VerificationEvent) -> None:
         """The verification's outcome and routing."""
@@ -193,7 +199,9 @@ class SpeculativeDecoder:
     """Greedy or sampled generation from `target`, drafted by `draft` if given."""
 
     def __init__(self, target: Session, draft: Session | None = None, draft_max: int = 8,
-                 adaptive: bool = True):
+                 adaptive: bool = True, draft_ahead: int = 0, draft_router: RouterCapture | None = None):
+        """`draft_ahead`: tokens the draft runs ahead each step, for the routing `draft_router`
+        (the capture the draft Session was opened with) reads; 0 without one."""
         if draft is not None and draft.vocab_fingerprint() != target.vocab_fingerprint():
             raise MoespacError(f"draft {draft.path.name} has a different vocabulary from target "
                                f"{target.path.name} ({draft.n_vocab} vs {target.n_vocab} tokens or different "
@@ -201,6 +209,8 @@ class SpeculativeDecoder:
         self.target, self.draft = target, draft
         self.draft_max = draft_max if draft is not None else 0
         self.adaptive = adaptive
+        self.router = draft_router if draft is not None else None
+        self.draft_ahead = draft_ahead if self.router is not None else 0
         self.observers: list[Observer] = []
         self.stats = DecodeStats()
 
@@ -228,6 +238,7 @@ class SpeculativeDecoder:
                                "tokens (raise -c/--ctx-size)")
         st = self.stats = DecodeStats(n_prompt=len(prompt))
         ctl = DraftLength(k_max=self.draft_max)
+        self._ran = ([], [])  # the draft's continuation of `committed` and its rows (_propose)
         t0 = time.perf_counter()
         for s in (target, draft):
             if s is not None:
@@ -235,10 +246,14 @@ class SpeculativeDecoder:
         if len(prompt) > 1:
             target.decode(prompt[:-1])
             # observers plan residency from the prompt's routing before the draft's own prefill,
-            # which may route to what they hold (a self-draft restricted to held experts)
+            # which may route to what they hold (a draft restricted to held experts)
             self._publish(VerificationEvent("prefill", prompt[:-1], [], 0, [], target.last_routing))
-            if draft is not None:
+            if draft is not None and draft.path == target.path:
+                draft.copy_kv_from(target)  # a self-draft: the same file, the same KV layout
+            elif draft is not None:
                 draft.decode(prompt[:-1])
+                if self.router is not None:
+                    self.router.clear()
         st.t_prompt = time.perf_counter() - t0
         committed, last = list(prompt), prompt[-1]
         try:
@@ -250,10 +265,10 @@ class SpeculativeDecoder:
                 k = ctl.next_k() if self.adaptive else self.draft_max
                 k = max(0, min(k, room, max_tokens - st.n_generated - 1))
                 t1 = time.perf_counter()
-                drafts, q = self._propose(committed, k, sampler)
+                drafts, q, ahead, n_decoded = self._propose(committed, k, sampler, room)
                 t2 = time.perf_counter()
                 for o in self.observers:
-                    o.on_draft(drafts)
+                    o.on_draft(drafts, ahead)
                 batch = [last] + drafts
                 p_logits = target.decode(batch, all_logits=True)
                 t3 = time.perf_counter()
@@ -261,13 +276,13 @@ class SpeculativeDecoder:
                 keep = len(committed) + accepted  # KV entries still valid: committed + accepted drafts
                 target.rollback(keep)
                 if draft is not None:
-                    draft.rollback(min(draft.n_past, keep))
+                    self._carry_over(keep, accepted, bonus, sampler)
                 st.n_steps += 1
                 st.n_drafted += len(drafts)
                 st.n_accepted += accepted
                 st.t_draft += t2 - t1
                 st.t_verify += t3 - t2
-                ctl.observe(len(drafts), accepted, t2 - t1, t3 - t2)
+                ctl.observe(len(drafts), accepted, (t2 - t1) * len(drafts) / max(1, n_decoded), t3 - t2)
                 new = drafts[:accepted] + [bonus]
                 self._publish(VerificationEvent("verify", batch, drafts, accepted, new, target.last_routing))
                 for tok in new:
@@ -284,23 +299,49 @@ class SpeculativeDecoder:
         finally:
             st.t_total = time.perf_counter() - t0
 
-    def _propose(self, committed: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[np.ndarray]]:
-        """Draft k tokens after `committed`; also return the draft distributions (sampling)."""
-        if k == 0 or self.draft is None:
-            return [], []
+    def _propose(self, committed: list[int], k: int, sampler: Sampler,
+                 room: int) -> tuple[list[int], list[np.ndarray], np.ndarray | None, int]:
+        """Draft k tokens after `committed` (and greedily on to the lookahead, within `room`),
+        starting from what the draft ran ahead last step if the target committed it (_carry_over).
+        Return the k drafts, their draft distributions (sampling), the draft's routing of the rows
+        from `committed[-1]` on (None without a router) and the number of draft decodes run."""
+        n = max(k, min(self.draft_ahead, room))
+        drafts, rows = self._ran
+        if n == 0 or self.draft is None:
+            self._ran = ([], [])
+            return [], [], None, 0
         d = self.draft
-        pending = committed[d.n_past:]
-        drafts, q = [], []
-        for _ in range(k):
+        if len(drafts) > n:  # the draft ran further than wanted now (the context is nearly full)
+            drafts, rows = drafts[:n], rows[:n]
+            d.rollback(len(committed) + n - 1)
+        drafts, rows, q = list(drafts), list(rows), []
+        pending = drafts[-1:] or committed[d.n_past:]
+        decoded = 0
+        while len(drafts) < n:
             logits = d.decode(pending)[-1]
-            if sampler.greedy:
+            decoded += 1
+            if self.router is not None:
+                rows.append(self.router.last_row_ranking(self.target.n_layer, self.target.n_expert_used))
+            if sampler.greedy or len(drafts) >= k:
                 tok = int(np.argmax(logits))
             else:
                 q.append(sampler.probs(logits))
                 tok = sampler.draw(q[-1])
             drafts.append(tok)
             pending = [tok]
-        return drafts, q
+        self._ran = (drafts, rows)
+        return drafts[:k], q, np.stack(rows, axis=1) if rows else None, decoded
+
+    def _carry_over(self, keep: int, accepted: int, bonus: int, sampler: Sampler) -> None:
+        """After a verification: if the target's token after the accepted drafts is the one the
+        draft ran on with (greedy), the rest of its run continues the new committed text, KV and
+        rows included, and next step drafts only past it; otherwise roll the draft back to `keep`."""
+        drafts, rows = self._ran
+        if sampler.greedy and accepted < len(drafts) and drafts[accepted] == bonus:
+            self._ran = (drafts[accepted + 1:], rows[accepted + 1:])
+            return
+        self._ran = ([], [])
+        self.draft.rollback(min(self.draft.n_past, keep))
 
     @staticmethod
     def _accept(drafts: list[int], q: list[np.ndarray], p_logits: np.ndarray,

@@ -9,7 +9,7 @@ import pytest
 from moespac_gguf import pages
 from moespac_gguf.engine import ExpertMap, ResidencyEngine
 from moespac_gguf.errors import MoespacError
-from moespac_gguf.generate import MoeSpac
+from moespac_gguf.generate import DRAFT_AHEAD, MoeSpac
 from moespac_gguf.layout import read_layout
 from moespac_gguf.session import Session
 from moespac_gguf.synthetic import SyntheticSpec
@@ -268,5 +268,8 @@ def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
         assert m.draft.tap.k == 1 and m.draft.last_routing.experts.shape[2] == 1
         assert m.draft.tap.demand_paged_bytes > 0
         assert len(m.residency.map.other_mappings) == 1
+        assert m.decoder.draft_ahead == DRAFT_AHEAD and m.residency.lookahead  # the draft ran ahead
     with pytest.raises(MoespacError, match="-md self needs a target that routes more than 1"):
         MoeSpac(tiny_moe(SPEC, n_expert_used=1), "self")
+    with pytest.raises(MoespacError, match="--draft-ahead .* needs -md self and --mem-budget"):
+        MoeSpac(target, "self", draft_ahead=2)

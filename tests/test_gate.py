@@ -180,7 +180,7 @@ def test_gated_residency_puts_the_next_layers_first(trained):
         policy=SimpleNamespace(estimator=SimpleNamespace(predict=lambda draft=None: base),
                                capacity=Capacity(total=10)),
         engine=SimpleNamespace(hint=lambda want, prio: applied.append((want, prio))),
-        on_draft=lambda draft: None, on_verify=lambda event: None)
+        on_draft=lambda draft, ahead=None: None, on_verify=lambda event: None)
     gated = GatedResidency(controller, gate, read_ahead=D)
     gated.on_draft([1, 2])
     src = gate.moe_layers[0]

@@ -7,7 +7,7 @@ import pytest
 from moespac_gguf.errors import MoespacError
 from moespac_gguf.plan import DeviceCosts
 from moespac_gguf.policy import (Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Spac, Static, StaticLayers,
-                                 select, used_experts)
+                                 lookahead_score, select, used_experts)
 
 COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=1e-3)
 
@@ -158,6 +158,38 @@ def test_moespac_without_free_keeps_holds_only_what_it_fetched():
             assert not (policy.resident & ~want).any() or policy is free
             kept_a_miss |= policy is free and bool((policy.resident & used & ~want).any())
     assert kept_a_miss  # the default keeps some misses for free: the two modes differ on this trace
+
+
+def test_lookahead_score_ranks_predicted_experts_soonest_first_above_any_utility():
+    # 2 layers, 4 experts, rows [row0, row1, row2], top-2 (-1: a layer without routing)
+    ahead = np.array([[[0, 1], [1, 2], [3, 1]],
+                      [[-1, -1], [2, -1], [2, 0]]])
+    utility = np.array([[5.0, 0, 0, 0], [0.5, 0.1, 0.9, 9.0]])
+    score = lookahead_score(utility, ahead)
+    # layer 0: experts 0, 1 first seen in row 0, expert 2 in row 1, expert 3 in row 2
+    # layer 1: expert 2 in row 1, expert 0 in row 2; expert 1 and 3 keep their utility
+    first = {(0, 0): 0, (0, 1): 0, (0, 2): 1, (0, 3): 2, (1, 2): 1, (1, 0): 2}
+    for (l, e), row in first.items():
+        assert score[l, e] > utility.max() and score[l, e] - score[0, 0] == -row
+    assert score[1, 1] == 0.1 and score[1, 3] == 9.0
+
+
+def test_moespac_with_a_lookahead_keeps_what_the_draft_will_need_among_held_and_just_used():
+    # one layer, 6 experts, 2 slots, pinned. Held {0, 1}; the window uses 2 and 3 (misses streamed
+    # through, still in memory). The draft's rows ahead route to 3 then 4: 3 (just used) replaces
+    # a held expert; 4 (predicted, in memory neither) is not fetched; the other slot keeps the
+    # higher utility of 0 and 1 (0: used in the prompt three times, 1 once)
+    policy = MoeSpacPolicy(COSTS, expert_bytes=1e6, keep_used=False)
+    policy.reset(1, 6, Capacity(2))
+    policy.before_window(None)
+    policy.access([9, 9, 9, 8], np.array([[[0], [0], [0], [1]]]), prefill=True)
+    assert np.flatnonzero(policy.before_window(None)[0]).tolist() == [0, 1]
+    policy.access([5], np.array([[[2, 3]]]))
+    ahead = np.array([[[3, 5], [4, 3]]])  # row 0 ranks 3 then 5 (not in memory), row 1 4 then 3
+    assert np.flatnonzero(policy.before_window([], ahead)[0]).tolist() == [0, 3]
+    # after a prefill nothing it used is still in memory: a prediction of 2 is not kept
+    policy.access([9], np.array([[[2]]]), prefill=True)
+    assert 2 not in np.flatnonzero(policy.before_window([], np.array([[[2, 4]]]))[0])
 
 
 def test_belady_hand_example():

@@ -78,6 +78,26 @@ def test_rollback_and_batches_larger_than_n_batch(tiny_moe):
         assert np.allclose(again, logits[10:], atol=1e-4)
 
 
+def test_copied_kv_continues_exactly_as_its_source(tiny_moe):
+    """A session given another's KV cache (copy_kv_from) continues as that session would: the
+    same model, the same cache, the same next logits. A session that never saw the prompt does
+    not (the control), and a different file's cache is refused."""
+    path = tiny_moe()
+    with Session(path, n_ctx=256) as a, Session(path, n_ctx=256) as b, \
+            Session(tiny_moe(seed=5), n_ctx=256) as other:
+        toks = a.tokenize(PROMPT)
+        a.decode(toks[:-1])
+        b.decode(toks[:3])  # unrelated state, replaced by the copy
+        b.copy_kv_from(a)
+        assert b.n_past == a.n_past == len(toks) - 1
+        want = a.decode(toks[-1:])
+        assert np.array_equal(b.decode(toks[-1:]), want)
+        b.reset()
+        assert not np.allclose(b.decode(toks[-1:]), want, atol=1e-3)
+        with pytest.raises(ValueError, match="same model file"):
+            other.copy_kv_from(a)
+
+
 def test_chained_callback_is_asked_only_about_its_names(tiny_moe):
     """The tap forwards to a chained callback only the nodes named with its prefixes (C-side filter);
     with no prefixes it forwards every node. Both captures still see the same router inputs."""

@@ -83,7 +83,7 @@ def test_observers_see_drafts_and_verification_routing(sessions):
     seen = {"draft": [], "verify": []}
 
     class Recorder:
-        def on_draft(self, tokens):
+        def on_draft(self, tokens, ahead=None):
             seen["draft"].append(list(tokens))
 
         def on_verify(self, ev):
@@ -99,6 +99,70 @@ def test_observers_see_drafts_and_verification_routing(sessions):
         assert ev.routing.experts.shape[1] == len(ev.batch) == 1 + len(ev.draft)
         assert (ev.routing.experts >= 0).all()  # logits at every row: every layer routes every token
         assert ev.committed[: ev.accepted] == ev.draft[: ev.accepted]
+
+
+@pytest.mark.parametrize("draft_max,ahead", [(2, 4), (3, 0), (1, 1)])
+def test_draft_ahead_routing_is_the_targets_when_the_draft_is_the_target(sessions, tiny_moe, draft_max, ahead):
+    """The target drafting for itself (a copy with a RouterCapture) runs `ahead` tokens ahead: its
+    routing of each row the verification then decodes must be the verification's own, row by row
+    (same weights, same tokens, same KV), and the output the target's greedy one."""
+    from moespac_gguf.capture import RouterCapture
+
+    target = sessions["target"]
+    router = RouterCapture()
+    draft = Session(tiny_moe(TARGET), n_ctx=512, tap=False, capture=router)
+    seen = []
+
+    class Recorder:
+        def on_draft(self, tokens, ahead_rows=None):
+            seen.append(["draft", list(tokens), ahead_rows])
+
+        def on_verify(self, ev):
+            seen.append(["verify", ev])
+
+    dec = SpeculativeDecoder(target, draft, draft_max=draft_max, adaptive=False, draft_ahead=ahead, draft_router=router)
+    dec.subscribe(Recorder())
+    prompt = target.tokenize("the draft runs ahead of the target")
+    assert list(dec.generate(prompt, 24, Sampler())) == greedy_reference(target, prompt, 24)
+    steps = [(a, b[1]) for a, b in zip(seen, seen[1:]) if a[0] == "draft" and b[0] == "verify"]
+    assert steps and dec.stats.acceptance_rate == 1.0
+    for (_, tokens, rows), ev in steps:
+        if rows is None:  # nothing drafted (the last token)
+            assert not tokens and ahead == 0
+            continue
+        # rows: [last committed, d1 .. d(n-1)] for the n tokens drafted (d_n itself is never decoded)
+        assert rows.shape == (target.n_layer, max(len(tokens), ahead), target.n_expert_used)
+        n = min(len(ev.batch), rows.shape[1])  # the rows both decoded
+        assert (np.sort(rows[:, :n], axis=2) == np.sort(ev.routing.experts[:, :n], axis=2)).all()
+    draft.close()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_draft_running_ahead_of_another_file_keeps_greedy_output(sessions, tiny_moe, adaptive):
+    """A near copy routing one expert drafts 5 ahead of a 2-token proposal: where the target's token
+    after the accepted drafts is the draft's next one, its run carries over to the next step (its
+    KV too), elsewhere it is rolled back; either way the output is the target's greedy one, and
+    the rows cover the proposals and the run ahead."""
+    from moespac_gguf.capture import RouterCapture
+
+    target, router = sessions["target"], RouterCapture()
+    draft = Session(tiny_moe(NEAR_DRAFT), n_ctx=512, tap=False, capture=router)
+    widths = []
+
+    class Recorder:
+        def on_draft(self, tokens, ahead_rows=None):
+            widths.append(ahead_rows.shape[1])
+
+        def on_verify(self, ev):
+            pass
+
+    dec = SpeculativeDecoder(target, draft, draft_max=2, adaptive=adaptive, draft_ahead=5, draft_router=router)
+    dec.subscribe(Recorder())
+    for text in spec_bench_prompts(3):
+        prompt = target.tokenize(text)
+        assert list(dec.generate(prompt, 30, Sampler())) == greedy_reference(target, prompt, 30)
+    assert widths and all(w == 5 for w in widths[:-1])
+    draft.close()
 
 
 def test_sampling_follows_target_distribution(sessions):

@@ -1,0 +1,160 @@
+"""Can a self-draft running ahead tell the residency engine which experts to keep?
+
+Replays a recorded routing trace (`moespac trace`: the bench's prompts and the target's greedy
+outputs) in speculative windows of mean K and acceptance A, as `moespac sim` does. Before each
+decode window the target routing one expert per token (`-md self`) is fed the committed tokens
+and drafts greedily on, its RouterCapture ranking every row it decodes, as the runtime's
+`--draft-ahead N` does: rows [last committed, d1 .. d(N-1)]. With `--restrict M` its routing is
+restricted to the M most used experts of the trace (patch 0009), as under a budget, where it may
+only compute with held experts. Reports
+
+  recall  the share of the target's top-k picks of a row that the draft's top-k for it names,
+          by row offset (row 0 is the committed token; later rows also depend on the drafted
+          tokens being the target's);
+  MiB read per decoded token by `MoeSpacPolicy` as the pinned engine runs it (misses stream
+          through a window of `--window` experts) without and with the draft's rows as `ahead`
+          (MoeSpacPolicy._want_ahead), and by the offline optimum (belady), per capacity.
+
+Bytes do not depend on the device, so none is modelled. Writes bench/results/lookahead.{json,md}.
+
+    .venv/bin/python bench/lookahead.py TRACE.npz -m MODEL.gguf [--ahead 2 4 6 8] \\
+        [--capacity 197 236] [--window 39] [--restrict 197]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from moespac_gguf.capture import RouterCapture
+from moespac_gguf.layout import read_layout
+from moespac_gguf.plan import DeviceCosts
+from moespac_gguf.policy import Belady, Capacity, MoeSpacPolicy, select
+from moespac_gguf.session import Session, draft_source
+from moespac_gguf.sim import load_trace, make_windows, replay, window_needs
+from moespac_gguf.trace import PROMPT
+from moespac_gguf.utility import routing_counts
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=1e-4)
+
+
+def draft_rows(trace, windows, model: str, n_rows: int, restrict: int | None) -> list[np.ndarray | None]:
+    """Per window: int [L, n_rows, k], the self-draft's top-k ranking of the rows it decodes from the
+    window's first (committed) token on; None for a prefill window."""
+    layout = read_layout(model)
+    path, overrides = draft_source("self", layout)
+    router = RouterCapture()
+    draft = Session(path, n_ctx=int(trace.positions.max()) + n_rows + 8, tap=True, overrides=overrides,
+                    capture=router)
+    if restrict:
+        counts = routing_counts(trace.experts, trace.n_expert)
+        allowed = np.ascontiguousarray(select(counts, np.ones(counts.shape, dtype=bool), Capacity(restrict)))
+        draft.tap.restrict_to(allowed)
+    rows: list[np.ndarray | None] = []
+    start = 0
+    for a, b, fed in windows:
+        if a == b:  # a prompt: the draft prefills it
+            draft.reset()
+            draft.decode(trace.tokens[a:fed].tolist())
+            router.clear()
+            start = a
+            rows.append(None)
+            continue
+        draft.rollback(a - start)  # the committed tokens before this window's first
+        if draft.n_past < a - start:
+            draft.decode(trace.tokens[start + draft.n_past:a].tolist())
+            router.clear()
+        pending, out = [int(trace.tokens[a])], []
+        for _ in range(n_rows):
+            logits = draft.decode(pending)
+            out.append(router.last_row_ranking(trace.n_layer, trace.experts.shape[2]))
+            pending = [int(np.argmax(logits[-1]))]
+        rows.append(np.stack(out, axis=1))
+        print(f"\rdrafting ahead: window {len(rows)}/{len(windows)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    draft.close()
+    return rows
+
+
+def recall_by_row(trace, windows, rows) -> list[float]:
+    """Share of the target's picks of row a+j named by the draft's top-k for it, per offset j."""
+    n_rows = next(r for r in rows if r is not None).shape[1]
+    hit, total = np.zeros(n_rows), np.zeros(n_rows)
+    for (a, _, _), pred in zip(windows, rows):
+        if pred is None:
+            continue
+        for j in range(n_rows):
+            t = a + j
+            if t >= trace.n_tokens or trace.sequence[t] != trace.sequence[a] or trace.phase[t] == PROMPT:
+                break
+            actual, named = trace.experts[:, t], pred[:, j]
+            for layer in range(trace.n_layer):
+                picks = set(actual[layer][actual[layer] >= 0].tolist())
+                hit[j] += len(picks & set(named[layer].tolist()))
+                total[j] += len(picks)
+    return (hit / np.maximum(total, 1)).tolist()
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("trace")
+    p.add_argument("-m", "--model", required=True, help="the trace's model (GGUF)")
+    p.add_argument("--ahead", type=int, nargs="+", default=[2, 4, 6, 8], help="rows the draft decodes per window")
+    p.add_argument("--capacity", type=int, nargs="+", default=[197, 236], help="held experts")
+    p.add_argument("--window", type=int, default=39, help="experts the stream window keeps")
+    p.add_argument("--restrict", type=int, default=197, help="the draft may route only to this many "
+                   "most used experts (0: unrestricted)")
+    p.add_argument("--draft-k", type=float, default=0.66)
+    p.add_argument("--acceptance", type=float, default=0.82)
+    args = p.parse_args(argv)
+
+    trace = load_trace(args.trace)
+    windows = make_windows(trace, args.draft_k, args.acceptance)
+    rows = draft_rows(trace, windows, args.model, max(args.ahead), args.restrict or None)
+    expert_bytes = read_layout(args.model).mean_bytes_per_expert
+    n_decoded = int((trace.phase != PROMPT).sum())
+
+    def mib(policy, capacity, window, ahead=None) -> float:
+        return replay(trace, windows, policy, Capacity(capacity), stream_window=window,
+                      ahead=ahead).bytes_per_token(expert_bytes) / 2**20
+
+    table = []
+    for capacity in args.capacity:
+        row = {"capacity": capacity,
+               "belady": mib(Belady(window_needs(trace, windows)), capacity, 0),
+               "without": mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window)}
+        for n in args.ahead:
+            ahead = [None if r is None else r[:, :n] for r in rows]
+            row[f"ahead {n}"] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window, ahead)
+        table.append(row)
+    recall = recall_by_row(trace, windows, rows)
+    report = {"date": datetime.date.today().isoformat(), "trace": Path(args.trace).name,
+              "model": Path(args.model).name, "decoded": n_decoded, "windows": len(windows),
+              "draft_k": args.draft_k, "acceptance": args.acceptance, "window": args.window,
+              "restrict": args.restrict, "recall_by_row": recall, "mib_per_token": table}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lookahead.json").write_text(json.dumps(report, indent=1))
+    cols = ["without"] + [f"ahead {n}" for n in args.ahead] + ["belady"]
+    lines = [f"{report['date']}: `{report['trace']}` ({n_decoded} decoded tokens, {len(windows)} windows, "
+             f"K={args.draft_k}, A={args.acceptance}), self-draft of `{report['model']}` "
+             f"{'restricted to the ' + str(args.restrict) + ' most used experts' if args.restrict else 'unrestricted'}",
+             "", "Recall of the target's picks by the draft's ranking, by row (0: the committed token):", "",
+             "| row | " + " | ".join(str(j) for j in range(len(recall))) + " |",
+             "|---|" + "---:|" * len(recall),
+             "| recall | " + " | ".join(f"{r:.2f}" for r in recall) + " |", "",
+             f"MiB read per decoded token, MoeSpacPolicy pinned with a {args.window}-expert stream window "
+             "(belady: offline optimum, no window):", "",
+             "| held experts | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    lines += [f"| {r['capacity']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in table]
+    (RESULTS / "lookahead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

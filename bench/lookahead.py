@@ -66,7 +66,7 @@ def draft_rows(trace, windows, model: str, n_rows: int, restrict: int | None) ->
             rows.append(None)
             continue
         draft.rollback(a - start)  # the committed tokens before this window's first
-        if draft.n_past < a - start:
+        if draft.n_past < a - start:  # the ones the last window committed
             draft.decode(trace.tokens[start + draft.n_past:a].tolist())
             router.clear()
         pending, out = [int(trace.tokens[a])], []
@@ -75,6 +75,7 @@ def draft_rows(trace, windows, model: str, n_rows: int, restrict: int | None) ->
             out.append(router.last_row_ranking(trace.n_layer, trace.experts.shape[2]))
             pending = [int(np.argmax(logits[-1]))]
         rows.append(np.stack(out, axis=1))
+        draft.rollback(a - start + 1)  # keep the committed token, forget the drafted ones
         print(f"\rdrafting ahead: window {len(rows)}/{len(windows)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     draft.close()

@@ -87,8 +87,8 @@ class RouterCapture(TensorCapture):
     """Every layer's router logits ("ffn_moe_logits-<il>") as a draft decodes. A self-draft runs
     the target's own routers, so its ranking of each row it decodes, taken before a restriction
     to held experts rewrites its picks, predicts the target's routing of the rows it drafts ahead
-    (smolmoe-16x, restricted to 197 experts: 89% of the target's top-2 picks for the committed
-    token, 79% one row on, 65% five rows on; bench/results/lookahead.md)."""
+    (smolmoe-16x, restricted to 197 experts: 96% of the target's top-2 picks for the committed
+    token, 89% one row on, 70% five rows on; bench/results/lookahead.md)."""
 
     def __init__(self):
         super().__init__("ffn_moe_logits")

@@ -259,6 +259,7 @@ class MoeSpacPolicy(Policy):
         super().reset(n_layer, n_expert, capacity)
         self.estimator = UtilityEstimator(n_layer, n_expert, self.method, alpha=self.alpha)
         self.last_used = np.zeros((n_layer, n_expert), dtype=bool)  # the last decode window's experts
+        self.after_prefill = False
 
     def _want(self, draft_tokens):
         utility = self.estimator.predict_over(self.horizon_steps, draft_tokens)
@@ -277,6 +278,8 @@ class MoeSpacPolicy(Policy):
         the 840 MiB cap, smolmoe-16x, a self-draft 6 rows ahead: 43.6 MiB/token against 53.9-54.6
         without (bench/results/memcap_16x_self_run6.md)."""
         known = draft_tokens if draft_tokens is not None and len(draft_tokens) else None
+        if self.after_prefill:  # the runtime plans from a prompt's routing as soon as it is prefilled
+            self.resident = self._want(known)
         score = lookahead_score(self.estimator.predict_over(self.horizon_steps, known), ahead)
         return select(score, self.resident | self.last_used, self.capacity)
 
@@ -284,6 +287,7 @@ class MoeSpacPolicy(Policy):
         self.estimator.observe_verification(tokens, experts, prefill)
         # a prefill's experts are long gone from the stream window: not free to keep
         self.last_used = np.zeros_like(used) if prefill else used
+        self.after_prefill = prefill
         return select(self.estimator.predict(), self.resident | used if self.keep_used else self.resident,
                       self.capacity)
 

@@ -186,6 +186,11 @@ class StreamWindow:
             mask[key] = True
         return mask
 
+    def release(self, held: np.ndarray) -> None:
+        """Experts the policy now holds (bool [L, E]) are pinned: no longer the window's."""
+        for key in [k for k in self.order if held[k]]:
+            del self.order[key]
+
     def stream(self, experts: np.ndarray, streamed: np.ndarray, held: np.ndarray) -> None:
         """The window ran: `streamed` (bool [L, E]) went through in layer order, first use within a
         layer; what the policy now holds is pinned, no longer the window's."""
@@ -193,8 +198,7 @@ class StreamWindow:
             if streamed[key]:
                 self.order.pop(key, None)
                 self.order[key] = None
-        for key in [k for k in self.order if held[k]]:
-            del self.order[key]
+        self.release(held)
         while len(self.order) > self.size:
             self.order.popitem(last=False)
 
@@ -212,15 +216,17 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
         tokens, experts = trace.tokens[a:fed], trace.experts[:, a:fed]
         prefill = b == a  # produces no token
         drafted = tokens[:0] if prefill else tokens[1:]  # the rows after the last committed token
+        in_window = window.holds(kept.shape)  # what the unlocked cache holds when the plan is made
         want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None,
                                     None if ahead is None else ahead[w])
+        window.release(want)  # pinned now, it leaves the window's LRU (and its room) at once
         used = used_experts(experts, trace.n_expert)
         hits = policy.access(tokens, experts, prefill=prefill)
         if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
                 or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
             raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
-        in_window = window.holds(used.shape)
-        counts[:, w] = b - a, used.sum(), (hits | (used & in_window)).sum(), (want & ~kept & ~in_window).sum()
+        counts[:, w] = (b - a, used.sum(), (hits | (used & window.holds(used.shape))).sum(),
+                        (want & ~kept & ~in_window).sum())
         window.stream(experts, used & ~hits, policy.resident)
     return counts[:, counts[0] > 0]
 

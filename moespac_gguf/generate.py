@@ -150,6 +150,8 @@ class MoeSpac:
                                "steer the residency engine")
         if draft_ahead is None:
             draft_ahead = DRAFT_AHEAD if self_draft and mem_budget is not None else 0
+        if draft_ahead < 0:
+            raise MoespacError(f"--draft-ahead must be 0 or more, got {draft_ahead}")
         if draft_ahead and not (self_draft and mem_budget is not None):
             raise MoespacError(f"--draft-ahead reads a self-draft's routing for the residency engine: it needs "
                                f"-md {SELF_DRAFT} and --mem-budget")

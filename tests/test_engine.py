@@ -273,3 +273,21 @@ def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
         MoeSpac(tiny_moe(SPEC, n_expert_used=1), "self")
     with pytest.raises(MoespacError, match="--draft-ahead .* needs -md self and --mem-budget"):
         MoeSpac(target, "self", draft_ahead=2)
+    with pytest.raises(MoespacError, match="--draft-ahead must be 0 or more"):
+        MoeSpac(target, "self", draft_ahead=-1)
+
+
+def test_self_draft_running_ahead_samples_within_the_vocabulary(tiny_moe):
+    """Sampling with a self-draft running ahead of its proposals (the run is not carried over:
+    its tokens past the proposals are greedy, not drawn): the same seed gives the same text, and
+    every token is a vocabulary id."""
+    target = tiny_moe(SPEC)
+    budget = read_layout(target).other_bytes + (600 << 20)
+    texts = []
+    for _ in range(2):
+        with MoeSpac(target, "self", n_ctx=256, draft_max=2, mem_budget=budget, seed=7) as m:
+            out = m.create_completion("sample while the draft runs ahead", max_tokens=24, temperature=0.9)
+            texts.append(out["choices"][0]["text"])
+            assert m.completion_tokens and m.stats.n_drafted > 0
+            assert all(0 <= t < m.target.n_vocab for t in m.completion_tokens)
+    assert texts[0] == texts[1]

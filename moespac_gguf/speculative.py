@@ -306,14 +306,13 @@ class SpeculativeDecoder:
         Return the k drafts, their draft distributions (sampling), the draft's routing of the rows
         from `committed[-1]` on (None without a router) and the number of draft decodes run."""
         n = max(k, min(self.draft_ahead, room))
+        # a carried run is what the draft ran past k accepted drafts and the bonus token: fewer
+        # than draft_ahead - k tokens, all inside the room the last step had for them
         drafts, rows = self._ran
-        if n == 0 or self.draft is None:
+        d = self.draft
+        if n == 0 or d is None:
             self._ran = ([], [])
             return [], [], None, 0
-        d = self.draft
-        if len(drafts) > n:  # the draft ran further than wanted now (the context is nearly full)
-            drafts, rows = drafts[:n], rows[:n]
-            d.rollback(len(committed) + n - 1)
         drafts, rows, q = list(drafts), list(rows), []
         pending = drafts[-1:] or committed[d.n_past:]
         decoded = 0

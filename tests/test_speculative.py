@@ -165,6 +165,22 @@ def test_a_draft_running_ahead_of_another_file_keeps_greedy_output(sessions, tin
     draft.close()
 
 
+def test_a_run_ahead_into_a_full_context_still_ends_in_the_targets_greedy_text(sessions, tiny_moe):
+    """The draft runs 4 ahead of the target copy it is until the 256-token context is full: what
+    it carried over leaves its KV as the room runs out, and the text is the target's greedy one
+    up to the context's end."""
+    from moespac_gguf.capture import RouterCapture
+
+    router = RouterCapture()
+    with Session(tiny_moe(TARGET), n_ctx=256, tap=True) as target, \
+            Session(tiny_moe(TARGET), n_ctx=256, tap=False, capture=router) as draft:
+        dec = SpeculativeDecoder(target, draft, draft_max=1, adaptive=False, draft_ahead=4, draft_router=router)
+        prompt = target.tokenize("fill the context")
+        out = list(dec.generate(prompt, 400, Sampler()))
+        assert dec.stats.finish_reason == "context" and len(prompt) + len(out) >= 255
+        assert out == greedy_reference(sessions["target"], prompt, len(out))
+
+
 def test_sampling_follows_target_distribution(sessions):
     """First generated token over many seeds ~ target softmax at T=1 (chi-square), via rejection sampling."""
     from scipy.stats import chisquare

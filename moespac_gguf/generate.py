@@ -25,6 +25,7 @@ from .session import DRAFT_TOP_K, SELF_DRAFT, Session, draft_source
 from .speculative import DecodeStats, Sampler, SpeculativeDecoder
 from .units import format_size, parse_size
 
+PREFILL_BATCH = 1024  # the target's batch under a memory budget (batch_sizes)
 DRAFT_BATCH = 64  # a draft's batch under a memory budget (batch_sizes)
 DRAFT_AHEAD = 6   # tokens a self-draft runs ahead under a budget (MoeSpac, bench/results/lookahead.md)
 
@@ -87,15 +88,18 @@ def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
 
 def batch_sizes(n_batch: int | None, n_ctx: int, budgeted: bool) -> tuple[int, int]:
     """(target, draft) batch sizes. Without a budget both are llama.cpp's 512 (or `n_batch`).
-    Under a budget a prompt is prefilled in one batch of up to `n_ctx` tokens, since every batch
-    routes to nearly every expert and so reads each unheld one again (a 682-token prompt read
-    them twice in batches of 512); the draft's batches shrink to DRAFT_BATCH, because its reads
-    cost nothing (a self-draft computes with held experts only; a separate draft's file is
-    pinned) and a batch's compute buffer is memory the experts could use (measured on
-    smolmoe-16x, a 682-token prefill: target 512 -> 1024 +21 MiB, self-draft 512 -> 64 -26 MiB)."""
+    Under a budget the target prefills in batches of up to PREFILL_BATCH tokens (within `n_ctx`):
+    every batch routes to nearly every expert, so each batch reads every unheld one again (the
+    bench's prompts, one of 682 tokens: prefill bytes 3.20 -> 2.92 GB from 512 to 1024). The
+    bound is memory: without flash attention a batch's attention scores take n_ctx x batch x
+    heads x 4 bytes of compute buffer. The draft's batches shrink to DRAFT_BATCH, because its
+    reads cost nothing (a self-draft computes with held experts only; a separate draft's file is
+    pinned) and a compute buffer is memory the experts could use (measured on smolmoe-16x, a
+    682-token prefill: target 512 -> 1024 +21 MiB, self-draft 512 -> 64 -26 MiB)."""
     if not budgeted:
         return (n_batch or 512,) * 2
-    return n_batch or n_ctx, min(n_batch or n_ctx, DRAFT_BATCH)
+    target = n_batch or min(n_ctx, PREFILL_BATCH)
+    return target, min(target, DRAFT_BATCH)
 
 
 def chat_tokens(session, messages: list[dict]) -> list[int] | None:
@@ -301,7 +305,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="batch size (default 512; with --mem-budget the context size: one prefill pass per prompt)")
+                   help="batch size (default 512; with --mem-budget up to 1024: fewer prefill passes, each reads "
+                   "every expert not held)")
     p.add_argument("--draft-max", type=int, default=8, help="most tokens drafted per step (default 8)")
     p.add_argument("--no-adaptive-draft", action="store_true", help="always draft --draft-max tokens")
     p.add_argument("--draft-ahead", type=int, default=None, metavar="N",

@@ -291,3 +291,13 @@ def test_self_draft_running_ahead_samples_within_the_vocabulary(tiny_moe):
             assert m.completion_tokens and m.stats.n_drafted > 0
             assert all(0 <= t < m.target.n_vocab for t in m.completion_tokens)
     assert texts[0] == texts[1]
+
+
+def test_batch_sizes_under_a_budget_prefill_in_fewer_passes_and_draft_small():
+    from moespac_gguf.generate import DRAFT_BATCH, PREFILL_BATCH, batch_sizes
+
+    assert batch_sizes(None, 2048, budgeted=False) == (512, 512)
+    assert batch_sizes(128, 2048, budgeted=False) == (128, 128)
+    assert batch_sizes(None, 4096, budgeted=True) == (PREFILL_BATCH, DRAFT_BATCH) == (1024, 64)
+    assert batch_sizes(None, 256, budgeted=True) == (256, 64)  # within the context
+    assert batch_sizes(32, 2048, budgeted=True) == (32, 32)    # -b wins, the draft never exceeds it

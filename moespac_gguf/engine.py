@@ -24,7 +24,6 @@ to the engine (a T0 slot tier would plug in as one more move kind).
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -37,16 +36,19 @@ from .layout import MoeLayout
 from .paths import CALIBRATION_PATH
 from .plan import DeviceCosts
 from .policy import Capacity, MoeSpacPolicy, lookahead_score
+from .profiles import load_device
 from .speculative import VerificationEvent
 # Used until `moespac calibrate` has measured this machine.
 DEFAULT_COSTS = DeviceCosts(flash_read_bps=1.0e9, memcpy_bps=8.0e9, cpu_s_per_token_expert=2e-4)
 
 
 def load_costs() -> DeviceCosts:
-    if CALIBRATION_PATH.exists():
-        d = json.loads(CALIBRATION_PATH.read_text())
-        return DeviceCosts(d["flash_read_bps"], d["memcpy_bps"], d["cpu_s_per_token_expert"])
-    return DEFAULT_COSTS
+    """This machine's costs as `moespac calibrate` measured them (read and checked as the
+    simulator's "local" device: a damaged file is a one-line error), else DEFAULT_COSTS."""
+    if not CALIBRATION_PATH.exists():
+        return DEFAULT_COSTS
+    local = load_device("local")
+    return DeviceCosts(local.flash_read_bps, local.memcpy_bps, local.cpu_s_per_token_expert)
 
 
 @dataclass

@@ -301,3 +301,19 @@ def test_batch_sizes_under_a_budget_prefill_in_fewer_passes_and_draft_small():
     assert batch_sizes(None, 4096, budgeted=True) == (PREFILL_BATCH, DRAFT_BATCH) == (1024, 64)
     assert batch_sizes(None, 256, budgeted=True) == (256, 64)  # within the context
     assert batch_sizes(32, 2048, budgeted=True) == (32, 32)    # -b wins, the draft never exceeds it
+
+
+def test_engine_costs_come_from_the_calibration_or_a_one_line_error(tmp_path, monkeypatch):
+    from moespac_gguf import engine, profiles
+
+    path = tmp_path / "calibration.json"
+    monkeypatch.setattr(engine, "CALIBRATION_PATH", path)
+    monkeypatch.setattr(profiles, "CALIBRATION", path)
+    assert engine.load_costs() == engine.DEFAULT_COSTS  # not calibrated yet
+    path.write_text('{"flash_read_bps": 5e8, "memcpy_bps": 9e9, "mem_bps": 2e10, '
+                    '"cpu_s_per_token_expert": 3e-4, "page_in_latency_s": 1e-4}')
+    costs = engine.load_costs()
+    assert (costs.flash_read_bps, costs.memcpy_bps, costs.cpu_s_per_token_expert) == (5e8, 9e9, 3e-4)
+    path.write_text('{"flash_read_bps": 5e8}')
+    with pytest.raises(MoespacError, match="not a calibration profile"):
+        engine.load_costs()

@@ -332,6 +332,11 @@ class ResidencyController:
         self.steps = 0
         self.lookahead = False  # set once a draft's lookahead routing is heard
 
+    @property
+    def holds_every_expert(self) -> bool:
+        """The budget has room for every expert: no residency choice is left to make."""
+        return self.policy.capacity.total >= len(self.layout.layers) * self.layout.n_expert
+
     def on_draft(self, draft: list[int], ahead: np.ndarray | None = None) -> None:
         if ahead is not None:  # the draft ran ahead: its routing decides (MoeSpacPolicy._want_ahead)
             self.lookahead = True

@@ -142,7 +142,7 @@ class MoeSpac:
         `n_batch`: the target's batch (see `batch_sizes`).
         `draft_ahead`: tokens a self-draft drafts each step, beyond what it proposes if need be, so
         its routing of them tells the engine what the next steps need (default DRAFT_AHEAD with
-        `-md self` under a budget, else 0)."""
+        `-md self` under a budget that cannot hold every expert, else 0)."""
         set_verbose(verbose)
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
@@ -152,6 +152,7 @@ class MoeSpac:
         if gate is not None and mem_budget is None:
             raise MoespacError("a lookahead gate needs a memory budget (--mem-budget): its predictions "
                                "steer the residency engine")
+        ahead_by_default = draft_ahead is None
         if draft_ahead is None:
             draft_ahead = DRAFT_AHEAD if self_draft and mem_budget is not None else 0
         if draft_ahead < 0:
@@ -188,6 +189,8 @@ class MoeSpac:
                         s.tap.set_demand_page_in(True)
                 if self_draft:  # the draft computes with held experts only: it reads nothing
                     self.draft.tap.restrict_to(self.residency.engine.resident)
+                if ahead_by_default and self.residency.holds_every_expert:
+                    self.decoder.draft_ahead = 0  # nothing to choose between: running ahead only costs time
         except Exception:
             self.close()
             raise

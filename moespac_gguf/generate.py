@@ -314,7 +314,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adaptive-draft", action="store_true", help="always draft --draft-max tokens")
     p.add_argument("--draft-ahead", type=int, default=None, metavar="N",
                    help=f"with -md {SELF_DRAFT} and --mem-budget: tokens the draft runs ahead each step, whose "
-                   f"routing tells the engine which experts to keep (default {DRAFT_AHEAD}; 0: off)")
+                   f"routing tells the engine which experts to keep (default {DRAFT_AHEAD} where the budget "
+                   "cannot hold every expert, else 0)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

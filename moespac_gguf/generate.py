@@ -189,8 +189,10 @@ class MoeSpac:
                         s.tap.set_demand_page_in(True)
                 if self_draft:  # the draft computes with held experts only: it reads nothing
                     self.draft.tap.restrict_to(self.residency.engine.resident)
-                if ahead_by_default and self.residency.holds_every_expert:
-                    self.decoder.draft_ahead = 0  # nothing to choose between: running ahead only costs time
+                if router is not None and ahead_by_default and self.residency.holds_every_expert:
+                    # nothing to choose between: running ahead, reading the routing, only cost time
+                    self.decoder.stop_running_ahead()
+                    self.draft.tap.chain(None)
         except Exception:
             self.close()
             raise

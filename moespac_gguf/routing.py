@@ -63,11 +63,14 @@ class RoutingTap:
         self.user_data = ctypes.c_void_p(self.handle)
 
     def chain(self, callback, name_prefixes: tuple[str, ...] = ()) -> None:
-        """Run another eval callback (a ctypes CFUNCTYPE object; keep it alive) behind the tap.
+        """Run another eval callback (a ctypes CFUNCTYPE object; keep it alive) behind the tap
+        (None: none any more).
 
         With `name_prefixes`, llama.cpp asks it only about nodes whose names start
         with one of them: a Python callback asked about every node costs ~50 us each.
         """
+        if callback is None:
+            callback = lib.llama_moespac_tap_chain.argtypes[1]()  # a NULL function pointer
         lib.llama_moespac_tap_chain(self.handle, callback, None, "|".join(name_prefixes).encode())
 
     def reset(self) -> None:

@@ -214,6 +214,11 @@ class SpeculativeDecoder:
         self.observers: list[Observer] = []
         self.stats = DecodeStats()
 
+    def stop_running_ahead(self) -> None:
+        """From now on the draft proposes only, and no draft routing reaches observers (the
+        caller detaches the router from the draft's graph: unread, it would only pile up)."""
+        self.draft_ahead, self.router = 0, None
+
     def subscribe(self, observer: Observer) -> None:
         self.observers.append(observer)
 

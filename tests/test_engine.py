@@ -270,8 +270,12 @@ def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
         assert len(m.residency.map.other_mappings) == 1
         assert m.decoder.draft_ahead == DRAFT_AHEAD and m.residency.lookahead  # the draft ran ahead
         assert m.residency.holds_every_expert  # asked for: it runs ahead even so
-    with MoeSpac(target, "self", n_ctx=256, mem_budget=layout.other_bytes + (600 << 20)) as m:
+    with MoeSpac(target, "self", n_ctx=256, draft_max=4, adaptive_draft=False,
+                 mem_budget=layout.other_bytes + (600 << 20)) as m:
         assert m.decoder.draft_ahead == 0  # by default not where every expert fits
+        m.create_completion(prompt, max_tokens=40)
+        assert m.completion_tokens == ref and m.stats.n_drafted > 0
+        assert not m.residency.lookahead  # no draft routing reached the engine either
     with pytest.raises(MoespacError, match="-md self needs a target that routes more than 1"):
         MoeSpac(tiny_moe(SPEC, n_expert_used=1), "self")
     with pytest.raises(MoespacError, match="--draft-ahead .* needs -md self and --mem-budget"):

@@ -125,6 +125,18 @@ def test_chained_callback_is_asked_only_about_its_names(tiny_moe):
     assert filtered[1] == unfiltered[1] and len(filtered[1]) == 3
 
 
+def test_a_chained_callback_can_be_detached(tiny_moe):
+    """chain(None) stops the tap forwarding: a capture detached after one decode sees no more."""
+    cap = TensorCapture("ffn_norm")
+    with Session(tiny_moe(n_layer=3), n_ctx=128, capture=cap) as s:
+        s.decode(s.tokenize(PROMPT))
+        assert len(cap.captured) == 3
+        cap.clear()
+        s.tap.chain(None)
+        s.decode(s.tokenize(PROMPT))
+        assert not cap.captured and s.last_routing.experts.shape[1] > 0  # the tap itself still records
+
+
 def test_restricted_routing_picks_the_best_ranked_allowed_experts(tiny_moe):
     """restrict_to (patch 0009): every row's experts become the best-ranked allowed ones by the
     router's own logits; a layer allowing fewer than top-k fills up with its best-ranked others."""

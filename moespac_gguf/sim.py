@@ -225,8 +225,8 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
         if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
                 or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
             raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
-        counts[:, w] = (b - a, used.sum(), (hits | (used & window.holds(used.shape))).sum(),
-                        (want & ~kept & ~in_window).sum())
+        # what it wanted was a hit anyway, so the window as it was before the plan serves the rest
+        counts[:, w] = b - a, used.sum(), (hits | (used & in_window)).sum(), (want & ~kept & ~in_window).sum()
         window.stream(experts, used & ~hits, policy.resident)
     return counts[:, counts[0] > 0]
 

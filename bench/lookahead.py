@@ -13,12 +13,14 @@ only compute with held experts. Reports
           tokens being the target's);
   MiB read per decoded token by `MoeSpacPolicy` as the pinned engine runs it (misses stream
           through a window of `--window` experts) without and with the draft's rows as `ahead`
-          (MoeSpacPolicy._want_ahead), and by the offline optimum (belady), per capacity.
+          (MoeSpacPolicy._want_ahead), with the target's own routing of the next `--oracle` N
+          rows as `ahead` (a draft that predicts perfectly: what a better draft could win, and
+          what a longer lookahead could), and by the offline optimum (belady), per capacity.
 
 Bytes do not depend on the device, so none is modelled. Writes bench/results/lookahead.{json,md}.
 
     .venv/bin/python bench/lookahead.py TRACE.npz -m MODEL.gguf [--ahead 2 4 6 8] \\
-        [--capacity 197 236] [--window 39] [--restrict 197]
+        [--oracle 6 12] [--capacity 197 236] [--window 39] [--restrict 197]
 """
 from __future__ import annotations
 
@@ -82,21 +84,35 @@ def draft_rows(trace, windows, model: str, n_rows: int, restrict: int | None) ->
     return rows
 
 
-def recall_by_row(trace, windows, rows) -> list[float]:
-    """Share of the target's picks of row a+j named by the draft's top-k for it, per offset j."""
-    n_rows = next(r for r in rows if r is not None).shape[1]
-    hit, total = np.zeros(n_rows), np.zeros(n_rows)
-    for (a, _, _), pred in zip(windows, rows):
-        if pred is None:
+def oracle_rows(trace, windows, n_rows: int) -> list[np.ndarray | None]:
+    """Per window: the target's own routing of its next `n_rows` tokens (int [L, n_rows, k], -1
+    past the sequence's end), as `draft_rows` lays out a draft's; None for a prefill window."""
+    rows: list[np.ndarray | None] = []
+    for a, b, _ in windows:
+        if a == b:
+            rows.append(None)
             continue
+        out = np.full((trace.n_layer, n_rows, trace.experts.shape[2]), -1, dtype=trace.experts.dtype)
         for j in range(n_rows):
             t = a + j
             if t >= trace.n_tokens or trace.sequence[t] != trace.sequence[a] or trace.phase[t] == PROMPT:
                 break
-            actual, named = trace.experts[:, t], pred[:, j]
+            out[:, j] = trace.experts[:, t]
+        rows.append(out)
+    return rows
+
+
+def recall_by_row(trace, windows, rows) -> list[float]:
+    """Share of the target's picks of row a+j named by the draft's top-k for it, per offset j."""
+    n_rows = next(r for r in rows if r is not None).shape[1]
+    hit, total = np.zeros(n_rows), np.zeros(n_rows)
+    for pred, actual in zip(rows, oracle_rows(trace, windows, n_rows)):
+        if pred is None:
+            continue
+        for j in range(n_rows):
             for layer in range(trace.n_layer):
-                picks = set(actual[layer][actual[layer] >= 0].tolist())
-                hit[j] += len(picks & set(named[layer].tolist()))
+                picks = set(actual[layer, j][actual[layer, j] >= 0].tolist())
+                hit[j] += len(picks & set(pred[layer, j].tolist()))
                 total[j] += len(picks)
     return (hit / np.maximum(total, 1)).tolist()
 
@@ -106,6 +122,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("trace")
     p.add_argument("-m", "--model", required=True, help="the trace's model (GGUF)")
     p.add_argument("--ahead", type=int, nargs="+", default=[2, 4, 6, 8], help="rows the draft decodes per window")
+    p.add_argument("--oracle", type=int, nargs="*", default=[6, 12],
+                   help="rows of the target's own routing given as the lookahead (a perfect draft)")
     p.add_argument("--capacity", type=int, nargs="+", default=[197, 236], help="held experts")
     p.add_argument("--window", type=int, default=39, help="experts the stream window keeps")
     p.add_argument("--restrict", type=int, default=197, help="the draft may route only to this many "
@@ -132,6 +150,9 @@ def main(argv: list[str]) -> int:
         for n in args.ahead:
             ahead = [None if r is None else r[:, :n] for r in rows]
             row[f"ahead {n}"] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window, ahead)
+        for n in args.oracle:
+            row[f"oracle {n}"] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window,
+                                     oracle_rows(trace, windows, n))
         table.append(row)
     recall = recall_by_row(trace, windows, rows)
     report = {"date": datetime.date.today().isoformat(), "trace": Path(args.trace).name,
@@ -140,7 +161,8 @@ def main(argv: list[str]) -> int:
               "restrict": args.restrict, "recall_by_row": recall, "mib_per_token": table}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lookahead.json").write_text(json.dumps(report, indent=1))
-    cols = ["without"] + [f"ahead {n}" for n in args.ahead] + ["belady"]
+    cols = (["without"] + [f"ahead {n}" for n in args.ahead] + [f"oracle {n}" for n in args.oracle]
+            + ["belady"])
     lines = [f"{report['date']}: `{report['trace']}` ({n_decoded} decoded tokens, {len(windows)} windows, "
              f"K={args.draft_k}, A={args.acceptance}), self-draft of `{report['model']}` "
              f"{'restricted to the ' + str(args.restrict) + ' most used experts' if args.restrict else 'unrestricted'}",
@@ -149,7 +171,8 @@ def main(argv: list[str]) -> int:
              "|---|" + "---:|" * len(recall),
              "| recall | " + " | ".join(f"{r:.2f}" for r in recall) + " |", "",
              f"MiB read per decoded token, MoeSpacPolicy pinned with a {args.window}-expert stream window "
-             "(belady: offline optimum, no window):", "",
+             "(ahead N: the draft's N rows as its lookahead; oracle N: the target's own routing of the next "
+             "N tokens instead, a perfect draft; belady: offline optimum, no window):", "",
              "| held experts | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
     lines += [f"| {r['capacity']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in table]
     (RESULTS / "lookahead.md").write_text("\n".join(lines) + "\n")

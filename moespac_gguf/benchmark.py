@@ -6,7 +6,7 @@ model files' pages are dropped before each start). Contenders:
 
   llama.cpp         plain mmap, no draft (the same decode path, K = 0)
   llama.cpp+random  the same with MADV_RANDOM on the mapping
-  llama.cpp+sd      speculative decoding with the same draft, no expert management
+  llama.cpp+sd      speculative decoding with the same draft (or --sd-draft), no expert management
   moespac           speculative decoding + utility estimator + balancer + engine
   moespac+gate      the same + the lookahead gate's in-decode predictions (--gate FILE)
   moespac+slots     moespac with a share of its expert budget (--slot-fraction) in host-RAM expert
@@ -81,7 +81,7 @@ def run_contender(name: str, args) -> dict:
     from .pages import MADV_RANDOM, find_mapping, madvise
 
     managed = name.startswith("moespac")
-    draft = args.model_draft if name == "llama.cpp+sd" or managed else None
+    draft = sd_draft(args) if name == "llama.cpp+sd" else args.model_draft if managed else None
     budget = args.mem_cap if managed and args.mem_cap else None
     m = MoeSpac(args.model, draft, n_ctx=args.ctx_size, n_threads=args.threads, draft_max=args.draft_max,
                 mem_budget=budget, gate=args.gate if name == "moespac+gate" else None,
@@ -110,7 +110,7 @@ def run_contender(name: str, args) -> dict:
     elapsed = time.perf_counter() - t0
     read1, faults1 = _io_counters()
     pooled = DecodeStats.pooled(stats)
-    result = {"name": name, "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
+    result = {"name": name, "draft": draft, "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
               "bytes_read": read1 - read0, "major_faults": faults1 - faults0,
               "acceptance_rate": pooled.acceptance_rate, "outputs": outputs,
               "rss_anon_bytes": status_bytes("RssAnon"),  # not page cache: what the cap leaves the model
@@ -142,6 +142,8 @@ def _child_argv(name: str, args) -> list[str]:
             "-n", str(args.n_predict), "-c", str(args.ctx_size), "--draft-max", str(args.draft_max)]
     if args.model_draft:
         argv += ["-md", args.model_draft]
+    if args.sd_draft:
+        argv += ["--sd-draft", args.sd_draft]
     if args.gate:
         argv += ["--gate", args.gate]
     if args.threads:
@@ -153,9 +155,14 @@ def _child_argv(name: str, args) -> list[str]:
     return argv
 
 
+def sd_draft(args) -> str | None:
+    """llama.cpp+sd's draft: --sd-draft, else the same draft as moespac's."""
+    return args.sd_draft or args.model_draft
+
+
 def _files(args) -> list[str]:
     """The model files a contender maps (a self-draft maps the target's)."""
-    return [f for f in (args.model, args.model_draft) if f and f != SELF_DRAFT]
+    return [f for f in dict.fromkeys((args.model, args.model_draft, args.sd_draft)) if f and f != SELF_DRAFT]
 
 
 def run_capped(name: str, args) -> dict:
@@ -186,7 +193,8 @@ def markdown(results: list[dict], args) -> str:
     """The report's rows as a table (rows carry `same_output`, not the outputs)."""
     base = {r["name"]: r for r in results if "error" not in r}
     lines = [f"model `{Path(args.model).name}` ({format_size(os.path.getsize(args.model))}), draft "
-             f"`{Path(args.model_draft).name if args.model_draft else '-'}`, "
+             f"`{Path(args.model_draft).name if args.model_draft else '-'}`"
+             f"{f' (llama.cpp+sd: `{Path(args.sd_draft).name}`)' if args.sd_draft else ''}, "
              f"cap {format_size(args.mem_cap) if args.mem_cap else 'none'}, "
              f"{args.limit} prompts x {args.n_predict} tokens; decode: the same run without the prompt prefills",
              "",
@@ -224,6 +232,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("-n", "--n-predict", type=int, default=64)
     p.add_argument("-c", "--ctx-size", type=int, default=1024)
     p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--sd-draft", metavar="FILE",
+                   help="llama.cpp+sd's draft GGUF instead of -md (e.g. a dense draft beside -md self, whose "
+                   "unrestricted self-draft thrashes under a cap without expert management)")
     p.add_argument("--draft-max", type=int, default=8)
     p.add_argument("--draft-ahead", type=int, default=None, metavar="N",
                    help=f"moespac with -md {SELF_DRAFT}: tokens the draft runs ahead (default: moespac run's)")
@@ -246,8 +257,10 @@ def main(argv: list[str]) -> int:
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise MoespacError(f"unknown contender(s) {', '.join(unknown)} (choose from {', '.join(CONTENDERS)})")
-    if any(n == "llama.cpp+sd" or n.startswith("moespac") for n in names) and not args.model_draft:
-        raise MoespacError("llama.cpp+sd and moespac need a draft model (-md)")
+    if any(n.startswith("moespac") for n in names) and not args.model_draft:
+        raise MoespacError("moespac needs a draft model (-md)")
+    if "llama.cpp+sd" in names and not sd_draft(args):
+        raise MoespacError("llama.cpp+sd needs a draft model (-md or --sd-draft)")
     if "moespac+gate" in names and not args.gate:
         raise MoespacError("the moespac+gate contender needs a gate sidecar (--gate FILE, from moespac train-gate)")
     if not 0 < args.slot_fraction < 1:
@@ -270,7 +283,7 @@ def main(argv: list[str]) -> int:
     reference = next((r["outputs"] for name in ("llama.cpp", "llama.cpp+random") for r in results
                       if r["name"] == name and "outputs" in r), None)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "model": args.model, "draft": args.model_draft, "mem_cap": args.mem_cap,
+              "model": args.model, "draft": args.model_draft, "sd_draft": sd_draft(args), "mem_cap": args.mem_cap,
               "prompts": str(args.prompts), "limit": args.limit, "n_predict": args.n_predict,
               "results": [{k: v for k, v in r.items() if k != "outputs"} | (
                   {"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})

@@ -43,6 +43,27 @@ def test_bench_json_all_contenders(tiny_moe, tmp_path):
     assert _our_groups() == before, "a benchmark cgroup was left behind"
 
 
+def test_bench_sd_draft_gives_llama_cpp_sd_its_own_draft(tiny_moe, tmp_path):
+    """-md self for moespac, --sd-draft for llama.cpp+sd: each drafts with its own, same greedy output."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["hello there"]}\n')
+    draft = str(tiny_moe(DRAFT))
+    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", str(tiny_moe(TARGET)),
+                        "-md", "self", "--sd-draft", draft, "--mem-cap", "1G", "--prompts", str(prompts),
+                        "--limit", "1", "-n", "8", "--json", "--contenders", "llama.cpp,llama.cpp+sd,moespac"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["draft"] == "self" and d["sd_draft"] == draft
+    for x in d["results"]:
+        assert "error" not in x, x
+        assert x["same_output"] is True
+    sd, moespac = d["results"][1:]
+    assert sd["draft"] == draft and sd["acceptance_rate"] is not None
+    assert moespac["draft"] == "self" and "draft_tap" in moespac  # the target drafting for itself
+    assert d["results"][0]["draft"] is None
+
+
 def test_bench_slots_contender_same_output(tiny_moe, tmp_path):
     """moespac+slots (opt-in): host-RAM expert slots filled by the utility, same greedy output."""
     prompts = tmp_path / "p.jsonl"
@@ -71,7 +92,11 @@ def test_cap_really_limits_a_child(tmp_path):
 
 
 def test_bench_errors_are_one_line(tiny_moe, tmp_path):
-    cases = [(["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G"], "need a draft model"),
+    cases = [(["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G"], "moespac needs a draft model (-md)"),
+             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp+sd"],
+              "llama.cpp+sd needs a draft model (-md or --sd-draft)"),
+             (["-m", str(tiny_moe(TARGET)), "-md", "self", "--sd-draft", str(tmp_path / "d.gguf"), "--mem-cap", "1G"],
+              "no such file"),
              (["-m", str(tmp_path / "x.gguf"), "--mem-cap", "1G"], "no such file"),
              (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "vllm"], "unknown contender"),
              (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp", "--slot-fraction", "2"],

@@ -142,17 +142,15 @@ def main(argv: list[str]) -> int:
         return replay(trace, windows, policy, Capacity(capacity), stream_window=window,
                       ahead=ahead).bytes_per_token(expert_bytes) / 2**20
 
+    # each column's lookahead, built once for every capacity: none, the draft's first n rows, the trace's
+    lookaheads = {"without": None}
+    lookaheads |= {f"ahead {n}": [None if r is None else r[:, :n] for r in rows] for n in args.ahead}
+    lookaheads |= {f"oracle {n}": oracle_rows(trace, windows, n) for n in args.oracle}
     table = []
     for capacity in args.capacity:
-        row = {"capacity": capacity,
-               "belady": mib(Belady(window_needs(trace, windows)), capacity, 0),
-               "without": mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window)}
-        for n in args.ahead:
-            ahead = [None if r is None else r[:, :n] for r in rows]
-            row[f"ahead {n}"] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window, ahead)
-        for n in args.oracle:
-            row[f"oracle {n}"] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window,
-                                     oracle_rows(trace, windows, n))
+        row = {"capacity": capacity, "belady": mib(Belady(window_needs(trace, windows)), capacity, 0)}
+        for name, ahead in lookaheads.items():
+            row[name] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window, ahead)
         table.append(row)
     recall = recall_by_row(trace, windows, rows)
     report = {"date": datetime.date.today().isoformat(), "trace": Path(args.trace).name,
@@ -161,8 +159,7 @@ def main(argv: list[str]) -> int:
               "restrict": args.restrict, "recall_by_row": recall, "mib_per_token": table}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lookahead.json").write_text(json.dumps(report, indent=1))
-    cols = (["without"] + [f"ahead {n}" for n in args.ahead] + [f"oracle {n}" for n in args.oracle]
-            + ["belady"])
+    cols = [*lookaheads, "belady"]
     lines = [f"{report['date']}: `{report['trace']}` ({n_decoded} decoded tokens, {len(windows)} windows, "
              f"K={args.draft_k}, A={args.acceptance}), self-draft of `{report['model']}` "
              f"{'restricted to the ' + str(args.restrict) + ' most used experts' if args.restrict else 'unrestricted'}",

@@ -311,14 +311,13 @@ class SpeculativeDecoder:
         Return the k drafts, their draft distributions (sampling), the draft's routing of the rows
         from `committed[-1]` on (None without a router) and the number of draft decodes run."""
         n = max(k, min(self.draft_ahead, room))
-        # a carried run is what the draft ran past k accepted drafts and the bonus token: fewer
-        # than draft_ahead - k tokens, all inside the room the last step had for them
-        drafts, rows = self._ran
         d = self.draft
         if n == 0 or d is None:
             self._ran = ([], [])
             return [], [], None, 0
-        drafts, rows, q = list(drafts), list(rows), []
+        # a carried run is what the draft ran past k accepted drafts and the bonus token: fewer
+        # than draft_ahead - k tokens, all inside the room the last step had for them
+        drafts, rows, q = list(self._ran[0]), list(self._ran[1]), []
         pending = drafts[-1:] or committed[d.n_past:]
         decoded = 0
         while len(drafts) < n:

@@ -1,12 +1,10 @@
 """Can a self-draft running ahead tell the residency engine which experts to keep?
 
 Replays a recorded routing trace (`moespac trace`: the bench's prompts and the target's greedy
-outputs) in speculative windows of mean K and acceptance A, as `moespac sim` does. Before each
-decode window the target routing one expert per token (`-md self`) is fed the committed tokens
-and drafts greedily on, its RouterCapture ranking every row it decodes, as the runtime's
-`--draft-ahead N` does: rows [last committed, d1 .. d(N-1)]. With `--restrict M` its routing is
-restricted to the M most used experts of the trace (patch 0009), as under a budget, where it may
-only compute with held experts. Reports
+outputs) in speculative windows of mean K and acceptance A, as `moespac sim` does, with the
+self-draft running ahead of each decode window as the runtime's `--draft-ahead N` does
+(moespac_gguf.draft_replay; `--restrict M`: its routing restricted to the M most used experts of
+the trace, as under a budget, where it may only compute with held experts). Reports
 
   recall  the share of the target's top-k picks of a row that the draft's top-k for it names,
           by row offset (row 0 is the committed token; later rows also depend on the drafted
@@ -32,61 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
-from moespac_gguf.capture import RouterCapture
+from moespac_gguf.draft_replay import self_draft_rows
 from moespac_gguf.layout import read_layout
 from moespac_gguf.plan import DeviceCosts
-from moespac_gguf.policy import Belady, Capacity, MoeSpacPolicy, select
-from moespac_gguf.session import Session, draft_source
+from moespac_gguf.policy import Belady, Capacity, MoeSpacPolicy
 from moespac_gguf.sim import load_trace, make_windows, replay, window_needs
 from moespac_gguf.trace import PROMPT
-from moespac_gguf.utility import routing_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=1e-4)
 
 
-def draft_rows(trace, windows, model: str, n_rows: int, restrict: int | None) -> list[np.ndarray | None]:
-    """Per window: int [L, n_rows, k], the self-draft's top-k ranking of the rows it decodes from the
-    window's first (committed) token on; None for a prefill window."""
-    layout = read_layout(model)
-    path, overrides = draft_source("self", layout)
-    router = RouterCapture()
-    draft = Session(path, n_ctx=int(trace.positions.max()) + n_rows + 8, tap=True, overrides=overrides,
-                    capture=router)
-    if restrict:
-        counts = routing_counts(trace.experts, trace.n_expert)
-        allowed = np.ascontiguousarray(select(counts, np.ones(counts.shape, dtype=bool), Capacity(restrict)))
-        draft.tap.restrict_to(allowed)
-    rows: list[np.ndarray | None] = []
-    start = 0
-    for a, b, fed in windows:
-        if a == b:  # a prompt: the draft prefills it
-            draft.reset()
-            draft.decode(trace.tokens[a:fed].tolist())
-            router.clear()
-            start = a
-            rows.append(None)
-            continue
-        draft.rollback(a - start)  # the committed tokens before this window's first
-        if draft.n_past < a - start:  # the ones the last window committed
-            draft.decode(trace.tokens[start + draft.n_past:a].tolist())
-            router.clear()
-        pending, out = [int(trace.tokens[a])], []
-        for _ in range(n_rows):
-            logits = draft.decode(pending)
-            out.append(router.last_row_ranking(trace.n_layer, trace.experts.shape[2]))
-            pending = [int(np.argmax(logits[-1]))]
-        rows.append(np.stack(out, axis=1))
-        draft.rollback(a - start + 1)  # keep the committed token, forget the drafted ones
-        print(f"\rdrafting ahead: window {len(rows)}/{len(windows)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    draft.close()
-    return rows
-
-
 def oracle_rows(trace, windows, n_rows: int) -> list[np.ndarray | None]:
     """Per window: the target's own routing of its next `n_rows` tokens (int [L, n_rows, k], -1
-    past the sequence's end), as `draft_rows` lays out a draft's; None for a prefill window."""
+    past the sequence's end), as `self_draft_rows` lays out a draft's; None for a prefill window."""
     rows: list[np.ndarray | None] = []
     for a, b, _ in windows:
         if a == b:
@@ -134,7 +91,7 @@ def main(argv: list[str]) -> int:
 
     trace = load_trace(args.trace)
     windows = make_windows(trace, args.draft_k, args.acceptance)
-    rows = draft_rows(trace, windows, args.model, max(args.ahead), args.restrict or None)
+    rows = self_draft_rows(trace, windows, args.model, max(args.ahead), args.restrict or None)
     expert_bytes = read_layout(args.model).mean_bytes_per_expert
     n_decoded = int((trace.phase != PROMPT).sum())
 

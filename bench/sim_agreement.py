@@ -8,7 +8,8 @@ contender, on the device `moespac calibrate` measured on the same model:
   llama.cpp+random  lru-global (the kernel's page cache), K = 0, misses paged in by 4 KiB faults
   moespac           moespac (the runtime's own policy object, pinned as in the run: misses not kept for
                     free, but the stream window beside it keeps the latest ones), the run's mean K
-                    (adaptive) and acceptance, bulk reads
+                    (adaptive) and acceptance, bulk reads; with `-md self` its self-draft running
+                    ahead as in the run (`--draft-ahead`, replayed by llama.cpp: moespac_gguf.draft_replay)
 
 Not modelled: plain `llama.cpp` and `llama.cpp+sd`, whose misses go through the kernel's read-ahead:
 under reclaim it reads pages that are evicted before use and read again (measured 2-18x the bytes
@@ -33,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from moespac_gguf.generate import DRAFT_AHEAD
 from moespac_gguf.layout import read_layout
 from moespac_gguf.paths import CACHE_DIR
 from moespac_gguf.profiles import Device, load_device, load_model
 from moespac_gguf.record import load_prompts, record
+from moespac_gguf.session import SELF_DRAFT
 from moespac_gguf.sim import load_trace, simulate
 from moespac_gguf.units import format_size
 
@@ -75,6 +78,14 @@ def capacity_bytes(name: str, r: dict, run: dict, other_bytes: float) -> float:
     return run["mem_cap"] - r["rss_anon_bytes"] - other_bytes
 
 
+def run_ahead(r: dict, run: dict) -> int:
+    """Rows the run's self-draft ran ahead: as recorded, else (runs before the bench recorded it) the
+    runtime's default for `-md self` under a budget."""
+    if "draft_ahead" in r:
+        return r["draft_ahead"]
+    return DRAFT_AHEAD if run["draft"] == SELF_DRAFT else 0
+
+
 def agreement(runs: list[dict], trace_path: Path, device: Device) -> list[dict]:
     """One row per run of each contender the simulator models (module docstring), replayed with that
     run's own K, acceptance and capacity, each followed for moespac by the offline bound; then the
@@ -96,15 +107,17 @@ def agreement(runs: list[dict], trace_path: Path, device: Device) -> list[dict]:
             engine = r.get("engine", {})
             pinned = bool(engine.get("pinned"))  # then the rest of its budget is the stream window
             window = int((engine["budget_bytes"] - engine["engine_budget_bytes"]) // expert_b) if pinned else 0
+            ahead = run_ahead(r, run) if drafted else 0
             for name, pol in ((r["name"], policy), ("(offline optimum)", "belady")):
                 if pol == "belady" and r["name"] != "moespac":
                     continue  # the least any policy could read with moespac's capacity, K and acceptance
                 sim = simulate(trace, "bench", pol, device, model, mem_budget=budget, draft_k=k,
-                               acceptance=acceptance, paging=paging, pinned=pinned, stream_window=window)
+                               acceptance=acceptance, paging=paging, pinned=pinned, stream_window=window,
+                               draft_ahead=ahead, self_draft=run["model"])
                 measured = dec["tokens_per_s"] if pol != "belady" else None
                 ratio = sim.tokens_per_s / measured if measured else None
                 rows.append({"contender": name, "run": run["date"], "policy": pol, "paging": paging,
-                             "draft_k": k, "acceptance": round(acceptance, 3),
+                             "draft_k": k, "acceptance": round(acceptance, 3), "draft_ahead": ahead,
                              "capacity_experts": sim.capacity_experts, "capacity_share": sim.capacity_experts / n_all,
                              "measured_tokens_per_s": measured, "modeled_tokens_per_s": sim.tokens_per_s,
                              "ratio": ratio, "agrees": None if ratio is None else bool(abs(ratio - 1.0) <= TOLERANCE),
@@ -145,7 +158,7 @@ def markdown(rows: list[dict], runs: list[dict], device: Device) -> str:
              f"{(device.fault_s_per_page or device.page_in_latency_s) * 1e6:.0f} us per 4 KiB fault, "
              f"{device.cpu_s_per_token_expert * 1e6:.0f} us per token-expert, step {device.step_overhead_s * 1e3:.1f} ms, "
              f"draft {device.draft_s * 1e3:.1f} ms/token, prefetch overlap {device.io_overlap:g}.", "",
-             "| contender | run | modeled as | K, A | capacity | measured tok/s | modeled tok/s | modeled / measured "
+             "| contender | run | modeled as | K, A, ahead | capacity | measured tok/s | modeled tok/s | modeled / measured "
              "| within ±25% | measured MiB/token | modeled MiB/token |",
              "|---|---|---|---|---:|---:|---:|---:|:-:|---:|---:|"]
 
@@ -160,7 +173,7 @@ def markdown(rows: list[dict], runs: list[dict], device: Device) -> str:
         agrees = "-" if r["agrees"] is None else ("yes" if r["agrees"] else "NO")
         mib = None if r["measured_bytes_per_token"] is None else r["measured_bytes_per_token"] / 2**20
         lines.append(f"| {r['contender']} | {r['run']} | {r['policy']}, {r['paging']} | {r['draft_k']:.2f}, "
-                     f"{r['acceptance']:.2f} | {r['capacity_experts']} ({r['capacity_share']:.0%}) | "
+                     f"{r['acceptance']:.2f}, {r.get('draft_ahead', 0)} | {r['capacity_experts']} ({r['capacity_share']:.0%}) | "
                      f"{num(r['measured_tokens_per_s'])} | {r['modeled_tokens_per_s']:.2f} | {num(r['ratio'])} | "
                      f"{agrees} | {num(mib, '{:.1f}')} | {r['modeled_bytes_per_token'] / 2**20:.1f} |")
     lines += ["", "| contender | runs | measured tok/s, mean (min-max) | modeled tok/s, mean | modeled / measured "

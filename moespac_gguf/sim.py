@@ -231,11 +231,30 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
     return counts[:, counts[0] > 0]
 
 
-def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float, draft_k: float,
-           paging: str = "bulk") -> dict:
-    """Modeled seconds and bytes (module docstring) summed over the windows."""
+def draft_decodes(windows, draft_k: float, acceptance: float, draft_ahead: int = 0) -> float | np.ndarray:
+    """The draft's decodes per decode window: K (a mean) without a lookahead. Running N ahead
+    (SpeculativeDecoder._propose and _carry_over), max(k, N) rows, unless the last window accepted
+    all its drafts and the draft's next token too (chance A): then its run carries over and it decodes
+    only as many rows as that window produced. Expected values, so the time does not depend on a draw."""
+    if not draft_ahead:
+        return draft_k
+    out, carried = [], None  # carried: rows the last window consumed, if it accepted every draft
+    for a, b, fed in windows:
+        if a == b:
+            carried = None
+            continue
+        fresh = max(fed - a - 1, draft_ahead)
+        out.append(fresh if carried is None else acceptance * carried + (1 - acceptance) * fresh)
+        carried = b - a if b == fed else None
+    return np.array(out, dtype=np.float64)
+
+
+def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float,
+           draft_decodes: float | np.ndarray, paging: str = "bulk") -> dict:
+    """Modeled seconds and bytes (module docstring) summed over the windows; `draft_decodes`: the
+    draft's per window (draft_decodes())."""
     compute = device.pass_s(rep.needed, expert_bytes, other_bytes)
-    draft = draft_k * device.draft_s
+    draft = draft_decodes * device.draft_s
     load = device.load_s(expert_bytes, paging)
     misses = rep.needed - rep.hits
     stall = misses * load + np.maximum(0.0, rep.prefetched * load - device.io_overlap * (compute + draft))
@@ -274,8 +293,14 @@ def check_shape(model: ModelSpec, trace: RoutingTrace, path) -> None:
 def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, model: ModelSpec,
              quant: str | None = None, cache_per_layer: int | None = None, mem_budget: float | None = None,
              draft_k: float = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
-             seed: int = 0, paging: str = "bulk", pinned: bool = False, stream_window: int = 0) -> SimResult:
-    """One policy on one device: the numbers `moespac sim` prints."""
+             seed: int = 0, paging: str = "bulk", pinned: bool = False, stream_window: int = 0,
+             draft_ahead: int = 0, self_draft: str | None = None) -> SimResult:
+    """One policy on one device: the numbers `moespac sim` prints. `draft_ahead` N: the runtime's
+    `-md self --draft-ahead N`, the self-draft of the GGUF file `self_draft` running N rows ahead of
+    every window (draft_replay, restricted to the capacity's most used experts), its rows the
+    policy's lookahead and its decodes timed."""
+    if draft_ahead and not (self_draft and str(self_draft).endswith(".gguf")):
+        raise MoespacError("--draft-ahead replays the model's self-draft: give the model as a .gguf file (--model)")
     check_shape(model, trace, trace_name)
     if device.calibrated_model and Path(device.calibrated_model).name != model.name:
         raise MoespacError(f"device local was calibrated on {device.calibrated_model}: simulate that model "
@@ -284,11 +309,16 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     capacity, budget = capacity_for(model, other_b, expert_b, device, cache_per_layer, mem_budget)
     windows = make_windows(trace, draft_k, acceptance, seed)
     device.load_s(expert_b, paging)  # one-line error for an unknown paging
+    ahead = None
+    if draft_ahead and policy == "moespac":  # the one policy that reads a lookahead; the rest are only timed
+        from .draft_replay import self_draft_rows  # runs llama.cpp: only when asked
+        ahead = self_draft_rows(trace, windows, self_draft, draft_ahead, restrict=capacity.total)
     rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile, pinned), capacity,
-                 warmup_of(profile, draft_k, acceptance, seed), stream_window)
+                 warmup_of(profile, draft_k, acceptance, seed), stream_window, ahead)
     return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging, pinned,
                      stream_window, int(rep.tokens.sum()), len(rep.tokens), capacity.total, cache_per_layer, budget,
-                     **timing(rep, device, expert_b, other_b, draft_k, paging))
+                     **timing(rep, device, expert_b, other_b, draft_decodes(windows, draft_k, acceptance, draft_ahead),
+                              paging))
 
 
 def _default_model(trace: RoutingTrace, path: str) -> str:
@@ -343,6 +373,9 @@ def parser() -> argparse.ArgumentParser:
                    "budget: misses stream through and are not kept for free")
     p.add_argument("--stream-window", type=int, default=0, help="experts the unlocked window beside a "
                    "--pinned policy keeps after streaming them (the engine's stream window; default 0)")
+    p.add_argument("--draft-ahead", type=int, default=0, metavar="N", help="the runtime's -md self --draft-ahead "
+                   "N: the --model .gguf's self-draft runs N rows ahead of every window (llama.cpp replays it), "
+                   "its routing of them the policy's lookahead (default 0)")
     p.add_argument("--quant", help="quant type of the model spec (default: the spec's)")
     p.add_argument("--model", help="model spec name (moespac_gguf/data/models) or a .gguf file; "
                    "default from the trace (Mixtral traces)")
@@ -367,7 +400,7 @@ def main(argv) -> int:
     model = load_model(args.model or _default_model(trace, args.trace))
     result = simulate(trace, args.trace, args.policy, load_device(args.device), model, args.quant,
                       args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed,
-                      args.paging, args.pinned, args.stream_window)
+                      args.paging, args.pinned, args.stream_window, args.draft_ahead, args.model)
     if args.json:
         print(json.dumps(asdict(result)))
     else:

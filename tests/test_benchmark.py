@@ -61,6 +61,8 @@ def test_bench_sd_draft_gives_llama_cpp_sd_its_own_draft(tiny_moe, tmp_path):
     sd, moespac = d["results"][1:]
     assert sd["draft"] == draft and sd["acceptance_rate"] is not None
     assert moespac["draft"] == "self" and "draft_tap" in moespac  # the target drafting for itself
+    # the effective lookahead is recorded (sim_agreement replays it): a 1G cap holds every expert, so none ran
+    assert moespac["draft_ahead"] == 0 == sd["draft_ahead"]
     assert d["results"][0]["draft"] is None
 
 

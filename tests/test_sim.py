@@ -11,7 +11,7 @@ from moespac_gguf.errors import MoespacError
 from moespac_gguf.paths import SHARED_DIR
 from moespac_gguf.policy import POLICIES, Capacity, Lru, OnDemand
 from moespac_gguf.profiles import DATA_DIR, Device, load_device, load_model, names
-from moespac_gguf.sim import Replay, make_windows, replay, simulate, timing
+from moespac_gguf.sim import Replay, draft_decodes, make_windows, replay, simulate, timing
 from moespac_gguf.sim_sweep import synthetic_routing
 from moespac_gguf.trace import RoutingTrace, import_mixtral_jsonl
 from moespac_gguf.trace_stats import lru_hit_rate
@@ -114,7 +114,7 @@ def test_timing_known_answer():
                     memcpy_bps=1.0, step_overhead_s=1.0)
     rep = Replay(tokens=np.array([2, 1]), needed=np.array([3, 1]), hits=np.array([1, 1]),
                  prefetched=np.array([0, 4]), preloaded=2)
-    r = timing(rep, device, expert_bytes=10.0, other_bytes=70.0, draft_k=1)
+    r = timing(rep, device, expert_bytes=10.0, other_bytes=70.0, draft_decodes=1)
     # window 0: compute (70 + 30)/100 + 1 = 2, draft 1, 2 misses x (1 + 0.5) = 3  -> 6 s
     # window 1: compute (70 + 10)/100 + 1 = 1.8, draft 1, prefetch 4 x 1.5 = 6 > 2.8 -> stall 3.2 -> 6 s
     assert r["tokens_per_s"] == pytest.approx(3 / 12)
@@ -125,7 +125,7 @@ def test_timing_known_answer():
     assert r["preload_bytes"] == 20
     # no spare core (io_overlap 0): window 1's prefetch stalls whole, 6 s instead of 3.2
     busy = dataclasses.replace(device, io_overlap=0.0)
-    assert timing(rep, busy, 10.0, 70.0, draft_k=1)["stall_s_per_token"] == pytest.approx((3 + 6) / 3)
+    assert timing(rep, busy, 10.0, 70.0, draft_decodes=1)["stall_s_per_token"] == pytest.approx((3 + 6) / 3)
 
 
 def test_the_stream_window_serves_the_latest_misses_free():
@@ -144,7 +144,7 @@ def test_fault_paging_costs_a_fault_per_page():
     assert device.load_s(3 * 4096 + 1, "fault") == pytest.approx(4 * 0.25)  # a fault per page touched
     rep = Replay(tokens=np.array([1]), needed=np.array([2]), hits=np.array([0]), prefetched=np.array([0]),
                  preloaded=0)
-    r = timing(rep, device, expert_bytes=8192.0, other_bytes=0.0, draft_k=0, paging="fault")
+    r = timing(rep, device, expert_bytes=8192.0, other_bytes=0.0, draft_decodes=0, paging="fault")
     assert r["stall_s_per_token"] == pytest.approx(2 * 2 * 0.25)
     with pytest.raises(MoespacError, match="unknown paging"):
         device.load_s(1.0, "mmap")
@@ -256,3 +256,21 @@ def test_a_gguf_file_is_a_model_spec_with_its_exact_sizes(tiny_moe, tmp_path):
     trace = make_trace(np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(30)]) for _ in range(2)]))
     r = simulate(trace, "t", "moespac", M2, model, mem_budget=layout.other_bytes + 8 * layout.mean_bytes_per_expert)
     assert r.capacity_experts == 8 and 0 < r.hit_rate < 1
+
+
+def test_draft_decodes_without_and_with_a_lookahead():
+    windows = [(0, 0, 4),     # a prompt
+               (4, 6, 7),     # 2 drafted, 1 accepted: the run is thrown away
+               (6, 9, 9),     # 2 drafted, both accepted
+               (9, 10, 10),   # none drafted; after a window that accepted all, its run may carry over
+               (10, 10, 14),  # the next prompt: the draft starts over
+               (14, 15, 15)]
+    assert draft_decodes(windows, 1.5, 0.5) == 1.5  # no lookahead: K per window
+    # running 4 ahead: max(k, 4) rows fresh; carried over (chance A = 0.5) only the 3 rows window 2 used
+    np.testing.assert_allclose(draft_decodes(windows, 1.5, 0.5, draft_ahead=4), [4, 4, 0.5 * 3 + 0.5 * 4, 4])
+
+
+def test_draft_ahead_needs_the_models_gguf_file():
+    trace = random_mixtral_trace(0, 20)
+    with pytest.raises(MoespacError, match="--draft-ahead"):
+        simulate(trace, "t", "moespac", M2, MIXTRAL, cache_per_layer=2, draft_ahead=2)

@@ -82,3 +82,12 @@ def test_rows_model_each_contender_at_its_capacity(tiny_moe, tmp_path):
     assert means["llama.cpp+random"]["ratio"] == pytest.approx(expected.tokens_per_s / 3.0)
     md = sim_agreement.markdown(rows, [run, run2], device)
     assert md.count("\n| ") == 8 + 1 + 2 + 1 and "2 run(s)" in md
+
+
+def test_run_ahead_is_the_recorded_lookahead_else_the_runtimes_default():
+    from moespac_gguf.generate import DRAFT_AHEAD
+
+    assert sim_agreement.run_ahead({"draft_ahead": 10}, {"draft": "self"}) == 10
+    assert sim_agreement.run_ahead({"draft_ahead": 0}, {"draft": "self"}) == 0  # it held every expert
+    assert sim_agreement.run_ahead({}, {"draft": "self"}) == DRAFT_AHEAD  # a run from before it was recorded
+    assert sim_agreement.run_ahead({}, {"draft": "draft.gguf"}) == 0

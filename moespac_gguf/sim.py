@@ -299,6 +299,8 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     `-md self --draft-ahead N`, the self-draft of the GGUF file `self_draft` running N rows ahead of
     every window (draft_replay, restricted to the capacity's most used experts), its rows the
     policy's lookahead and its decodes timed."""
+    if draft_ahead < 0:
+        raise MoespacError(f"--draft-ahead must be 0 or more, got {draft_ahead}")
     if draft_ahead and not (self_draft and str(self_draft).endswith(".gguf")):
         raise MoespacError("--draft-ahead replays the model's self-draft: give the model as a .gguf file (--model)")
     check_shape(model, trace, trace_name)

@@ -274,3 +274,5 @@ def test_draft_ahead_needs_the_models_gguf_file():
     trace = random_mixtral_trace(0, 20)
     with pytest.raises(MoespacError, match="--draft-ahead"):
         simulate(trace, "t", "moespac", M2, MIXTRAL, cache_per_layer=2, draft_ahead=2)
+    with pytest.raises(MoespacError, match="0 or more"):
+        simulate(trace, "t", "moespac", M2, MIXTRAL, cache_per_layer=2, draft_ahead=-3, self_draft="m.gguf")

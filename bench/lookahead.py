@@ -15,10 +15,10 @@ the trace, as under a budget, where it may only compute with held experts). Repo
           rows as `ahead` (a draft that predicts perfectly: what a better draft could win, and
           what a longer lookahead could), and by the offline optimum (belady), per capacity.
 
-Bytes do not depend on the device, so none is modelled. Writes bench/results/lookahead.{json,md}.
+Bytes do not depend on the device, so none is modelled. Writes bench/results/lookahead.{json,md} (--out).
 
     .venv/bin/python bench/lookahead.py TRACE.npz -m MODEL.gguf [--ahead 2 4 6 8] \\
-        [--oracle 6 12] [--capacity 197 236] [--window 39] [--restrict 197]
+        [--oracle 6 12] [--capacity 197 236] [--window 39] [--restrict 197] [--out F.json]
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--window", type=int, default=39, help="experts the stream window keeps")
     p.add_argument("--restrict", type=int, default=197, help="the draft may route only to this many "
                    "most used experts (0: unrestricted)")
+    p.add_argument("--out", type=Path, default=RESULTS / "lookahead.json", help="JSON; the table beside it as .md")
     p.add_argument("--draft-k", type=float, default=0.66)
     p.add_argument("--acceptance", type=float, default=0.82)
     args = p.parse_args(argv)
@@ -114,8 +115,8 @@ def main(argv: list[str]) -> int:
               "model": Path(args.model).name, "decoded": n_decoded, "windows": len(windows),
               "draft_k": args.draft_k, "acceptance": args.acceptance, "window": args.window,
               "restrict": args.restrict, "recall_by_row": recall, "mib_per_token": table}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lookahead.json").write_text(json.dumps(report, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
     cols = [*lookaheads, "belady"]
     lines = [f"{report['date']}: `{report['trace']}` ({n_decoded} decoded tokens, {len(windows)} windows, "
              f"K={args.draft_k}, A={args.acceptance}), self-draft of `{report['model']}` "
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> int:
              "N tokens instead, a perfect draft; belady: offline optimum, no window):", "",
              "| held experts | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
     lines += [f"| {r['capacity']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in table]
-    (RESULTS / "lookahead.md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

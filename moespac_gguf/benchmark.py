@@ -110,7 +110,8 @@ def run_contender(name: str, args) -> dict:
     elapsed = time.perf_counter() - t0
     read1, faults1 = _io_counters()
     pooled = DecodeStats.pooled(stats)
-    result = {"name": name, "draft": draft, "draft_ahead": m.decoder.draft_ahead, "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
+    result = {"name": name, "draft": draft, "draft_ahead": m.decoder.draft_ahead,  # the rows it ran ahead, in effect
+              "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
               "bytes_read": read1 - read0, "major_faults": faults1 - faults0,
               "acceptance_rate": pooled.acceptance_rate, "outputs": outputs,
               "rss_anon_bytes": status_bytes("RssAnon"),  # not page cache: what the cap leaves the model

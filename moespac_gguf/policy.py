@@ -277,10 +277,9 @@ class MoeSpacPolicy(Policy):
         one would be bytes read for nothing, a right one is read on use anyway. Measured under
         the 840 MiB cap, smolmoe-16x, a self-draft 6 rows ahead: 43.6 MiB/token against 53.9-54.6
         without (bench/results/memcap_16x_self_run6.md)."""
-        known = draft_tokens if draft_tokens is not None and len(draft_tokens) else None
         if self.after_prefill:  # the runtime plans from a prompt's routing as soon as it is prefilled
-            self.resident = self._want(known)
-        score = lookahead_score(self.estimator.predict_over(self.horizon_steps, known), ahead)
+            self.resident = self._want(draft_tokens)
+        score = lookahead_score(self.estimator.predict_over(self.horizon_steps, draft_tokens), ahead)
         return select(score, self.resident | self.last_used, self.capacity)
 
     def _keep(self, tokens, experts, used, prefill):

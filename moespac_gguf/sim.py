@@ -20,7 +20,8 @@ its own loads do not depend on the choice and the bound holds for the decode win
 Device model, per window (b = bytes of one expert, O = all other weights, n = needed experts):
     compute = (O + n b) / mem_bps + step_overhead_s   memory-bound decode: weights streamed once per pass
               (on `local`: n x the measured cpu_s_per_token_expert + step_overhead_s)
-    draft   = K draft_s                                draft_s: step_overhead_s (a tiny draft) or measured
+    draft   = K draft_s                                draft_s: step_overhead_s (a tiny draft) or measured;
+                                                       running N ahead, the draft's decodes (draft_decodes)
     load    = b / flash_read_bps + page_in_latency_s   one expert from the slow tier in one read (paging "bulk")
               b / 4 KiB x fault_s_per_page             or by 4 KiB page faults (paging "fault": mmap
                                                        without read-ahead, llama.cpp's with MADV_RANDOM)
@@ -163,7 +164,7 @@ def replay(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
     """Run `policy` over the windows, after an uncounted pass over `warmup` (trace, windows) if given.
     Belady skips the warm-up: its free optimal preload already beats any warm state.
     `stream_window`: experts the unlocked window beside a pinned policy holds (StreamWindow).
-    `ahead`: per window, a draft's routing of the rows ahead (recorded: bench/lookahead.py)."""
+    `ahead`: per window, a draft's routing of the rows ahead (draft_replay.self_draft_rows)."""
     policy.reset(trace.n_layer, trace.n_expert, capacity)
     window = StreamWindow(stream_window)
     if warmup is not None and not isinstance(policy, Belady):

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from moespac_gguf.capture import RouterCapture
 from moespac_gguf.errors import MoespacError
 from moespac_gguf.generate import MoeSpac, TextStream
 from moespac_gguf.paths import SHARED_DIR
@@ -106,8 +107,6 @@ def test_draft_ahead_routing_is_the_targets_when_the_draft_is_the_target(session
     """The target drafting for itself (a copy with a RouterCapture) runs `ahead` tokens ahead: its
     routing of each row the verification then decodes must be the verification's own, row by row
     (same weights, same tokens, same KV), and the output the target's greedy one."""
-    from moespac_gguf.capture import RouterCapture
-
     target = sessions["target"]
     router = RouterCapture()
     draft = Session(tiny_moe(TARGET), n_ctx=512, tap=False, capture=router)
@@ -143,8 +142,6 @@ def test_a_draft_running_ahead_of_another_file_keeps_greedy_output(sessions, tin
     after the accepted drafts is the draft's next one, its run carries over to the next step (its
     KV too), elsewhere it is rolled back; either way the output is the target's greedy one, and
     the rows cover the proposals and the run ahead."""
-    from moespac_gguf.capture import RouterCapture
-
     target, router = sessions["target"], RouterCapture()
     draft = Session(tiny_moe(NEAR_DRAFT), n_ctx=512, tap=False, capture=router)
     widths = []
@@ -169,8 +166,6 @@ def test_a_run_ahead_into_a_full_context_still_ends_in_the_targets_greedy_text(s
     """The draft runs 4 ahead of the target copy it is until the 256-token context is full: what
     it carried over leaves its KV as the room runs out, and the text is the target's greedy one
     up to the context's end."""
-    from moespac_gguf.capture import RouterCapture
-
     router = RouterCapture()
     with Session(tiny_moe(TARGET), n_ctx=256, tap=True) as target, \
             Session(tiny_moe(TARGET), n_ctx=256, tap=False, capture=router) as draft:

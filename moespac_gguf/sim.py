@@ -324,7 +324,8 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
                               paging))
 
 
-def _default_model(trace: RoutingTrace, path: str) -> str:
+def default_model(trace: RoutingTrace, path: str) -> str:
+    """The model spec of a trace's architecture (Mixtral traces carry no file of their own)."""
     name = MODEL_BY_ARCH.get(trace.meta.get("arch", ""))
     if name is None:
         raise MoespacError(f"cannot tell the model of {path}: pass --model (one of {', '.join(names('models'))}, "
@@ -400,7 +401,7 @@ def main(argv) -> int:
     if args.trace is None:
         raise MoespacError("--trace is required (or --sweep)")
     trace = load_trace(args.trace)
-    model = load_model(args.model or _default_model(trace, args.trace))
+    model = load_model(args.model or default_model(trace, args.trace))
     result = simulate(trace, args.trace, args.policy, load_device(args.device), model, args.quant,
                       args.cache_per_layer, args.mem_budget, args.draft_k, args.acceptance, _profile(args), args.seed,
                       args.paging, args.pinned, args.stream_window, args.draft_ahead, args.model)

@@ -46,12 +46,13 @@ def bound_rows(path: Path, shares: list[float], device, draft_k: float, acceptan
     rows = []
     for share in shares:
         per_layer = max(1, min(trace.n_expert - 1, round(share * trace.n_expert)))
-        common = dict(cache_per_layer=per_layer)
-        page_cache = simulate(trace, str(path), "lru-global", device, model, paging="fault", draft_k=0, **common)
+        page_cache = simulate(trace, str(path), "lru-global", device, model, paging="fault", draft_k=0,
+                              cache_per_layer=per_layer)
         ours = simulate(trace, str(path), "moespac", device, model, draft_k=draft_k, acceptance=acceptance,
-                        pinned=True, stream_window=trace.n_expert, draft_ahead=ahead, self_draft=model_name, **common)
+                        pinned=True, stream_window=trace.n_expert, draft_ahead=ahead, self_draft=model_name,
+                        cache_per_layer=per_layer)
         optimum = simulate(trace, str(path), "belady", device, model, draft_k=draft_k, acceptance=acceptance,
-                           **common)
+                           cache_per_layer=per_layer)
         base = page_cache.bytes_per_token
         rows.append({"trace": path.name, "model": Path(model_name).name, "tokens": page_cache.n_tokens,
                      "per_layer": per_layer, "share": per_layer / trace.n_expert,

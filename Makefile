@@ -1,7 +1,7 @@
-# Two commands matter (see README): `make demo` and `make test`.
+# Two commands matter (see README): `make demo` and `make test`. CI (.ci/run) runs `make lint` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test lint format clean-venv
 
 setup:
 	bash scripts/setup.sh
@@ -11,6 +11,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 clean-venv:
 	rm -rf .venv

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moespac_gguf import plan as balancer  # noqa: E402
+from moespac_gguf.residency.costs import DeviceCosts  # noqa: E402
+from moespac_gguf.residency.ilp import DEFAULT_SOLVER, _build_model, solve  # noqa: E402
+from moespac_gguf.residency.plan import FLASH, Plan, PlanProblem, greedy, tier_costs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "balancer.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "BALANCER_JSON"
 BITS_PER_WEIGHT = 4.5  # about Q4_K_M
 ROWS_PER_STEP = 5      # K = 4 drafted tokens + 1
 # name: (MoE layers, routed experts, experts per token, n_embd, expert FFN width)
@@ -44,9 +46,9 @@ def expert_bytes(n_embd: int, n_ff: int) -> float:
     return 3 * n_embd * n_ff * BITS_PER_WEIGHT / 8
 
 
-def device(name: str, size: float) -> balancer.DeviceCosts:
+def device(name: str, size: float) -> DeviceCosts:
     """A laptop-class machine: per-token expert cost = streaming its weights at 50 GB/s (CPU) or 400 GB/s (GPU)."""
-    return balancer.DeviceCosts(flash_read_bps=3e9, memcpy_bps=20e9, cpu_s_per_token_expert=size / 50e9,
+    return DeviceCosts(flash_read_bps=3e9, memcpy_bps=20e9, cpu_s_per_token_expert=size / 50e9,
                                 gpu_s_per_token_expert=size / 400e9 if name == "gpu" else None)
 
 
@@ -55,7 +57,7 @@ def routing(rng, n_layer: int, n_expert: int, k: int) -> np.ndarray:
     return ROWS_PER_STEP * k * rng.dirichlet(np.full(n_expert, 0.3), size=n_layer)
 
 
-def instance(shape: str, device_name: str, seed: int = 0) -> balancer.PlanProblem:
+def instance(shape: str, device_name: str, seed: int = 0) -> PlanProblem:
     n_layer, n_expert, k, n_embd, n_ff = SHAPES[shape]
     rng = np.random.default_rng(seed)
     size = expert_bytes(n_embd, n_ff)
@@ -63,23 +65,23 @@ def instance(shape: str, device_name: str, seed: int = 0) -> balancer.PlanProble
     utility = 0.7 * previous + 0.3 * routing(rng, n_layer, n_expert, k)
     common = dict(expert_bytes=np.full(n_layer, size), slot_capacity=np.full(n_layer, max(1, n_expert // 4)),
                   resident_budget_bytes=0.5 * size * n_layer * n_expert, costs=device(device_name, size))
-    in_force = balancer.greedy(balancer.PlanProblem(
-        utility=previous, current=np.full((n_layer, n_expert), balancer.FLASH), **common)).tier
+    in_force = greedy(PlanProblem(
+        utility=previous, current=np.full((n_layer, n_expert), FLASH), **common)).tier
     must = np.zeros((n_layer, n_expert), dtype=bool)
     np.put_along_axis(must, np.argsort(-utility, axis=1)[:, :k], True, axis=1)
-    return balancer.PlanProblem(utility=utility, current=in_force, must_have=must, **common)
+    return PlanProblem(utility=utility, current=in_force, must_have=must, **common)
 
 
-def build_seconds(problem: balancer.PlanProblem) -> float:
+def build_seconds(problem: PlanProblem) -> float:
     start = time.perf_counter()
-    balancer._build_model(problem, balancer.tier_costs(problem))
+    _build_model(problem, tier_costs(problem))
     return time.perf_counter() - start
 
 
-def run(method: str, problem: balancer.PlanProblem, time_limit: float) -> balancer.Plan:
+def run(method: str, problem: PlanProblem, time_limit: float) -> Plan:
     if method == "greedy":
-        return balancer.greedy(problem)
-    return balancer.solve(problem, solver=method, time_limit=time_limit)
+        return greedy(problem)
+    return solve(problem, solver=method, time_limit=time_limit)
 
 
 def measure(shape: str, device_name: str, seeds: int, time_limit: float) -> list[dict]:
@@ -132,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                      cpu_count=os.cpu_count(), python=platform.python_version(),
                      pulp=importlib.metadata.version("pulp"), highspy=importlib.metadata.version("highspy")),
         settings=dict(instances_per_shape=seeds, time_limit_s=args.time_limit,
-                      gap=inspect.signature(balancer.solve).parameters["gap"].default,
-                      default_solver=balancer.DEFAULT_SOLVER, bits_per_weight=BITS_PER_WEIGHT,
+                      gap=inspect.signature(solve).parameters["gap"].default,
+                      default_solver=DEFAULT_SOLVER, bits_per_weight=BITS_PER_WEIGHT,
                       rows_per_step=ROWS_PER_STEP, budget_share=0.5, slots_share=0.25),
         rows=rows), indent=1) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -24,17 +24,22 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: BLAS threads
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moespac_gguf import gate as G  # noqa: E402
-from moespac_gguf.layout import read_layout  # noqa: E402
-from moespac_gguf.paths import CACHE_DIR  # noqa: E402
+from moespac_gguf.core.layout import read_layout  # noqa: E402
+from moespac_gguf.core.paths import CACHE_DIR  # noqa: E402
+from moespac_gguf.core.prompts import SPEC_BENCH  # noqa: E402
+from moespac_gguf.demo.corpus import training_files  # noqa: E402
+from moespac_gguf.gate.capture import capture, text_windows  # noqa: E402
+from moespac_gguf.gate.evaluate import METHODS, eval_on_prompts, evaluate, format_table  # noqa: E402
+from moespac_gguf.gate.fit import fit_gate  # noqa: E402
+from moespac_gguf.gate.model import LookaheadGate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def decode_ms(model, gate, threads, n_tokens=32, with_gate=False) -> float:
     """Mean wall time of one single-token decode, with or without the runtime gate callback."""
-    from moespac_gguf.gate_runtime import GateTap
-    from moespac_gguf.session import Session
+    from moespac_gguf.gate.runtime import GateTap
+    from moespac_gguf.llama.session import Session
 
     tap = GateTap(gate) if with_gate else None
     with Session(model, n_ctx=512, n_threads=threads, capture=tap) as s:
@@ -65,18 +70,18 @@ def main() -> int:
     gate_path = Path(a.gate) if a.gate else CACHE_DIR / "gates" / f"{model.stem}.gate.npz"
     t0 = time.perf_counter()
     if not a.gate:
-        seqs, groups = G.text_windows(model, G.corpus_files(a.tokens, a.window), a.tokens, a.window)
-        cap = G.capture(model, seqs, max_new=a.gen, n_ctx=a.window + a.gen + 8, n_threads=a.threads,
+        seqs, groups = text_windows(model, training_files(), a.tokens, a.window)
+        cap = capture(model, seqs, max_new=a.gen, n_ctx=a.window + a.gen + 8, n_threads=a.threads,
                         desc="train capture", groups=groups)
-        gate = G.fit_gate(model, cap, a.distance, rank=a.rank)
-        gate.info["text"] = "moespac_gguf.corpus training split (Shakespeare + KJV, The Tempest and John held out)"
+        gate = fit_gate(model, cap, a.distance, rank=a.rank)
+        gate.info["text"] = "moespac_gguf.demo.corpus training split (Shakespeare + KJV, The Tempest and John held out)"
         gate.save(gate_path)
         del cap
     train_s = time.perf_counter() - t0
-    gate = G.LookaheadGate.load(gate_path, model)
+    gate = LookaheadGate.load(gate_path, model)
     t1 = time.perf_counter()
-    result, cap = G.eval_on_prompts(model, gate, G.DEFAULT_PROMPTS, a.n_prompts, a.max_new, a.threads)
-    generated = G.evaluate(gate, cap, rows=cap.generated)
+    result, cap = eval_on_prompts(model, gate, SPEC_BENCH, a.n_prompts, a.max_new, a.threads)
+    generated = evaluate(gate, cap, rows=cap.generated)
     eval_s = time.perf_counter() - t1
     plain = decode_ms(model, gate, a.threads)
     gated = decode_ms(model, gate, a.threads, with_gate=True)
@@ -135,7 +140,7 @@ def render_md(meta: dict, result: dict, generated: dict) -> str:
         "",
         f"Top-{m['top_k']} recall per token (predicted set = top-{m['top_k']}, so precision = recall):",
         "",
-        G.format_table(result),
+        format_table(result),
         "",
         "Generated (decode) rows only, top-k recall:",
         "",
@@ -143,7 +148,7 @@ def render_md(meta: dict, result: dict, generated: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for d, r in generated.items():
-        lines.append(f"| {d} | " + " | ".join(f"{r[f'{x}_recall']:.3f}" for x in G.METHODS) + " |")
+        lines.append(f"| {d} | " + " | ".join(f"{r[f'{x}_recall']:.3f}" for x in METHODS) + " |")
     lines += [
         "",
         f"Runtime callback (Python, entered for every graph node): {m['decode_ms_plain']} ms per decoded "

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moespac_gguf.generate import MoeSpac
-from moespac_gguf.models import model_path
-from moespac_gguf.paths import SHARED_DIR
-from moespac_gguf.record import load_prompts
-from moespac_gguf.speculative import DecodeStats
+from moespac_gguf import MoeSpac
+from moespac_gguf.core.paths import SHARED_DIR
+from moespac_gguf.core.prompts import load_prompts
+from moespac_gguf.decode.stats import DecodeStats
+from moespac_gguf.demo.catalog import model_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moespac_gguf.models import model_path
-from moespac_gguf.paths import SHARED_DIR
-from moespac_gguf.record import load_prompts
-from moespac_gguf.session import Session
+from moespac_gguf.core.paths import SHARED_DIR
+from moespac_gguf.core.prompts import load_prompts
+from moespac_gguf.demo.catalog import model_path
+from moespac_gguf.llama.session import Session
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"

@@ -20,10 +20,10 @@ import json
 import sys
 from pathlib import Path
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.paths import REPO_ROOT, SHARED_DIR
-from moespac_gguf.profiles import load_device, load_model
-from moespac_gguf.sim import default_model, load_trace, simulate
+from moespac_gguf import MoespacError
+from moespac_gguf.core.paths import REPO_ROOT, SHARED_DIR
+from moespac_gguf.sim.profiles import load_device, load_model
+from moespac_gguf.sim.simulate import default_model, load_trace, simulate
 
 RESULTS = REPO_ROOT / "bench" / "results"
 SHARED_TRACES = [SHARED_DIR / "data" / "traces" / f"mixtral8x7b_{name}_routing.jsonl"

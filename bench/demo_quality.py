@@ -22,14 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from moespac_gguf.corpus import HELDOUT_NAMES, heldout_text
-from moespac_gguf.models import build, load_models
-from moespac_gguf.paths import CACHE_DIR, SHARED_DIR
-from moespac_gguf.perplexity import perplexity
-from moespac_gguf.record import load_prompts, record
-from moespac_gguf.smolmoe import (draft_acceptance, greedy_acceptance_from_trace, load_entropy, smollm2_path,
-                                  write_truncated)
-from moespac_gguf.trace import RoutingTrace
+from moespac_gguf.core.paths import CACHE_DIR, SHARED_DIR
+from moespac_gguf.core.prompts import load_prompts
+from moespac_gguf.demo.catalog import build, load_models
+from moespac_gguf.demo.corpus import HELDOUT_NAMES, heldout_text
+from moespac_gguf.demo.perplexity import perplexity
+from moespac_gguf.demo.smolmoe.acceptance import draft_acceptance, greedy_acceptance_from_trace
+from moespac_gguf.demo.smolmoe.config import smollm2_path
+from moespac_gguf.demo.smolmoe.router import load_entropy
+from moespac_gguf.demo.smolmoe.upcycle import write_truncated
+from moespac_gguf.sim.record import record
+from moespac_gguf.sim.trace import RoutingTrace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
@@ -171,8 +174,9 @@ def markdown(out: dict) -> str:
                      f"| {ppl['perplexity'] / r['ppl_ratio']:.2f} ({ppl['n_chunks']} × 512) | {r['ppl_ratio']:.2f} "
                      f"| {r['entropy_mean']:.3f} | {r['entropy_min']:.3f} (layer {r['entropy_min_layer']}) "
                      f"| {'yes' if r['all_experts_used'] else 'NO'} |")
-    lines += ["", "| draft | layers | file | greedy acceptance vs smolmoe (K=%d) | tokens per verification |"
-              % next(iter(out["drafts"].values()))["draft_max"] if out["drafts"] else "", "|---|---|---|---|---|"]
+    k = next(iter(out["drafts"].values()))["draft_max"] if out["drafts"] else None
+    lines += ["", f"| draft | layers | file | greedy acceptance vs smolmoe (K={k}) | tokens per verification |"
+              if out["drafts"] else "", "|---|---|---|---|---|"]
     for name, r in out["drafts"].items():
         layers = f"first {r['layers']}" + (f" + last {r['keep_last']}" if r.get("keep_last") else "") if r["layers"] else "all 30"
         lines.append(f"| {name} | {layers} | {_mb(r['size_bytes'])} | {r['acceptance_rate']:.3f} "

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from moespac_gguf.draft_replay import self_draft_rows
-from moespac_gguf.layout import read_layout
-from moespac_gguf.plan import DeviceCosts
-from moespac_gguf.policy import Belady, Capacity, MoeSpacPolicy
-from moespac_gguf.sim import load_trace, make_windows, replay, window_needs
-from moespac_gguf.trace import PROMPT
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.residency.baselines import Belady
+from moespac_gguf.residency.costs import DeviceCosts
+from moespac_gguf.residency.policy import Capacity, MoeSpacPolicy
+from moespac_gguf.sim.draft_replay import self_draft_rows
+from moespac_gguf.sim.simulate import load_trace, make_windows, replay, window_needs
+from moespac_gguf.sim.trace import PROMPT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=1e-4)

@@ -34,14 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from moespac_gguf.generate import DRAFT_AHEAD
-from moespac_gguf.layout import read_layout
-from moespac_gguf.paths import CACHE_DIR
-from moespac_gguf.profiles import Device, load_device, load_model
-from moespac_gguf.record import load_prompts, record
-from moespac_gguf.session import SELF_DRAFT
-from moespac_gguf.sim import load_trace, simulate
-from moespac_gguf.units import format_size
+from moespac_gguf.api.options import DRAFT_AHEAD
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.core.paths import CACHE_DIR
+from moespac_gguf.core.prompts import load_prompts
+from moespac_gguf.core.units import format_size
+from moespac_gguf.decode.draft import SELF_DRAFT
+from moespac_gguf.sim.profiles import Device, load_device, load_model
+from moespac_gguf.sim.record import record
+from moespac_gguf.sim.simulate import load_trace, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 0.25

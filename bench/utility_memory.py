@@ -19,13 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from moespac_gguf.plan import DeviceCosts
-from moespac_gguf.policy import Belady, Capacity, Lru, MoeSpacPolicy
-from moespac_gguf.profiles import load_model
-from moespac_gguf.sim import load_trace, make_windows, replay, window_needs
-from moespac_gguf.trace import PROMPT
+from moespac_gguf.residency.baselines import Belady, Lru
+from moespac_gguf.residency.costs import DeviceCosts
+from moespac_gguf.residency.policy import Capacity, MoeSpacPolicy
+from moespac_gguf.sim.profiles import load_model
+from moespac_gguf.sim.simulate import load_trace, make_windows, replay, window_needs
+from moespac_gguf.sim.trace import PROMPT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (0.3, 0.1, 0.05, 0.02, 0.01)

@@ -112,7 +112,7 @@ def sync_tree(src: Path, dst: Path) -> int:
                 shutil.copy2(s, d)
                 os.utime(d)  # newer than any object built from the old content
                 changed += 1
-    for dirpath, dirs, files in os.walk(dst, topdown=False):
+    for dirpath, _, files in os.walk(dst, topdown=False):
         rel = Path(dirpath).relative_to(dst)
         for name in files:
             if not (src / rel / name).exists():

@@ -7,10 +7,9 @@ must be identical, and the stats lines say what speculation and residency did.
 """
 import sys
 
-from moespac_gguf.generate import MoeSpac, stats_line
-from moespac_gguf.layout import read_layout
-from moespac_gguf.models import model_path
-from moespac_gguf.units import format_size
+from moespac_gguf import MoeSpac, read_layout
+from moespac_gguf.core.units import format_size
+from moespac_gguf.demo.catalog import model_path
 
 MESSAGES = [{"role": "user", "content": "Explain in three sentences why a mixture-of-experts model "
                                         "needs less compute per token."}]
@@ -24,11 +23,11 @@ def main() -> int:
           f"top-{layout.n_expert_used}); draft {draft.name}\n")
     with MoeSpac(target, n_ctx=1024) as plain:
         a = plain.create_chat_completion(MESSAGES, max_tokens=32)["choices"][0]["message"]["content"]
-        print("plain llama.cpp:", a.strip(), "\n" + stats_line(plain.stats) + "\n")
+        print("plain llama.cpp:", a.strip(), "\n" + plain.stats.summary() + "\n")
     with MoeSpac(target, draft, n_ctx=1024, mem_budget=budget) as m:
         b = m.create_chat_completion(MESSAGES, max_tokens=32)["choices"][0]["message"]["content"]
         print(f"moespac (draft + residency, budget {format_size(budget)}):", b.strip())
-        print(stats_line(m.stats))
+        print(m.stats.summary())
     same = a == b
     print("\nidentical greedy output:", "yes" if same else "NO")
     return 0 if same else 1

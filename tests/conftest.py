@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from moespac_gguf.synthetic import SyntheticSpec, write_synthetic_moe
+from moespac_gguf.demo.synthetic import SyntheticSpec, write_synthetic_moe
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,8 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from moespac_gguf.memcap import MemoryCap, _own_cgroup
-from moespac_gguf.synthetic import SyntheticSpec
+from moespac_gguf.demo.synthetic import SyntheticSpec
+from moespac_gguf.tools.memcap import MemoryCap, _own_cgroup
 
 TARGET = SyntheticSpec(arch="qwen3moe", n_layer=2, n_embd=128, n_ff_exp=128, seed=5)
 DRAFT = SyntheticSpec(arch="qwen3moe", n_layer=2, n_embd=128, n_ff_exp=128, seed=5, n_expert_used=1)

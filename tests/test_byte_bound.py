@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from moespac_gguf.paths import REPO_ROOT
-from moespac_gguf.profiles import load_device
+from moespac_gguf.core.paths import REPO_ROOT
+from moespac_gguf.sim.profiles import load_device
 
 spec = importlib.util.spec_from_file_location("byte_bound", REPO_ROOT / "bench" / "byte_bound.py")
 byte_bound = importlib.util.module_from_spec(spec)

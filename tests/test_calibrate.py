@@ -3,10 +3,10 @@ on cold pages, in this process or inside a small memory cgroup."""
 import json
 
 from moespac_gguf import cli
-from moespac_gguf.calibrate import _cold_window, read_costs
-from moespac_gguf.layout import read_layout
-from moespac_gguf.memcap import _own_cgroup
-from moespac_gguf.profiles import load_device
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.sim.profiles import load_device
+from moespac_gguf.tools.calibrate import _cold_window, read_costs
+from moespac_gguf.tools.memcap import _own_cgroup
 
 
 def test_windows_are_disjoint_page_aligned_thirds(tiny_moe):

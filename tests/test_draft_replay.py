@@ -5,10 +5,10 @@ import json
 import pytest
 
 from moespac_gguf import cli
-from moespac_gguf.draft_replay import self_draft_rows
-from moespac_gguf.layout import read_layout
-from moespac_gguf.record import record
-from moespac_gguf.sim import make_windows
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.sim.draft_replay import self_draft_rows
+from moespac_gguf.sim.record import record
+from moespac_gguf.sim.simulate import make_windows
 
 PROMPTS = [{"text": "hello there", "category": "", "question_id": 0},
            {"text": "the quick brown fox", "category": "", "question_id": 1}]
@@ -26,7 +26,7 @@ def test_row_zero_of_layer_zero_is_the_targets_own_routing(traced):
     """Up to the first MoE layer the self-draft computes what the target does: its ranking of the
     committed token (row 0) in layer 0 must name the trace's picks for that token, window by window.
     A row taken one token early or late would not."""
-    from moespac_gguf.sim import load_trace
+    from moespac_gguf.sim.simulate import load_trace
 
     model, path = traced
     trace = load_trace(path)

@@ -6,13 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-from moespac_gguf import pages
-from moespac_gguf.engine import ExpertMap, ResidencyEngine
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.generate import DRAFT_AHEAD, MoeSpac
-from moespac_gguf.layout import read_layout
-from moespac_gguf.session import Session
-from moespac_gguf.synthetic import SyntheticSpec
+from moespac_gguf import MoeSpac, MoespacError
+from moespac_gguf.api.options import DRAFT_AHEAD
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.demo.synthetic import SyntheticSpec
+from moespac_gguf.llama.session import Session
+from moespac_gguf.residency import pages
+from moespac_gguf.residency.engine import ExpertMap, ResidencyEngine
 
 # experts of 64 KiB (16 pages) each so page-granular residency is measurable
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=128, n_ff_exp=128, n_expert=8, seed=3)
@@ -167,7 +167,7 @@ def test_pinned_engine_locks_exactly_the_plan(loaded):
         assert _page_out_each(em)[eng.resident].all()
     finally:
         eng.close()
-        for (l, e), rs in em.ranges.items():
+        for rs in em.ranges.values():
             for off, n in rs:
                 pages.munlock(m.address(off), n)
 
@@ -299,7 +299,7 @@ def test_self_draft_running_ahead_samples_within_the_vocabulary(tiny_moe):
 
 
 def test_batch_sizes_under_a_budget_prefill_in_fewer_passes_and_draft_small():
-    from moespac_gguf.generate import DRAFT_BATCH, PREFILL_BATCH, batch_sizes
+    from moespac_gguf.api.moespac import DRAFT_BATCH, PREFILL_BATCH, batch_sizes
 
     assert batch_sizes(None, 2048, budgeted=False) == (512, 512)
     assert batch_sizes(128, 2048, budgeted=False) == (128, 128)
@@ -309,11 +309,10 @@ def test_batch_sizes_under_a_budget_prefill_in_fewer_passes_and_draft_small():
 
 
 def test_engine_costs_come_from_the_calibration_or_a_one_line_error(tmp_path, monkeypatch):
-    from moespac_gguf import engine, profiles
+    from moespac_gguf.residency import costs as engine  # the engine's costs
 
     path = tmp_path / "calibration.json"
     monkeypatch.setattr(engine, "CALIBRATION_PATH", path)
-    monkeypatch.setattr(profiles, "CALIBRATION", path)
     assert engine.load_costs() == engine.DEFAULT_COSTS  # not calibrated yet
     path.write_text('{"flash_read_bps": 5e8, "memcpy_bps": 9e9, "mem_bps": 2e10, '
                     '"cpu_s_per_token_expert": 3e-4, "page_in_latency_s": 1e-4}')
@@ -325,7 +324,7 @@ def test_engine_costs_come_from_the_calibration_or_a_one_line_error(tmp_path, mo
 
 
 def test_a_controller_knows_when_its_budget_holds_every_expert(tiny_moe):
-    from moespac_gguf.engine import ResidencyController
+    from moespac_gguf.residency.controller import ResidencyController
 
     path = tiny_moe(SPEC)
     layout = read_layout(path)

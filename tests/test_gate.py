@@ -4,10 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from moespac_gguf import cli
-from moespac_gguf import gate as G
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.synthetic import SyntheticSpec
+from moespac_gguf import MoespacError, cli
+from moespac_gguf.core.gguf import model_fingerprint
+from moespac_gguf.core.routing import routing_mask
+from moespac_gguf.demo.synthetic import SyntheticSpec
+from moespac_gguf.gate.capture import Capture, capture, text_windows
+from moespac_gguf.gate.evaluate import evaluate
+from moespac_gguf.gate.fit import true_logits, validation_folds
+from moespac_gguf.gate.model import HIDDEN_NAMES, LookaheadGate, topk_rows
 
 D = 3
 # 5 layers: from layer 0, d = 1..3 all land on MoE layers; from layer 3, only d = 1 does
@@ -37,8 +41,8 @@ def trained(tiny_moe, tmp_path_factory):
     rc = cli.main(["train-gate", "-m", str(model), "--text", str(train_txt), "--distance", str(D),
                    "--out", str(out), "--tokens", "1024", "--window", "128", "-t", "1"])
     assert rc == 0 and out.is_file()
-    test_seqs, _ = G.text_windows(model, [_write(root / "test.txt", _text(2, 500))], 384, 128)
-    test_cap = G.capture(model, test_seqs, n_ctx=160, n_threads=1, progress=False)
+    test_seqs, _ = text_windows(model, [_write(root / "test.txt", _text(2, 500))], 384, 128)
+    test_cap = capture(model, test_seqs, n_ctx=160, n_threads=1, progress=False)
     return model, out, test_cap, root
 
 
@@ -49,8 +53,8 @@ def _write(path, text):
 
 def test_alignment_beats_unaligned_speculative_gating(trained):
     model, out, test_cap, _ = trained
-    gate = G.LookaheadGate.load(out, model)
-    res = G.evaluate(gate, test_cap)
+    gate = LookaheadGate.load(out, model)
+    res = evaluate(gate, test_cap)
     assert sorted(res) == [str(d) for d in range(1, D + 1)]
     for d, r in res.items():
         # the models differ: speculative gating is clearly imperfect on this model ...
@@ -65,26 +69,26 @@ def test_targets_are_layer_l_plus_d_routing(trained):
     distance d compares with layer l+d: with every layer's state equal, speculative gating is
     exact at every d (comparing with layer l or l+d-1 would score near chance)."""
     model, out, test_cap, _ = trained
-    gate = G.LookaheadGate.load(out, model)
+    gate = LookaheadGate.load(out, model)
     k, e = gate.n_expert_used, gate.n_expert
     for t in gate.moe_layers:
-        want = G.routing_mask(test_cap.experts[t], e)
-        assert (G.topk_rows(G.true_logits(test_cap, gate.routers, t), k) == want).all(), t
+        want = routing_mask(test_cap.experts[t], e)
+        assert (topk_rows(true_logits(test_cap, gate.routers, t), k) == want).all(), t
     # a capture where the state does not change between layers; the truth of layer t = its router on it
     x = test_cap.hidden[gate.moe_layers[0]]
     experts = np.full_like(test_cap.experts, -1)
     for t in gate.moe_layers:
         experts[t] = np.sort(np.argsort(-(x.astype(np.float32) @ gate.routers[t][0].T), axis=1)[:, :k], axis=1)
-    frozen = G.Capture({l: x for l in gate.moe_layers}, experts, test_cap.tokens, test_cap.seq_start,
+    frozen = Capture({l: x for l in gate.moe_layers}, experts, test_cap.tokens, test_cap.seq_start,
                        test_cap.generated)
-    unaligned = G.LookaheadGate(gate.n_layer, e, k, gate.n_embd, D, gate.moe_layers, gate.routers, {},
+    unaligned = LookaheadGate(gate.n_layer, e, k, gate.n_embd, D, gate.moe_layers, gate.routers, {},
                                 gate.frequency)
-    res = G.evaluate(unaligned, frozen)
+    res = evaluate(unaligned, frozen)
     assert all(r["unaligned_recall"] == 1.0 and r["aligned_recall"] == 1.0 for r in res.values())
     # the same rows scored against the wrong layer are far from perfect
-    shifted = G.Capture(frozen.hidden, np.roll(experts, 1, axis=0), frozen.tokens, frozen.seq_start,
+    shifted = Capture(frozen.hidden, np.roll(experts, 1, axis=0), frozen.tokens, frozen.seq_start,
                         frozen.generated)
-    assert all(r["unaligned_recall"] < 0.8 for r in G.evaluate(unaligned, shifted).values())
+    assert all(r["unaligned_recall"] < 0.8 for r in evaluate(unaligned, shifted).values())
     # predict: -inf for targets past the last layer
     last = gate.moe_layers[-2]
     z = gate.predict(last, x[0])
@@ -94,10 +98,10 @@ def test_targets_are_layer_l_plus_d_routing(trained):
 def test_sidecar_is_bound_to_its_model(trained, tiny_moe):
     model, out, _, _ = trained
     other = tiny_moe(SPEC, seed=7)          # same shapes, other weights
-    assert G.model_fingerprint(model) == G.model_fingerprint(model)
-    assert G.model_fingerprint(model) != G.model_fingerprint(other)
+    assert model_fingerprint(model) == model_fingerprint(model)
+    assert model_fingerprint(model) != model_fingerprint(other)
     with pytest.raises(MoespacError, match="trained for another model") as err:
-        G.LookaheadGate.load(out, other)
+        LookaheadGate.load(out, other)
     assert "\n" not in str(err.value)
     # the CLI turns it into one line and exit code 2
     assert cli.main(["eval-gate", "-m", str(other), "--gate", str(out), "--json", "-t", "1"]) == 2
@@ -122,7 +126,7 @@ def test_eval_gate_json_keys(trained, capsys):
 
 def test_runtime_utility_is_expected_routings_of_later_layers(trained):
     model, out, test_cap, _ = trained
-    gate = G.LookaheadGate.load(out, model)
+    gate = LookaheadGate.load(out, model)
     rows = 5
     src = gate.moe_layers[1]
     u = gate.utility({src: test_cap.hidden[src][:rows]})
@@ -139,12 +143,12 @@ def test_runtime_utility_is_expected_routings_of_later_layers(trained):
 def test_gate_tap_predicts_during_the_decode(trained):
     """The runtime callback sees each MoE layer's router input mid-decode and predicts the same
     expected routings as the offline path, layer by layer, in layer order."""
-    from moespac_gguf.capture import TensorCapture
-    from moespac_gguf.gate_runtime import GateTap
-    from moespac_gguf.session import Session
+    from moespac_gguf.gate.runtime import GateTap
+    from moespac_gguf.llama.capture import TensorCapture
+    from moespac_gguf.llama.session import Session
 
     model, out, test_cap, _ = trained
-    gate = G.LookaheadGate.load(out, model)
+    gate = LookaheadGate.load(out, model)
     seen = []
     tap = GateTap(gate, lambda layer, u: seen.append((layer, u)))
     with Session(model, n_ctx=128, n_threads=1, capture=tap) as s:
@@ -153,7 +157,7 @@ def test_gate_tap_predicts_during_the_decode(trained):
         seen.clear()
         s.decode(toks[-1:])
     assert [layer for layer, _ in seen] == gate.moe_layers
-    cap = TensorCapture(*G.HIDDEN_NAMES)
+    cap = TensorCapture(*HIDDEN_NAMES)
     with Session(model, n_ctx=128, n_threads=1, capture=cap) as s:
         s.decode(toks[:-1], all_logits=True)
         cap.clear()
@@ -169,11 +173,11 @@ def test_gated_residency_puts_the_next_layers_first(trained):
     reads ahead the predicted experts of layer l+1 before l+2 before l+3, and nothing else."""
     from types import SimpleNamespace
 
-    from moespac_gguf.gate_runtime import GatedResidency
-    from moespac_gguf.policy import Capacity
+    from moespac_gguf.gate.runtime import GatedResidency
+    from moespac_gguf.residency.policy import Capacity
 
     model, out, test_cap, _ = trained
-    gate = G.LookaheadGate.load(out, model)
+    gate = LookaheadGate.load(out, model)
     applied = []
     base = np.full((gate.n_layer, gate.n_expert), 0.3)
     controller = SimpleNamespace(
@@ -204,20 +208,20 @@ def test_gated_residency_puts_the_next_layers_first(trained):
 def test_shrinkage_is_validated_across_sources():
     """With several text sources, each fold validates on one source it was not fitted on."""
     n = 12
-    cap = G.Capture({}, np.zeros((1, n, 2), np.int32), np.zeros(n, np.int32), np.arange(n) % 4 == 0,
+    cap = Capture({}, np.zeros((1, n, 2), np.int32), np.zeros(n, np.int32), np.arange(n) % 4 == 0,
                     np.zeros(n, bool), np.repeat([0, 1, 2], 4))
-    folds = G.validation_folds(cap)
+    folds = validation_folds(cap)
     assert len(folds) == 3
     for g, (tr, va) in enumerate(folds):
         assert (va == (cap.group == g)).all() and (tr == ~va).all()
-    single = G.validation_folds(G.Capture({}, cap.experts, cap.tokens, cap.seq_start, cap.generated, None), 0.25)
+    single = validation_folds(Capture({}, cap.experts, cap.tokens, cap.seq_start, cap.generated, None), 0.25)
     assert len(single) == 1 and single[0][1].tolist() == [False] * 8 + [True] * 4
 
 
 def test_moespac_runs_with_the_gate_and_keeps_greedy_output(trained):
     """`MoeSpac(..., gate=FILE)`: the gate runs inside every decode (one call per MoE layer and
     ubatch) and steers the engine, without changing a single greedy token."""
-    from moespac_gguf.generate import MoeSpac
+    from moespac_gguf import MoeSpac
 
     model, out, _, _ = trained
     prompt = "the lookahead gate predicts later layers of the model"

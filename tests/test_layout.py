@@ -7,9 +7,9 @@ import gguf
 import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.layout import read_layout
-from moespac_gguf.synthetic import SUPPORTED_ARCHS, SyntheticSpec, write_synthetic_moe
+from moespac_gguf import MoespacError
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.demo.synthetic import SUPPORTED_ARCHS, SyntheticSpec, write_synthetic_moe
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,12 @@ def test_expert_offsets_match_file_bytes(models, arch):
 
 def test_offsets_match_what_llama_cpp_reads(models):
     """Bytes at our offset for an expert equal the bytes llama.cpp holds for that tensor (via its mmap)."""
-    from moespac_gguf.session import Session
+    from moespac_gguf.llama.session import Session
 
     path = models["qwen3moe"]
     layout = read_layout(path)
     name, span = next(iter(layout.layers[0].tensors.items()))
-    with Session(path, n_ctx=64, tap=False) as s:
+    with Session(path, n_ctx=64, tap=False):
         # the mapping llama.cpp made of the file: find it in /proc/self/maps
         maps = [l.split() for l in open("/proc/self/maps") if l.rstrip().endswith(str(path))]
         assert maps, "llama.cpp did not mmap the model"

@@ -4,9 +4,9 @@ import importlib.util
 
 import numpy as np
 
-from moespac_gguf.paths import REPO_ROOT
-from moespac_gguf.sim import make_windows
-from moespac_gguf.trace import DECODE, PROMPT, RoutingTrace
+from moespac_gguf.core.paths import REPO_ROOT
+from moespac_gguf.sim.simulate import make_windows
+from moespac_gguf.sim.trace import DECODE, PROMPT, RoutingTrace
 
 spec = importlib.util.spec_from_file_location("lookahead", REPO_ROOT / "bench" / "lookahead.py")
 lookahead = importlib.util.module_from_spec(spec)

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-import moespac_gguf.models as models_mod
+import moespac_gguf.demo.catalog as models_mod
+from moespac_gguf import MoespacError
 from moespac_gguf.cli import main as moespac
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.models import load_models, resolve_model
+from moespac_gguf.demo.catalog import load_models, resolve_model
 
 REAL = {"mixtral-8x7b-instruct", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "gpt-oss-20b"}
 

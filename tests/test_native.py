@@ -1,8 +1,8 @@
 """The package refuses a llama-cpp-python without our patches, in one line."""
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.native import ABI_VERSION, check_abi, lib
+from moespac_gguf import MoespacError
+from moespac_gguf.llama.abi import ABI_VERSION, check_abi, lib
 
 
 class _Fn:

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.plan import (CPU, FLASH, GPU, RESIDENT, SLOT, BackgroundBalancer, DeviceCosts, Plan, PlanProblem,
-                               greedy, solve)
+from moespac_gguf import MoespacError
+from moespac_gguf.residency.costs import DeviceCosts
+from moespac_gguf.residency.ilp import BackgroundBalancer, solve
+from moespac_gguf.residency.plan import CPU, FLASH, GPU, RESIDENT, SLOT, Plan, PlanProblem, greedy
 
 MB = 2**20
 

@@ -4,10 +4,11 @@ exhaustive search over every possible sequence of resident sets."""
 import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.plan import DeviceCosts
-from moespac_gguf.policy import (Belady, Capacity, Lru, MoeSpacPolicy, OnDemand, Spac, Static, StaticLayers,
-                                 lookahead_score, select, used_experts)
+from moespac_gguf import MoespacError
+from moespac_gguf.core.routing import used_experts
+from moespac_gguf.residency.baselines import Belady, Lru, OnDemand, Spac, Static, StaticLayers
+from moespac_gguf.residency.costs import DeviceCosts
+from moespac_gguf.residency.policy import Capacity, MoeSpacPolicy, lookahead_score, select
 
 COSTS = DeviceCosts(flash_read_bps=1e9, memcpy_bps=1e10, cpu_s_per_token_expert=1e-3)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from moespac_gguf.cli import main as moespac
-from moespac_gguf.perplexity import perplexity, windows
-from moespac_gguf.record import load_prompts
-from moespac_gguf.trace import RoutingTrace
+from moespac_gguf.core.prompts import load_prompts
+from moespac_gguf.demo.perplexity import perplexity, windows
+from moespac_gguf.sim.trace import RoutingTrace
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ import gguf
 import numpy as np
 import pytest
 
-from moespac_gguf.capture import TensorCapture
-from moespac_gguf.layout import read_layout
-from moespac_gguf.synthetic import SUPPORTED_ARCHS
-from moespac_gguf.session import Session
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.demo.synthetic import SUPPORTED_ARCHS
+from moespac_gguf.llama.capture import TensorCapture
+from moespac_gguf.llama.session import Session
 
 PROMPT = "hello world, the routing tap records every expert choice of every layer"
 
@@ -109,11 +109,11 @@ def test_chained_callback_is_asked_only_about_its_names(tiny_moe):
 
         def counting(ptr, ask, user_data, inner=inner, asked=asked):
             if ask:
-                from moespac_gguf.capture import GgmlTensor
+                from moespac_gguf.llama.capture import GgmlTensor
                 asked.append(GgmlTensor.from_address(ptr).name.decode())
             return inner(ptr, ask, user_data)
 
-        from moespac_gguf.native import llama_cpp
+        from moespac_gguf.llama.abi import llama_cpp
         cap.callback = llama_cpp.ggml_backend_sched_eval_callback(counting)
         cap.name_prefixes = prefixes
         with Session(tiny_moe(n_layer=3), n_ctx=128, capture=cap) as s:

@@ -6,15 +6,15 @@ import re
 import numpy as np
 import pytest
 
-from moespac_gguf import cli
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.paths import SHARED_DIR
-from moespac_gguf.policy import POLICIES, Capacity, Lru, OnDemand
-from moespac_gguf.profiles import DATA_DIR, Device, load_device, load_model, names
-from moespac_gguf.sim import Replay, draft_decodes, make_windows, replay, simulate, timing
-from moespac_gguf.sim_sweep import synthetic_routing
-from moespac_gguf.trace import RoutingTrace, import_mixtral_jsonl
-from moespac_gguf.trace_stats import lru_hit_rate
+from moespac_gguf import MoespacError, cli
+from moespac_gguf.core.paths import SHARED_DIR
+from moespac_gguf.residency.baselines import Lru, OnDemand
+from moespac_gguf.residency.policy import POLICIES, Capacity
+from moespac_gguf.sim.profiles import DATA_DIR, Device, load_device, load_model, names
+from moespac_gguf.sim.simulate import Replay, draft_decodes, make_windows, replay, simulate, timing
+from moespac_gguf.sim.sweep import synthetic_routing
+from moespac_gguf.sim.trace import RoutingTrace, import_mixtral_jsonl
+from moespac_gguf.sim.trace_stats import lru_hit_rate
 
 GSM8K = SHARED_DIR / "data" / "traces" / "mixtral8x7b_gsm8k_routing.jsonl"
 MIXTRAL = load_model("mixtral-8x7b")
@@ -245,7 +245,7 @@ def test_cli_missing_trace_is_a_one_line_error(capsys):
 
 
 def test_a_gguf_file_is_a_model_spec_with_its_exact_sizes(tiny_moe, tmp_path):
-    from moespac_gguf.layout import read_layout
+    from moespac_gguf.core.layout import read_layout
 
     path = tiny_moe()
     layout = read_layout(path)

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from moespac_gguf.layout import read_layout
-from moespac_gguf.paths import REPO_ROOT
-from moespac_gguf.profiles import load_device, load_model
-from moespac_gguf.record import record
-from moespac_gguf.sim import load_trace, simulate
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.core.paths import REPO_ROOT
+from moespac_gguf.sim.profiles import load_device, load_model
+from moespac_gguf.sim.record import record
+from moespac_gguf.sim.simulate import load_trace, simulate
 
 spec = importlib.util.spec_from_file_location("sim_agreement", REPO_ROOT / "bench" / "sim_agreement.py")
 sim_agreement = importlib.util.module_from_spec(spec)
@@ -85,7 +85,7 @@ def test_rows_model_each_contender_at_its_capacity(tiny_moe, tmp_path):
 
 
 def test_run_ahead_is_the_recorded_lookahead_else_the_runtimes_default():
-    from moespac_gguf.generate import DRAFT_AHEAD
+    from moespac_gguf.api.options import DRAFT_AHEAD
 
     assert sim_agreement.run_ahead({"draft_ahead": 10}, {"draft": "self"}) == 10
     assert sim_agreement.run_ahead({"draft_ahead": 0}, {"draft": "self"}) == 0  # it held every expert

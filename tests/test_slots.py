@@ -9,19 +9,17 @@ shows the comparison can fail: slots holding the wrong expert change the logits.
 """
 from __future__ import annotations
 
-import ctypes
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from moespac_gguf import pages
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.native import llama_cpp
-from moespac_gguf.session import Session
-from moespac_gguf.slots import SlotCache
-from moespac_gguf.synthetic import SUPPORTED_ARCHS, SyntheticSpec
+from moespac_gguf import MoespacError
+from moespac_gguf.demo.synthetic import SUPPORTED_ARCHS, SyntheticSpec
+from moespac_gguf.llama.abi import llama_cpp
+from moespac_gguf.llama.session import Session
+from moespac_gguf.llama.slots import SlotCache
+from moespac_gguf.residency import pages
 
 PROMPT = "hello world, the slot cache must not change a single logit of this prompt"
 STEPS = (5, 17, 42, 99, 7, 230)
@@ -216,6 +214,7 @@ def test_dense_model_has_no_experts_for_slots(tiny_moe):
 
 class _MidGraphCopier:
     """A cb_eval chained behind the routing tap: during the graph, evict and copy into its slot."""
+    name_prefixes = ()  # asked about every node
 
     def __init__(self, cache_ref: list, layer: int, slot: int):
         self.cache_ref, self.layer, self.slot = cache_ref, layer, slot
@@ -308,7 +307,7 @@ def test_stress_1000_decodes_with_remaps_and_copies(tiny_moe):
 # -- the demo model --------------------------------------------------------------------
 
 def test_slots_on_the_demo_model():
-    from moespac_gguf.models import model_path
+    from moespac_gguf.demo.catalog import model_path
     try:
         path = model_path("smolmoe")
     except MoespacError:

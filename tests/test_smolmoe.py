@@ -3,11 +3,12 @@ import gguf
 import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.session import Session
-from moespac_gguf.smolmoe import (UpcycleConfig, capture_router_inputs, expert_load, fit_router, load_entropy,
-                                  write_moe, write_truncated)
-from moespac_gguf.synthetic import SyntheticSpec
+from moespac_gguf import MoespacError
+from moespac_gguf.demo.smolmoe.config import UpcycleConfig
+from moespac_gguf.demo.smolmoe.router import capture_router_inputs, expert_load, fit_router, load_entropy
+from moespac_gguf.demo.smolmoe.upcycle import write_moe, write_truncated
+from moespac_gguf.demo.synthetic import SyntheticSpec
+from moespac_gguf.llama.session import Session
 
 TRAIN = ["the quick brown fox jumps over the lazy dog while the hello world prints " * 3,
          "in the beginning there were tokens, and routers, and experts that hello the world " * 3,
@@ -141,9 +142,10 @@ def test_config_validation():
 
 def test_greedy_replay_matches_the_speculative_loop(dense, states, tmp_path):
     """Acceptance replayed on a recorded trace equals what SpeculativeDecoder measures."""
-    from moespac_gguf.record import record
-    from moespac_gguf.smolmoe import greedy_acceptance_from_trace
-    from moespac_gguf.speculative import Sampler, SpeculativeDecoder
+    from moespac_gguf.decode.sampling import Sampler
+    from moespac_gguf.decode.speculative import SpeculativeDecoder
+    from moespac_gguf.demo.smolmoe.acceptance import greedy_acceptance_from_trace
+    from moespac_gguf.sim.record import record
 
     target = _upcycle(dense, states, tmp_path, n_expert=4, top_k=2, noise=0.2)
     prompts = [{"text": "hello world, the", "category": "", "question_id": 0},
@@ -152,7 +154,7 @@ def test_greedy_replay_matches_the_speculative_loop(dense, states, tmp_path):
     trace = record(target, prompts, n, n_ctx=256, progress=False)
     replay = greedy_acceptance_from_trace(dense, trace, draft_max=3, n_ctx=256, progress=False)
     drafted = accepted = 0
-    from moespac_gguf.record import format_prompt
+    from moespac_gguf.llama.chat import format_prompt
     with Session(target, n_ctx=256, tap=False) as t, Session(dense, n_ctx=256, tap=False) as d:
         dec = SpeculativeDecoder(t, d, draft_max=3, adaptive=False)
         for p in prompts:

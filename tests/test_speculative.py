@@ -6,13 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-from moespac_gguf.capture import RouterCapture
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.generate import MoeSpac, TextStream
-from moespac_gguf.paths import SHARED_DIR
-from moespac_gguf.session import Session
-from moespac_gguf.speculative import Sampler, SpeculativeDecoder
-from moespac_gguf.synthetic import SyntheticSpec
+from moespac_gguf import MoeSpac, MoespacError
+from moespac_gguf.api.text import TextStream
+from moespac_gguf.core.paths import SHARED_DIR
+from moespac_gguf.decode.sampling import Sampler
+from moespac_gguf.decode.speculative import SpeculativeDecoder
+from moespac_gguf.demo.synthetic import SyntheticSpec
+from moespac_gguf.llama.capture import RouterCapture
+from moespac_gguf.llama.session import Session
 
 TARGET = SyntheticSpec(arch="qwen3moe", n_layer=2, seed=1)
 # same tokenizer; a near copy of the target (agrees often) and an unrelated dense model (rarely)
@@ -215,7 +216,6 @@ def test_accept_rule_matches_target_distribution_exactly():
 
 def test_draft_with_other_vocabulary_is_refused(tmp_path, tiny_moe):
     """A draft whose vocabulary differs is refused before any decoding."""
-    from moespac_gguf.synthetic import write_synthetic_moe
     import gguf
 
     other = tmp_path / "other.gguf"
@@ -230,7 +230,10 @@ def test_draft_with_other_vocabulary_is_refused(tmp_path, tiny_moe):
         w.add_key_value(key, val, f.types[0], f.types[-1] if len(f.types) > 1 else None)
     for t in src.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type, raw_shape=np.asarray(t.data).shape)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(TARGET)),
                         "-md", str(other), "-p", "hi"], capture_output=True, text=True)
     assert r.returncode == 2 and "different vocabulary" in r.stderr and len(r.stderr.strip().splitlines()) == 1

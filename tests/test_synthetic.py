@@ -1,12 +1,13 @@
 """The synthetic models every other test builds on: right layout, and llama.cpp runs them."""
 from __future__ import annotations
 
-import numpy as np
 import gguf
+import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.synthetic import SUPPORTED_ARCHS, SyntheticSpec, main, vocab, write_synthetic_moe
+from moespac_gguf import MoespacError
+from moespac_gguf.cli.synth import main
+from moespac_gguf.demo.synthetic import SUPPORTED_ARCHS, SyntheticSpec, vocab, write_synthetic_moe
 
 DTYPES = ("F32", "F16", "Q8_0", "Q4_0")
 DENSE_ARCHS = ("llama", "granitemoe", "deepseek2")

@@ -5,10 +5,12 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.paths import SHARED_DIR
-from moespac_gguf.trace import RoutingTrace, import_mixtral_jsonl, main_import
-from moespac_gguf.trace_stats import layer_skew, lru_curve, lru_hit_rate, main, next_token_reuse
+from moespac_gguf import MoespacError
+from moespac_gguf.cli.trace_import import main as main_import
+from moespac_gguf.cli.trace_stats import main
+from moespac_gguf.core.paths import SHARED_DIR
+from moespac_gguf.sim.trace import RoutingTrace, import_mixtral_jsonl
+from moespac_gguf.sim.trace_stats import layer_skew, lru_curve, lru_hit_rate, next_token_reuse
 
 GSM8K = SHARED_DIR / "data" / "traces" / "mixtral8x7b_gsm8k_routing.jsonl"
 

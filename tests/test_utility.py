@@ -2,9 +2,16 @@
 import numpy as np
 import pytest
 
-from moespac_gguf.errors import MoespacError
-from moespac_gguf.utility import (EwmaUtility, SpacUtility, TokenPrior, UtilityEstimator, recall_precision,
-                                  routing_counts, topn_mask)
+from moespac_gguf import MoespacError
+from moespac_gguf.core.routing import routing_counts
+from moespac_gguf.residency.utility import (
+    EwmaUtility,
+    SpacUtility,
+    TokenPrior,
+    UtilityEstimator,
+    recall_precision,
+    topn_mask,
+)
 
 
 def route(*rows):

@@ -1,0 +1,223 @@
+"""`MoeSpac`, the Python API, in the shape of `llama_cpp.Llama`.
+
+Completions and chat completions come back as llama-cpp-python / OpenAI-shaped
+dicts (or streams of chunks), with a `moespac` entry holding the run's stats.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..core.errors import MoespacError
+from ..core.layout import read_layout
+from ..core.units import parse_size
+from ..decode.draft import SELF_DRAFT, DraftSource, draft_source
+from ..decode.sampling import Sampler
+from ..decode.speculative import SpeculativeDecoder
+from ..decode.stats import DecodeStats
+from ..gate.model import LookaheadGate
+from ..gate.runtime import GatedResidency, GateTap
+from ..llama.abi import set_verbose
+from ..llama.capture import RouterCapture
+from ..llama.chat import chat_tokens
+from ..llama.session import Session
+from ..residency.controller import ResidencyController, expert_budget
+from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
+from .text import TextStream
+from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Usage
+
+PREFILL_BATCH = 1024  # the target's batch under a memory budget (batch_sizes)
+DRAFT_BATCH = 64  # a draft's batch under a memory budget (batch_sizes)
+
+
+def batch_sizes(n_batch: int | None, n_ctx: int, budgeted: bool) -> tuple[int, int]:
+    """(target, draft) batch sizes. Without a budget both are llama.cpp's 512 (or `n_batch`).
+    Under a budget the target prefills in batches of up to PREFILL_BATCH tokens (within `n_ctx`):
+    every batch routes to nearly every expert, so each batch reads every unheld one again (the
+    bench's prompts, one of 682 tokens: prefill bytes 3.20 -> 2.92 GB from 512 to 1024). The
+    bound is memory: without flash attention a batch's attention scores take n_ctx x batch x
+    heads x 4 bytes of compute buffer. The draft's batches shrink to DRAFT_BATCH, because its
+    reads cost nothing (a self-draft computes with held experts only; a separate draft's file is
+    pinned) and a compute buffer is memory the experts could use (measured on smolmoe-16x, a
+    682-token prefill: target 512 -> 1024 +21 MiB, self-draft 512 -> 64 -26 MiB)."""
+    if not budgeted:
+        return (n_batch or 512,) * 2
+    target = n_batch or min(n_ctx, PREFILL_BATCH)
+    return target, min(target, DRAFT_BATCH)
+
+
+class MoeSpac:
+    """A GGUF MoE target, optionally drafted by a small GGUF model of the same vocabulary
+    or by itself routing fewer experts (`draft_model_path="self"`)."""
+
+    def __init__(self, model_path: str | Path, draft_model_path: str | Path | DraftSource | None = None,
+                 **options):
+        """`draft_model_path`: a GGUF of the same vocabulary, or "self" (the target routing fewer
+        experts). `options`: the fields of api.options.ModelOptions (n_ctx, n_threads, n_batch,
+        draft_max, adaptive_draft, draft_ahead, seed, mem_budget, gate, verbose), among them:
+        `mem_budget` (bytes or "8G"): keep expert residency within it (the residency engine).
+        `gate`: a lookahead-gate sidecar (`moespac train-gate`) whose predictions of the next
+        layers' experts, made inside each decode, join the engine's utility (needs `mem_budget`).
+        `n_batch`: the target's batch (see `batch_sizes`).
+        `draft_ahead`: tokens a self-draft drafts each step, beyond what it proposes if need be, so
+        its routing of them tells the engine what the next steps need (default DRAFT_AHEAD with
+        a self-draft under a budget that cannot hold every expert, else 0)."""
+        self.options = opt = ModelOptions(**options)
+        set_verbose(opt.verbose)
+        self.model_path = str(model_path)
+        self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
+        source = draft_source(draft_model_path) if draft_model_path is not None else None
+        budgeted = opt.mem_budget is not None
+        self_draft = source is not None and source.shares_target
+        if opt.gate is not None and not budgeted:
+            raise MoespacError("a lookahead gate needs a memory budget (--mem-budget): its predictions "
+                               "steer the residency engine")
+        draft_ahead = opt.draft_ahead
+        if draft_ahead is None:
+            draft_ahead = DRAFT_AHEAD if self_draft and budgeted else 0
+        if draft_ahead < 0:
+            raise MoespacError(f"--draft-ahead must be 0 or more, got {draft_ahead}")
+        if draft_ahead and not (self_draft and budgeted):
+            raise MoespacError(f"--draft-ahead reads a self-draft's routing for the residency engine: it needs "
+                               f"-md {SELF_DRAFT} and --mem-budget")
+        lookahead_gate = LookaheadGate.load(opt.gate, model_path) if opt.gate is not None else None
+        self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
+        n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
+        self.target = Session(model_path, n_ctx=opt.n_ctx, n_threads=opt.n_threads, n_batch=n_batch,
+                              capture=self.gate_tap)
+        self.draft = None
+        router = RouterCapture() if draft_ahead else None
+        try:
+            if source is not None:  # a self-draft's tap, with a budget, restricts its routing (below)
+                self.draft = source.open(self.layout, n_ctx=opt.n_ctx, n_threads=opt.n_threads, n_batch=draft_batch,
+                                         tap=self_draft and budgeted, capture=router)
+            self.decoder = SpeculativeDecoder(self.target, self.draft, draft_max=opt.draft_max,
+                                              adaptive=opt.adaptive_draft, draft_ahead=draft_ahead,
+                                              draft_router=router)
+            self.residency = None
+            if budgeted:
+                budget = parse_size(opt.mem_budget) if isinstance(opt.mem_budget, str) else int(opt.mem_budget)
+                draft_bytes = Path(source.file).stat().st_size if source is not None and source.file else 0
+                self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes),
+                                                     draft_path=source.file if source is not None else None,
+                                                     draft_max=opt.draft_max)
+                self.decoder.subscribe(self.residency if lookahead_gate is None else
+                                       GatedResidency(self.residency, lookahead_gate, tap=self.gate_tap))
+                for s in (self.target, self.draft):
+                    if s is not None and s.tap is not None:
+                        s.tap.set_demand_page_in(True)
+                if self_draft:  # the draft computes with held experts only: it reads nothing
+                    self.draft.tap.restrict_to(self.residency.engine.resident)
+                if router is not None and opt.draft_ahead is None and self.residency.holds_every_expert:
+                    # nothing to choose between: running ahead, reading the routing, only cost time
+                    self.decoder.stop_running_ahead()
+                    self.draft.tap.chain(None)
+        except Exception:
+            self.close()
+            raise
+        self.seed = opt.seed
+
+    # -- tokens -------------------------------------------------------------
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = True) -> list[int]:
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        return self.target.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        return b"".join(self.target.token_bytes(t) for t in tokens)
+
+    @property
+    def stats(self) -> DecodeStats:
+        return self.decoder.stats
+
+    # -- completions ----------------------------------------------------------
+    def _stream(self, prompt_tokens: list[int], max_tokens: int, sampler: Sampler,
+                stop: list[str]) -> Iterator[tuple[str, str | None]]:
+        """(text delta, finish_reason or None) pairs; the last pair carries the reason."""
+        text = TextStream(stop)
+        gen = self.decoder.generate(prompt_tokens, max_tokens, sampler)
+        self.completion_tokens: list[int] = []
+        for tok in gen:
+            if self.target.is_eog(tok):
+                continue
+            self.completion_tokens.append(tok)
+            delta = text.feed(self.target.token_bytes(tok))
+            if text.stopped:
+                gen.close()
+                self.stats.finish_reason = "stop"
+                yield delta, "stop"
+                return
+            if delta:
+                yield delta, None
+        yield text.flush(), self.stats.finish_reason
+
+    def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampler:
+        return Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
+
+    def create_completion(self, prompt: str | list[int], max_tokens: int = 128,
+                          temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
+                          top_k: int = SAMPLING.top_k, stop: str | list[str] | None = None,
+                          stream: bool = False, seed: int | None = None) -> Completion | Iterator[CompletionChunk]:
+        """Complete `prompt`; greedy by default (temperature 0)."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        chunks = self._stream(tokens, max_tokens, self._sampler(temperature, top_p, top_k, seed), stops)
+        meta = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+        if stream:
+            return ({**meta, "object": "text_completion",
+                     "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": r}]}
+                    for t, r in chunks)
+        parts = list(chunks)  # the last pair carries the finish reason
+        return {**meta, "object": "text_completion",
+                "choices": [{"text": "".join(t for t, _ in parts), "index": 0, "logprobs": None,
+                             "finish_reason": parts[-1][1]}],
+                "usage": self._usage(tokens), "moespac": self.stats.as_dict()}
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        tokens = chat_tokens(self.target, messages)
+        if tokens is None:
+            raise MoespacError(f"{Path(self.model_path).name} has no chat template (tokenizer.chat_template)")
+        return tokens
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int = 256,
+                               temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
+                               top_k: int = SAMPLING.top_k, stop: str | list[str] | None = None,
+                               stream: bool = False,
+                               seed: int | None = None) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """Answer `messages` ({"role", "content"} dicts) with the model's chat template; greedy by default."""
+        tokens = self.chat_prompt(messages)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        chunks = self._stream(tokens, max_tokens, self._sampler(temperature, top_p, top_k, seed), stops)
+        meta = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+        if stream:
+            def gen():
+                yield {**meta, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+                for t, r in chunks:
+                    yield {**meta, "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": {"content": t} if t else {}, "finish_reason": r}]}
+            return gen()
+        parts = list(chunks)  # the last pair carries the finish reason
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(t for t, _ in parts)},
+                             "finish_reason": parts[-1][1]}],
+                "usage": self._usage(tokens), "moespac": self.stats.as_dict()}
+
+    def _usage(self, prompt_tokens: list[int]) -> Usage:
+        n = len(self.completion_tokens)
+        return {"prompt_tokens": len(prompt_tokens), "completion_tokens": n, "total_tokens": len(prompt_tokens) + n}
+
+    def close(self) -> None:
+        if getattr(self, "residency", None) is not None:
+            self.residency.close()
+            self.residency = None
+        for s in (self.draft, getattr(self, "target", None)):
+            if s is not None:
+                s.close()
+
+    def __enter__(self) -> MoeSpac:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

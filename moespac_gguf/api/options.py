@@ -1,0 +1,79 @@
+"""The options of a run, declared once: `MoeSpac`'s keyword arguments and, from the same
+declaration, the llama.cpp-style flags of every command that runs a model (cli.options).
+
+Each field carries its default, its flags and its help; the CLI builds its parser from them and
+passes the parsed values straight to `MoeSpac(**options)`, so a new option is one new field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, Field, dataclass, field
+
+from ..decode.draft import SELF_DRAFT
+
+DRAFT_AHEAD = 6  # tokens a self-draft runs ahead under a budget that cannot hold every expert
+
+
+def option(default, *flags: str, help: str, type=None, metavar: str | None = None, action: str | None = None):
+    """A dataclass field that is also a command-line flag (argparse's arguments)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "type": type, "metavar": metavar,
+                                            "action": action})
+
+
+def flag_spec(f: Field) -> tuple[tuple[str, ...], dict]:
+    """(flags, argparse keyword arguments) of an `option` field."""
+    meta = f.metadata
+    kwargs = {"dest": f.name, "help": meta["help"]}
+    if f.default is not MISSING:
+        kwargs["default"] = f.default
+    if meta["action"]:
+        kwargs["action"] = meta["action"]
+    else:
+        kwargs.update({k: meta[k] for k in ("type", "metavar") if meta[k] is not None})
+    return meta["flags"], kwargs
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a MoeSpac runs: every keyword argument of `MoeSpac(model, draft, **options)`."""
+
+    n_ctx: int = option(2048, "-c", "--ctx-size", type=int, help="context size (default %(default)s)")
+    n_threads: int | None = option(None, "-t", "--threads", type=int, help="CPU threads (default: all cores)")
+    n_batch: int | None = option(
+        None, "-b", "--batch-size", type=int,
+        help="batch size (default 512; with --mem-budget up to 1024: fewer prefill passes, each reads every "
+        "expert not held)",
+    )
+    draft_max: int = option(8, "--draft-max", type=int, help="most tokens drafted per step (default %(default)s)")
+    adaptive_draft: bool = option(True, "--no-adaptive-draft", action="store_false",
+                                  help="always draft --draft-max tokens")
+    draft_ahead: int | None = option(
+        None, "--draft-ahead", type=int, metavar="N",
+        help=f"with -md {SELF_DRAFT} and --mem-budget: tokens the draft runs ahead each step, whose routing tells "
+        f"the engine which experts to keep (default {DRAFT_AHEAD} where the budget cannot hold every expert, "
+        "else 0)",
+    )
+    seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
+    mem_budget: int | str | None = option(
+        None, "--mem-budget", metavar="SIZE",
+        help="memory for the model, e.g. 8G: moespac keeps the most useful experts resident within it",
+    )
+    gate: str | None = option(
+        None, "--gate", metavar="FILE",
+        help="lookahead-gate sidecar (moespac train-gate) to prefetch the next layers' experts during each "
+        "decode (needs --mem-budget)",
+    )
+    verbose: bool = option(False, "--verbose", action="store_true", help="show llama.cpp's log")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How tokens are chosen: the sampling arguments of `create_completion` and
+    `create_chat_completion` (greedy by default)."""
+
+    temperature: float = option(0.0, "--temp", type=float, help="temperature (default 0 = greedy)")
+    top_p: float = option(1.0, "--top-p", type=float, help="nucleus sampling threshold (default %(default)s: off)")
+    top_k: int = option(0, "--top-k", type=int, help="sample among the k most likely tokens (default 0: all)")
+
+
+SAMPLING = SamplingOptions()

@@ -1,0 +1,40 @@
+"""`moespac chat`: chat with the model's own template, one user message per line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import add_model_args, open_model, sampling
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moespac chat", description="Chat with the model's own template; "
+                                "reads one user message per line (piped stdin works too).")
+    add_model_args(p)
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--stats", action="store_true", help="print a stats line after each reply")
+    args = p.parse_args(argv)
+    interactive = sys.stdin.isatty()
+    with open_model(args) as m:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = []
+            for chunk in m.create_chat_completion(messages, max_tokens=args.n_predict, stream=True, **sampling(args)):
+                delta = chunk["choices"][0]["delta"].get("content", "")
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            print()
+            if args.stats:
+                print(m.stats.summary())
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0

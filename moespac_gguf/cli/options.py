@@ -1,0 +1,59 @@
+"""Command-line options built from their one declaration (api.options), and opening the model
+a command names.
+
+Every command that runs a model takes llama.cpp's flags (-m, -md, -c, -t, -b, --draft-max, ...)
+from ModelOptions and SamplingOptions, so `moespac run`, `chat` and `bench` cannot drift apart
+from each other or from the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..api.moespac import MoeSpac
+from ..api.options import ModelOptions, SamplingOptions, flag_spec
+from ..decode.draft import DRAFT_TOP_K, SELF_DRAFT
+from ..demo.catalog import resolve_model
+
+MODEL_HELP = "target GGUF (MoE), or a demo model's name (moespac models)"
+DRAFT_HELP = (f"draft GGUF with the same vocabulary, a demo model's name, or '{SELF_DRAFT}' (the target routing "
+              f"{DRAFT_TOP_K} expert per token: no extra weights)")
+
+
+def add_options(p: argparse.ArgumentParser, declaration, only: tuple[str, ...] | None = None, **defaults) -> None:
+    """Add the flags of a declaration's fields (all, or `only` these), with `defaults` overriding theirs."""
+    for f in fields(declaration):
+        if only is None or f.name in only:
+            flags, kwargs = flag_spec(f)
+            if f.name in defaults:
+                kwargs["default"] = defaults[f.name]
+            p.add_argument(*flags, **kwargs)
+
+
+def option_values(args: argparse.Namespace, declaration) -> dict:
+    """The parsed values of a declaration's fields that the parser has."""
+    return {f.name: getattr(args, f.name) for f in fields(declaration) if hasattr(args, f.name)}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """-m, -md and every model and sampling option: the flags of a command that runs a model."""
+    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
+    p.add_argument("-md", "--model-draft", help=DRAFT_HELP)
+    add_options(p, ModelOptions)
+    add_options(p, SamplingOptions)
+
+
+def resolve_draft(draft: str | None) -> str | None:
+    """-md as MoeSpac takes it: a demo model's name becomes its file; SELF_DRAFT stays."""
+    return str(resolve_model(draft)) if draft and draft != SELF_DRAFT else draft
+
+
+def open_model(args: argparse.Namespace) -> MoeSpac:
+    """The MoeSpac that -m, -md and the model options describe."""
+    return MoeSpac(str(resolve_model(args.model)), resolve_draft(args.model_draft), **option_values(args, ModelOptions))
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    """The sampling keyword arguments of create_completion / create_chat_completion."""
+    return option_values(args, SamplingOptions)

@@ -1,0 +1,36 @@
+"""`moespac run`: generate text from a prompt, speculatively when a draft is given."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .options import add_model_args, open_model, sampling
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moespac run", description="Generate text from a prompt.")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = p.parse_args(argv)
+    with open_model(args) as m:
+        request = dict(max_tokens=args.n_predict, stop=args.stop, **sampling(args))
+        if args.json:
+            out = m.create_completion(args.prompt, **request)
+            st = m.stats
+            print(json.dumps({"text": out["choices"][0]["text"], "tokens": m.completion_tokens,
+                              "n_tokens": st.n_generated, "tokens_per_s": st.tokens_per_s,
+                              "acceptance_rate": st.acceptance_rate, "stats": st.as_dict()}))
+            return 0
+        for chunk in m.create_completion(args.prompt, stream=True, **request):
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+        print()
+        print(m.stats.summary())
+        if m.stats.finish_reason == "context":
+            print(f"moespac run: stopped: the context of {m.target.n_ctx} tokens is full (raise -c)", file=sys.stderr)
+    return 0

@@ -1,0 +1,244 @@
+"""Asynchronous Execution Engine: keep the planned experts in fast memory, in the background.
+
+On this machine fast memory is the page cache behind llama.cpp's mmap of the
+GGUF (tier T1) and slow memory the file on disk (T2). A worker thread moves
+experts between them in ONE utility order: it evicts the lowest-utility
+resident experts (MADV_PAGEOUT) when the budget needs room, and prefetches the
+highest-utility missing ones through llama.cpp's own mapping: MADV_WILLNEED
+reads an expert's byte ranges in large requests, MADV_POPULATE_READ maps them,
+so the decode thread's later accesses are hits instead of 4 KiB faults one at a
+time — and, being mapped, they can be evicted exactly (pages.py). The mapping gets
+MADV_RANDOM so faults on experts we failed to predict do not read ahead into
+experts nobody asked for. Resident expert bytes never exceed the budget.
+
+With `pin` (the default where mlock is allowed) the held experts are also
+mlocked, and so are the model's non-expert weights and the draft: under a
+memory cap the kernel's reclaim then falls only on the unlocked pages, the
+experts streamed in for a layer and dropped after it, instead of undoing the
+plan (measured: unpinned, the kernel evicted planned experts as fast as the
+engine fetched them). A pinned budget keeps room for that stream window.
+
+`ResidencyController` (controller.py) decides what the engine holds.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.layout import MoeLayout
+from . import pages
+
+
+@dataclass
+class EngineStats:
+    prefetched_bytes: int = 0
+    evicted_bytes: int = 0
+    prefetches: int = 0
+    evictions: int = 0
+    hinted_bytes: int = 0   # stream-window read-ahead asked for (hint), not held
+    plans: int = 0
+    io_s: float = 0.0
+
+
+class ExpertMap:
+    """Byte ranges of every (MoE layer, expert) in the file and in llama.cpp's mapping."""
+
+    def __init__(self, layout: MoeLayout):
+        self.layout = layout
+        self.n_layer, self.n_expert = layout.n_layer, layout.n_expert
+        self.bytes = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
+        self.ranges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for layer in layout.layers:
+            for e in range(self.n_expert):
+                self.ranges[layer.index, e] = layer.expert_ranges(e)
+                self.bytes[layer.index, e] = layer.bytes_per_expert
+        self.mapping, *self.other_mappings = pages.find_mappings(layout.path)  # others: a self-draft's
+
+    def other_ranges(self) -> list[tuple[int, int]]:
+        """(file offset, length) of everything llama.cpp mapped but expert tensors: attention,
+        norms, embeddings. The mapping starts at a page offset, not at 0 (the header before it is
+        not mapped: advising or locking there fails with ENOMEM, or hits a neighbouring mapping)."""
+        m = self.mapping
+        spans = sorted((t.offset, t.nbytes) for layer in self.layout.layers for t in layer.tensors.values())
+        out, pos, end = [], m.offset, min(self.layout.file_bytes, m.offset + m.end - m.start)
+        for off, n in spans:
+            if off > pos:
+                out.append((pos, min(off, end) - pos))
+            pos = max(pos, off + n)
+        if pos < end:
+            out.append((pos, end - pos))
+        return out
+
+    def resident(self) -> np.ndarray:
+        """bool [n_layer, n_expert]: experts at least 90% in RAM (mincore)."""
+        out = np.zeros((self.n_layer, self.n_expert), dtype=bool)
+        for (l, e), rs in self.ranges.items():
+            total = sum(n for _, n in rs)
+            got = sum(pages.resident_fraction(self.mapping.address(off), n) * n for off, n in rs)
+            out[l, e] = got >= 0.9 * total
+        return out
+
+
+class ResidencyEngine:
+    """Background worker applying residency targets under a byte budget."""
+
+    def __init__(self, experts: ExpertMap, budget_bytes: int, pin: bool = False):
+        self.map = experts
+        self.budget = budget_bytes
+        self.pin = pin
+        self.stats = EngineStats()
+        for m in (experts.mapping, *experts.other_mappings):
+            pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
+        self.fd = os.open(experts.layout.path, os.O_RDONLY)
+        # pinned: "resident" means locked (unlocked pages are the kernel's to reclaim)
+        self.resident = np.zeros((experts.n_layer, experts.n_expert), bool) if pin else experts.resident()
+        self._populate = True  # MADV_POPULATE_READ (Linux 5.14+); else pread the bytes
+        self._target: tuple[np.ndarray, np.ndarray] | None = None
+        self._cv = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="moespac-engine", daemon=True)
+        self._thread.start()
+
+    def apply(self, want: np.ndarray, priority: np.ndarray) -> None:
+        """Make `want` (bool [L,E]) resident, most `priority` first; the newest target wins."""
+        with self._cv:
+            self._target = (want.copy(), priority.copy())
+            self._idle.clear()
+            self._cv.notify()
+
+    def hint(self, experts: np.ndarray, priority: np.ndarray) -> None:
+        """Start reading `experts` (bool [L,E]) that are not held, most `priority` first, into the
+        stream window (MADV_WILLNEED: asynchronous, nothing locked, nothing evicted for them):
+        for predictions about to be needed (the lookahead gate's next layers), which must not
+        reshuffle the held set on every layer."""
+        todo = np.argwhere(experts & ~self.resident)
+        for l, e in sorted(map(tuple, todo), key=lambda ix: -priority[ix]):
+            for off, n in self.map.ranges[l, e]:
+                pages.madvise(self.map.mapping.address(off), n, pages.MADV_WILLNEED)
+            self.stats.hinted_bytes += int(self.map.bytes[l, e])
+
+    def note_used(self, used: np.ndarray) -> None:
+        """Experts the decode thread just paged in itself (from the routing): count them as resident,
+        so the next target evicts them when unwanted instead of the kernel reclaiming blindly."""
+        if self.pin:
+            return  # unlocked pages: the kernel reclaims them first, which is what we want
+        with self._cv:
+            self.resident |= used
+
+    def refresh(self) -> None:
+        """Re-read residency from the kernel (mincore): corrects drift after kernel reclaim."""
+        if self.pin:
+            return  # locked pages do not drift
+        with self._cv:
+            self.resident[:] = self.map.resident()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self.fd)
+
+    # -- worker ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._target is None and not self._stop:
+                    self._idle.set()
+                    self._cv.wait()
+                if self._stop:
+                    return
+                want, priority = self._target
+                self._target = None
+            self.stats.plans += 1
+            self._converge(want, priority)
+
+    def _preempted(self) -> bool:
+        return self._target is not None or self._stop
+
+    def _converge(self, want: np.ndarray, priority: np.ndarray) -> None:
+        """Evict unwanted experts (least useful first) as room is needed, fetch wanted ones (most useful first)."""
+        bytes_ = self.map.bytes
+        fetch = [tuple(ix) for ix in np.argwhere(want & ~self.resident & (bytes_ > 0))]
+        fetch.sort(key=lambda ix: -priority[ix])
+        evictable = [tuple(ix) for ix in np.argwhere(~want & self.resident)]
+        evictable.sort(key=lambda ix: priority[ix])
+        used = int(bytes_[self.resident].sum())
+        for ix in fetch:
+            if self._preempted():
+                return
+            need = int(bytes_[ix])
+            while used + need > self.budget and evictable:
+                victim = evictable.pop(0)
+                self._evict(victim)
+                used -= int(bytes_[victim])
+            if used + need > self.budget:
+                break
+            if not self._fetch(ix):
+                self.budget = used  # the kernel refused to lock more: that is the real budget
+                break
+            used += need
+        while used > self.budget and evictable and not self._preempted():
+            victim = evictable.pop(0)
+            self._evict(victim)
+            used -= int(bytes_[victim])
+
+    def _fetch(self, ix: tuple[int, int]) -> bool:
+        t = time.perf_counter()
+        if self.pin:
+            if not pages.mlock_ranges([(self.map.mapping.address(off), n) for off, n in self.map.ranges[ix]]):
+                return False
+        else:
+            for off, n in self.map.ranges[ix]:
+                addr = self.map.mapping.address(off)
+                pages.madvise(addr, n, pages.MADV_WILLNEED)  # large async reads, then wait for them:
+                if self._populate:
+                    try:
+                        pages.madvise(addr, n, pages.MADV_POPULATE_READ)
+                        continue
+                    except OSError:
+                        self._populate = False
+                os.pread(self.fd, n, off)  # into the page cache; the decode thread maps it on use
+        self.stats.io_s += time.perf_counter() - t
+        self.resident[ix] = True
+        self.stats.prefetches += 1
+        self.stats.prefetched_bytes += int(self.map.bytes[ix])
+        return True
+
+    def release(self, ix: tuple[int, int]) -> None:
+        """An expert now served from elsewhere (a slot copy): give its file pages back, best
+        effort (PAGEOUT refuses a range that shares a page with a locked neighbour)."""
+        self._page_out(ix, unlock=self.pin and bool(self.resident[ix]), best_effort=True)
+        self.resident[ix] = False
+
+    def _page_out(self, ix: tuple[int, int], unlock: bool, best_effort: bool = False) -> None:
+        for off, n in self.map.ranges[ix]:
+            addr = self.map.mapping.address(off)
+            try:
+                if unlock:
+                    pages.munlock(addr, n)
+                for other in self.map.other_mappings:  # PAGEOUT leaves pages another mapping shares
+                    pages.madvise(other.address(off), n, pages.MADV_DONTNEED)
+                pages.madvise(addr, n, pages.MADV_PAGEOUT)
+            except OSError:
+                if not best_effort:
+                    raise
+
+    def _evict(self, ix: tuple[int, int]) -> None:
+        # PAGEOUT reclaims the pages mapped here; fadvise drops what is cached
+        # but unmapped (demand-paged and never touched, or the pread fallback).
+        self.resident[ix] = False  # first: a draft restricted to held experts stops using it
+        self._page_out(ix, unlock=self.pin)
+        for off, n in self.map.ranges[ix]:
+            os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        self.stats.evictions += 1
+        self.stats.evicted_bytes += int(self.map.bytes[ix])

@@ -8,6 +8,7 @@ half of the expert bytes. Times are wall clock for greedy start + model build + 
 
 Prints a markdown table and writes bench/results/balancer.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ from moespac_gguf.residency.plan import FLASH, Plan, PlanProblem, greedy, tier_c
 
 RESULTS = Path(__file__).resolve().parent / "results" / "BALANCER_JSON"
 BITS_PER_WEIGHT = 4.5  # about Q4_K_M
-ROWS_PER_STEP = 5      # K = 4 drafted tokens + 1
+ROWS_PER_STEP = 5  # K = 4 drafted tokens + 1
 # name: (MoE layers, routed experts, experts per token, n_embd, expert FFN width)
 SHAPES = {
     "Mixtral-8x7B": (32, 8, 2, 4096, 14336),
@@ -48,8 +49,12 @@ def expert_bytes(n_embd: int, n_ff: int) -> float:
 
 def device(name: str, size: float) -> DeviceCosts:
     """A laptop-class machine: per-token expert cost = streaming its weights at 50 GB/s (CPU) or 400 GB/s (GPU)."""
-    return DeviceCosts(flash_read_bps=3e9, memcpy_bps=20e9, cpu_s_per_token_expert=size / 50e9,
-                                gpu_s_per_token_expert=size / 400e9 if name == "gpu" else None)
+    return DeviceCosts(
+        flash_read_bps=3e9,
+        memcpy_bps=20e9,
+        cpu_s_per_token_expert=size / 50e9,
+        gpu_s_per_token_expert=size / 400e9 if name == "gpu" else None,
+    )
 
 
 def routing(rng, n_layer: int, n_expert: int, k: int) -> np.ndarray:
@@ -63,10 +68,13 @@ def instance(shape: str, device_name: str, seed: int = 0) -> PlanProblem:
     size = expert_bytes(n_embd, n_ff)
     previous = routing(rng, n_layer, n_expert, k)
     utility = 0.7 * previous + 0.3 * routing(rng, n_layer, n_expert, k)
-    common = dict(expert_bytes=np.full(n_layer, size), slot_capacity=np.full(n_layer, max(1, n_expert // 4)),
-                  resident_budget_bytes=0.5 * size * n_layer * n_expert, costs=device(device_name, size))
-    in_force = greedy(PlanProblem(
-        utility=previous, current=np.full((n_layer, n_expert), FLASH), **common)).tier
+    common = dict(
+        expert_bytes=np.full(n_layer, size),
+        slot_capacity=np.full(n_layer, max(1, n_expert // 4)),
+        resident_budget_bytes=0.5 * size * n_layer * n_expert,
+        costs=device(device_name, size),
+    )
+    in_force = greedy(PlanProblem(utility=previous, current=np.full((n_layer, n_expert), FLASH), **common)).tier
     must = np.zeros((n_layer, n_expert), dtype=bool)
     np.put_along_axis(must, np.argsort(-utility, axis=1)[:, :k], True, axis=1)
     return PlanProblem(utility=utility, current=in_force, must_have=must, **common)
@@ -96,25 +104,36 @@ def measure(shape: str, device_name: str, seeds: int, time_limit: float) -> list
             runs[method].append((plan, plan.predicted_step_s / best))
         builds.append(build_seconds(problem))
     n_layer, n_expert = SHAPES[shape][:2]
-    return [dict(model=shape, shape=f"{n_layer}x{n_expert}", device=device_name, method=method,
-                 build_s=None if method == "greedy" else statistics.median(builds),
-                 solve_s=statistics.median(plan.solve_s for plan, _ in results),
-                 max_solve_s=max(plan.solve_s for plan, _ in results),
-                 statuses=sorted({plan.status for plan, _ in results}),
-                 step_ms=statistics.median(plan.predicted_step_s * 1e3 for plan, _ in results),
-                 vs_best=max(ratio for _, ratio in results))
-            for method, results in runs.items()]
+    return [
+        dict(
+            model=shape,
+            shape=f"{n_layer}x{n_expert}",
+            device=device_name,
+            method=method,
+            build_s=None if method == "greedy" else statistics.median(builds),
+            solve_s=statistics.median(plan.solve_s for plan, _ in results),
+            max_solve_s=max(plan.solve_s for plan, _ in results),
+            statuses=sorted({plan.status for plan, _ in results}),
+            step_ms=statistics.median(plan.predicted_step_s * 1e3 for plan, _ in results),
+            vs_best=max(ratio for _, ratio in results),
+        )
+        for method, results in runs.items()
+    ]
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | layers x experts | device | method | build s | total s median | total s max | status "
-             "| step ms | worst vs best |",
-             "|---|---|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| model | layers x experts | device | method | build s | total s median | total s max | status "
+        "| step ms | worst vs best |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|",
+    ]
     for r in rows:
         build = "" if r["build_s"] is None else f"{r['build_s']:.3f}"
-        lines.append(f"| {r['model']} | {r['shape']} | {r['device']} | {r['method']} | {build} | "
-                     f"{r['solve_s']:.3f} | {r['max_solve_s']:.3f} | {'/'.join(r['statuses'])} | "
-                     f"{r['step_ms']:.1f} | {r['vs_best']:.4f} |")
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['device']} | {r['method']} | {build} | "
+            f"{r['solve_s']:.3f} | {r['max_solve_s']:.3f} | {'/'.join(r['statuses'])} | "
+            f"{r['step_ms']:.1f} | {r['vs_best']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -124,20 +143,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit, seconds")
     args = parser.parse_args(argv)
     seeds = 1 if args.quick else 3
-    rows = [row for shape in SHAPES for device_name in ("cpu", "gpu")
-            for row in measure(shape, device_name, seeds, args.time_limit)]
+    rows = [
+        row
+        for shape in SHAPES
+        for device_name in ("cpu", "gpu")
+        for row in measure(shape, device_name, seeds, args.time_limit)
+    ]
     print(markdown(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        machine=dict(processor=platform.processor(), machine=platform.machine(), platform=platform.platform(),
-                     cpu_count=os.cpu_count(), python=platform.python_version(),
-                     pulp=importlib.metadata.version("pulp"), highspy=importlib.metadata.version("highspy")),
-        settings=dict(instances_per_shape=seeds, time_limit_s=args.time_limit,
-                      gap=inspect.signature(solve).parameters["gap"].default,
-                      default_solver=DEFAULT_SOLVER, bits_per_weight=BITS_PER_WEIGHT,
-                      rows_per_step=ROWS_PER_STEP, budget_share=0.5, slots_share=0.25),
-        rows=rows), indent=1) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            dict(
+                date=datetime.datetime.now().isoformat(timespec="seconds"),
+                machine=dict(
+                    processor=platform.processor(),
+                    machine=platform.machine(),
+                    platform=platform.platform(),
+                    cpu_count=os.cpu_count(),
+                    python=platform.python_version(),
+                    pulp=importlib.metadata.version("pulp"),
+                    highspy=importlib.metadata.version("highspy"),
+                ),
+                settings=dict(
+                    instances_per_shape=seeds,
+                    time_limit_s=args.time_limit,
+                    gap=inspect.signature(solve).parameters["gap"].default,
+                    default_solver=DEFAULT_SOLVER,
+                    bits_per_weight=BITS_PER_WEIGHT,
+                    rows_per_step=ROWS_PER_STEP,
+                    budget_share=0.5,
+                    slots_share=0.25,
+                ),
+                rows=rows,
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"\nwrote {RESULTS}")
     return 0
 

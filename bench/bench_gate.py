@@ -9,6 +9,7 @@ experts and a frequency prior on Spec-Bench prompts (first turn, chat template, 
 continuations), measures the runtime callback's cost per decoded token, and writes
 bench/results/gate.json and bench/results/gate.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,15 @@ def main() -> int:
     t0 = time.perf_counter()
     if not a.gate:
         seqs, groups = text_windows(model, training_files(), a.tokens, a.window)
-        cap = capture(model, seqs, max_new=a.gen, n_ctx=a.window + a.gen + 8, n_threads=a.threads,
-                        desc="train capture", groups=groups)
+        cap = capture(
+            model,
+            seqs,
+            max_new=a.gen,
+            n_ctx=a.window + a.gen + 8,
+            n_threads=a.threads,
+            desc="train capture",
+            groups=groups,
+        )
         gate = fit_gate(model, cap, a.distance, rank=a.rank)
         gate.info["text"] = "moespac_gguf.demo.corpus training split (Shakespeare + KJV, The Tempest and John held out)"
         gate.save(gate_path)
@@ -90,19 +98,32 @@ def main() -> int:
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {platform.system()}",
-        "model": model.name, "model_bytes": layout.file_bytes, "arch": layout.arch,
-        "moe_layers": len(layout.layers), "n_expert": layout.n_expert, "top_k": layout.n_expert_used,
-        "n_embd": layout.n_embd, "distance": gate.distance,
-        "gate_file_bytes": size, "gate_param_bytes": gate.nbytes, "gate_share": size / layout.file_bytes,
-        "method": gate.info.get("method"), "rank": gate.info.get("rank"),
-        "train_tokens": gate.info.get("trained_rows"), "val_tokens": gate.info.get("val_rows"),
+        "model": model.name,
+        "model_bytes": layout.file_bytes,
+        "arch": layout.arch,
+        "moe_layers": len(layout.layers),
+        "n_expert": layout.n_expert,
+        "top_k": layout.n_expert_used,
+        "n_embd": layout.n_embd,
+        "distance": gate.distance,
+        "gate_file_bytes": size,
+        "gate_param_bytes": gate.nbytes,
+        "gate_share": size / layout.file_bytes,
+        "method": gate.info.get("method"),
+        "rank": gate.info.get("rank"),
+        "train_tokens": gate.info.get("trained_rows"),
+        "val_tokens": gate.info.get("val_rows"),
         "val_recall": gate.info.get("val_recall"),
         "alpha_counts": {str(k): v for k, v in _counts(gate.info.get("alpha", {})).items()},
-        "eval_prompts": a.n_prompts, "eval_tokens": cap.n_rows, "eval_generated_tokens": int(cap.generated.sum()),
+        "eval_prompts": a.n_prompts,
+        "eval_tokens": cap.n_rows,
+        "eval_generated_tokens": int(cap.generated.sum()),
         "eval_set": "Spec-Bench first turns, round-robin over the 13 categories, chat template, "
-                    f"prompt <= 1200 chars + {a.max_new} greedy tokens",
-        "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-        "decode_ms_plain": round(plain, 2), "decode_ms_with_gate_callback": round(gated, 2),
+        f"prompt <= 1200 chars + {a.max_new} greedy tokens",
+        "train_s": round(train_s, 1),
+        "eval_s": round(eval_s, 1),
+        "decode_ms_plain": round(plain, 2),
+        "decode_ms_with_gate_callback": round(gated, 2),
         "threads": a.threads,
     }
     out = {"meta": meta, "per_distance": result, "per_distance_generated_rows": generated}

@@ -10,6 +10,7 @@ load) and the overheads; writes bench/results/tap_overhead.{json,md}.
     .venv/bin/python bench/bench_tap.py                # demo model, 7 rounds
     .venv/bin/python bench/bench_tap.py -m PATH --rounds 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ def one_round(s: Session, prompt: list[int], n_decode: int) -> dict[str, float]:
     for _ in range(n_decode):
         tok = int(s.decode([tok])[-1].argmax())
     t2, c2 = time.perf_counter(), time.process_time()
-    return {"prompt": (t1 - t0) / len(prompt), "decode": (t2 - t1) / n_decode,
-            "prompt_cpu": (c1 - c0) / len(prompt), "decode_cpu": (c2 - c1) / n_decode}
+    return {
+        "prompt": (t1 - t0) / len(prompt),
+        "decode": (t2 - t1) / n_decode,
+        "prompt_cpu": (c1 - c0) / len(prompt),
+        "decode_cpu": (c2 - c1) / n_decode,
+    }
 
 
 def main(argv=None) -> int:
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
     kw = dict(n_ctx=args.prompt_tokens + args.decode_tokens + 8, n_threads=args.threads)
     sessions = {"tap off": Session(path, tap=False, **kw), "tap on": Session(path, tap=True, **kw)}
     text = " ".join(r["text"] for r in load_prompts(PROMPTS, 40, select="spread"))
-    prompt = sessions["tap on"].tokenize(text)[:args.prompt_tokens]
+    prompt = sessions["tap on"].tokenize(text)[: args.prompt_tokens]
     times = {k: {} for k in sessions}
     for _ in tqdm(range(args.rounds), desc="rounds", file=sys.stderr):
         for name, s in sessions.items():
@@ -72,24 +77,45 @@ def main(argv=None) -> int:
 
     med = {k: {phase: statistics.median(v) for phase, v in t.items()} for k, t in times.items()}
     overhead = {key: med["tap on"][key] / med["tap off"][key] - 1 for key in med["tap off"]}
-    lines = [f"Routing tap cost on `{path.name}`, median of {args.rounds} alternating rounds, "
-             f"{args.threads or 'all'} threads, {datetime.date.today()}.", "",
-             "| phase | CPU ms/token, tap off | tap on | CPU overhead | wall ms/token, tap off | tap on | wall overhead |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for phase, label in (("prompt", f"prompt batch ({len(prompt)} tokens)"),
-                         ("decode", f"single-token decode ({args.decode_tokens} tokens)")):
+    lines = [
+        f"Routing tap cost on `{path.name}`, median of {args.rounds} alternating rounds, "
+        f"{args.threads or 'all'} threads, {datetime.date.today()}.",
+        "",
+        "| phase | CPU ms/token, tap off | tap on | CPU overhead | wall ms/token, tap off | tap on | wall overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for phase, label in (
+        ("prompt", f"prompt batch ({len(prompt)} tokens)"),
+        ("decode", f"single-token decode ({args.decode_tokens} tokens)"),
+    ):
         cpu = phase + "_cpu"
-        lines.append(f"| {label} | {med['tap off'][cpu] * 1e3:.2f} | {med['tap on'][cpu] * 1e3:.2f} "
-                     f"| {overhead[cpu] * 100:+.1f}% | {med['tap off'][phase] * 1e3:.2f} "
-                     f"| {med['tap on'][phase] * 1e3:.2f} | {overhead[phase] * 100:+.1f}% |")
+        lines.append(
+            f"| {label} | {med['tap off'][cpu] * 1e3:.2f} | {med['tap on'][cpu] * 1e3:.2f} "
+            f"| {overhead[cpu] * 100:+.1f}% | {med['tap off'][phase] * 1e3:.2f} "
+            f"| {med['tap on'][phase] * 1e3:.2f} | {overhead[phase] * 100:+.1f}% |"
+        )
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "model": str(path),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
-        "args": {k: str(v) for k, v in vars(args).items()}, "median_s_per_token": med, "overhead": overhead,
-        "rounds": times}, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "model": str(path),
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(),
+                    "loadavg_at_end": os.getloadavg(),
+                },
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "median_s_per_token": med,
+                "overhead": overhead,
+                "rounds": times,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     args.out.with_suffix(".md").write_text(table + "\n")
     return 0
 

@@ -9,6 +9,7 @@ markdown table and writes bench/results/demo_quality.json (date + machine).
     .venv/bin/python bench/demo_quality.py                      # default set (builds what is missing)
     .venv/bin/python bench/demo_quality.py --variants smolmoe smolmoe-16x --scan-depth 16 20 24
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,24 @@ PROMPTS = SHARED_DIR / "data" / "prompts" / "spec_bench_question.jsonl"
 def entropy_stats(trace: RoutingTrace) -> dict:
     counts = trace.usage_counts()
     ent = np.array([load_entropy(c) for c in counts])
-    return {"entropy_mean": float(ent.mean()), "entropy_min": float(ent.min()), "entropy_min_layer": int(ent.argmin()),
-            "entropy_per_layer": [round(float(x), 4) for x in ent], "all_experts_used": bool((counts > 0).all()),
-            "min_expert_share": float((counts / counts.sum(1, keepdims=True)).min()), "n_tokens": trace.n_tokens}
+    return {
+        "entropy_mean": float(ent.mean()),
+        "entropy_min": float(ent.min()),
+        "entropy_min_layer": int(ent.argmin()),
+        "entropy_per_layer": [round(float(x), 4) for x in ent],
+        "all_experts_used": bool((counts > 0).all()),
+        "min_expert_share": float((counts / counts.sum(1, keepdims=True)).min()),
+        "n_tokens": trace.n_tokens,
+    }
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg()}
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 def main(argv=None) -> int:
@@ -57,10 +68,18 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-chunks", type=int, default=16, help="held-out windows of 512 tokens (default 16)")
     p.add_argument("--prompts", type=int, default=40, help="Spec-Bench prompts per entropy trace (spread)")
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per entropy prompt")
-    p.add_argument("--trace", type=Path, default=None,
-                   help="use this recorded trace for the default model's entropy instead of recording one")
-    p.add_argument("--acc-trace", type=Path, default=None,
-                   help="replay draft acceptance on this trace of the default target (default: --trace)")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="use this recorded trace for the default model's entropy instead of recording one",
+    )
+    p.add_argument(
+        "--acc-trace",
+        type=Path,
+        default=None,
+        help="replay draft acceptance on this trace of the default target (default: --trace)",
+    )
     p.add_argument("--acc-prompts", type=int, default=16)
     p.add_argument("--acc-tokens", type=int, default=64)
     p.add_argument("--draft-max", type=int, default=4)
@@ -79,14 +98,23 @@ def main(argv=None) -> int:
     for e, status, secs in build(sorted(set(drafts + [target_name, "smollm2"]), key=list(models).index)):
         t_build[e.name] = round(secs, 1) if status == "built" else None
     text = heldout_text()
-    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-           "heldout": {"documents": list(HELDOUT_NAMES), "chunks": a.ppl_chunks, "ctx": 512},
-           "entropy_prompts": {"file": str(PROMPTS), "n": a.prompts, "select": "spread", "tokens": a.tokens},
-           "models": {}, "drafts": {}}
+    out = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "heldout": {"documents": list(HELDOUT_NAMES), "chunks": a.ppl_chunks, "ctx": 512},
+        "entropy_prompts": {"file": str(PROMPTS), "n": a.prompts, "select": "spread", "tokens": a.tokens},
+        "models": {},
+        "drafts": {},
+    }
     # a partial run (--drafts-only, named --variants, --no-drafts) merges into the earlier results
     old = json.load(open(a.out)) if a.out.is_file() and (a.drafts_only or a.variants or a.no_drafts) else {}
-    out.update({k: old[k] for k in ("models", "dense", "heldout", "entropy_prompts", "drafts",
-                                    "acceptance_method", "traces") if k in old})
+    out.update(
+        {
+            k: old[k]
+            for k in ("models", "dense", "heldout", "entropy_prompts", "drafts", "acceptance_method", "traces")
+            if k in old
+        }
+    )
     out["models"], out["drafts"] = dict(out["models"]), dict(out["drafts"] if not drafts else {})
 
     def ppl(path):
@@ -100,12 +128,19 @@ def main(argv=None) -> int:
     prompts = load_prompts(PROMPTS, a.prompts, "spread")
     for name in variants:
         e = models[name]
-        for _, status, secs in build([name]):   # one variant at a time: partial results are saved
+        for _, status, secs in build([name]):  # one variant at a time: partial results are saved
             if status == "built":
                 t_build[name] = round(secs, 1)
         cfg = e.config()
-        row = {"experts": cfg.n_expert, "top_k": cfg.top_k, "dtype": cfg.dtype, "noise": cfg.noise,
-               "size_bytes": e.path.stat().st_size, "build_s": t_build.get(name), "default": e.default}
+        row = {
+            "experts": cfg.n_expert,
+            "top_k": cfg.top_k,
+            "dtype": cfg.dtype,
+            "noise": cfg.noise,
+            "size_bytes": e.path.stat().st_size,
+            "build_s": t_build.get(name),
+            "default": e.default,
+        }
         row["perplexity"] = ppl(e.path)
         row["ppl_ratio"] = row["perplexity"]["perplexity"] / out["dense"]["perplexity"]["perplexity"]
         if e.default and a.trace:
@@ -131,16 +166,24 @@ def main(argv=None) -> int:
             return greedy_acceptance_from_trace(path, acc_trace, a.draft_max)
     else:
         acc_prompts = [r["text"] for r in load_prompts(PROMPTS, a.acc_prompts, "spread")]
-        out["acceptance_method"] = (f"speculative loop, {len(acc_prompts)} Spec-Bench prompts (spread), "
-                                    f"{a.acc_tokens} tokens, K={a.draft_max}")
+        out["acceptance_method"] = (
+            f"speculative loop, {len(acc_prompts)} Spec-Bench prompts (spread), {a.acc_tokens} tokens, K={a.draft_max}"
+        )
 
         def acceptance(path):
             return draft_acceptance(target, path, acc_prompts, a.acc_tokens, a.draft_max)
+
     for name in drafts:
         e = models[name]
         r = acceptance(e.path)
-        r.update({"size_bytes": e.path.stat().st_size, "layers": e.params.get("layers"),
-                  "keep_last": e.params.get("keep_last", 0), "target": target_name})
+        r.update(
+            {
+                "size_bytes": e.path.stat().st_size,
+                "layers": e.params.get("layers"),
+                "keep_last": e.params.get("keep_last", 0),
+                "target": target_name,
+            }
+        )
         out["drafts"][name] = r
         print(f"  acceptance {name}: {r['acceptance_rate']:.3f}", flush=True)
     scan = {}
@@ -165,25 +208,43 @@ def _mb(n):
 
 def markdown(out: dict) -> str:
     # rows merged from several runs: each compares with the dense model on its own windows
-    lines = ["| model | experts | top-k | expert dtype | file | held-out ppl | dense ppl, same windows | × dense "
-             "| entropy mean | entropy min | all experts used |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | experts | top-k | expert dtype | file | held-out ppl | dense ppl, same windows | × dense "
+        "| entropy mean | entropy min | all experts used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in out["models"].items():
         ppl = r["perplexity"]
-        lines.append(f"| {name}{' (default)' if r['default'] else ''} | {r['experts']} | {r['top_k']} | {r['dtype']} "
-                     f"| {_mb(r['size_bytes'])} | {ppl['perplexity']:.2f} "
-                     f"| {ppl['perplexity'] / r['ppl_ratio']:.2f} ({ppl['n_chunks']} × 512) | {r['ppl_ratio']:.2f} "
-                     f"| {r['entropy_mean']:.3f} | {r['entropy_min']:.3f} (layer {r['entropy_min_layer']}) "
-                     f"| {'yes' if r['all_experts_used'] else 'NO'} |")
+        lines.append(
+            f"| {name}{' (default)' if r['default'] else ''} | {r['experts']} | {r['top_k']} | {r['dtype']} "
+            f"| {_mb(r['size_bytes'])} | {ppl['perplexity']:.2f} "
+            f"| {ppl['perplexity'] / r['ppl_ratio']:.2f} ({ppl['n_chunks']} × 512) | {r['ppl_ratio']:.2f} "
+            f"| {r['entropy_mean']:.3f} | {r['entropy_min']:.3f} (layer {r['entropy_min_layer']}) "
+            f"| {'yes' if r['all_experts_used'] else 'NO'} |"
+        )
     k = next(iter(out["drafts"].values()))["draft_max"] if out["drafts"] else None
-    lines += ["", f"| draft | layers | file | greedy acceptance vs smolmoe (K={k}) | tokens per verification |"
-              if out["drafts"] else "", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"| draft | layers | file | greedy acceptance vs smolmoe (K={k}) | tokens per verification |"
+        if out["drafts"]
+        else "",
+        "|---|---|---|---|---|",
+    ]
     for name, r in out["drafts"].items():
-        layers = f"first {r['layers']}" + (f" + last {r['keep_last']}" if r.get("keep_last") else "") if r["layers"] else "all 30"
-        lines.append(f"| {name} | {layers} | {_mb(r['size_bytes'])} | {r['acceptance_rate']:.3f} "
-                     f"| {r['tokens_per_step']:.2f} |")
+        layers = (
+            f"first {r['layers']}" + (f" + last {r['keep_last']}" if r.get("keep_last") else "")
+            if r["layers"]
+            else "all 30"
+        )
+        lines.append(
+            f"| {name} | {layers} | {_mb(r['size_bytes'])} | {r['acceptance_rate']:.3f} | {r['tokens_per_step']:.2f} |"
+        )
     if out.get("depth_scan"):
-        lines += ["", "truncated-draft depth scan (acceptance): " +
-                  ", ".join(f"{k} layers {v:.3f}" for k, v in out["depth_scan"].items())]
+        lines += [
+            "",
+            "truncated-draft depth scan (acceptance): "
+            + ", ".join(f"{k} layers {v:.3f}" for k, v in out["depth_scan"].items()),
+        ]
     return "\n".join(lines)
 
 

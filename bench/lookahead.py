@@ -20,6 +20,7 @@ Bytes do not depend on the device, so none is modelled. Writes bench/results/loo
     .venv/bin/python bench/lookahead.py TRACE.npz -m MODEL.gguf [--ahead 2 4 6 8] \\
         [--oracle 6 12] [--capacity 197 236] [--window 39] [--restrict 197] [--out F.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,12 +81,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("trace")
     p.add_argument("-m", "--model", required=True, help="the trace's model (GGUF)")
     p.add_argument("--ahead", type=int, nargs="+", default=[2, 4, 6, 8], help="rows the draft decodes per window")
-    p.add_argument("--oracle", type=int, nargs="*", default=[6, 12],
-                   help="rows of the target's own routing given as the lookahead (a perfect draft)")
+    p.add_argument(
+        "--oracle",
+        type=int,
+        nargs="*",
+        default=[6, 12],
+        help="rows of the target's own routing given as the lookahead (a perfect draft)",
+    )
     p.add_argument("--capacity", type=int, nargs="+", default=[197, 236], help="held experts")
     p.add_argument("--window", type=int, default=39, help="experts the stream window keeps")
-    p.add_argument("--restrict", type=int, default=197, help="the draft may route only to this many "
-                   "most used experts (0: unrestricted)")
+    p.add_argument(
+        "--restrict",
+        type=int,
+        default=197,
+        help="the draft may route only to this many most used experts (0: unrestricted)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "lookahead.json", help="JSON; the table beside it as .md")
     p.add_argument("--draft-k", type=float, default=0.66)
     p.add_argument("--acceptance", type=float, default=0.82)
@@ -98,8 +108,12 @@ def main(argv: list[str]) -> int:
     n_decoded = int((trace.phase != PROMPT).sum())
 
     def mib(policy, capacity, window, ahead=None) -> float:
-        return replay(trace, windows, policy, Capacity(capacity), stream_window=window,
-                      ahead=ahead).bytes_per_token(expert_bytes) / 2**20
+        return (
+            replay(trace, windows, policy, Capacity(capacity), stream_window=window, ahead=ahead).bytes_per_token(
+                expert_bytes
+            )
+            / 2**20
+        )
 
     # each column's lookahead, built once for every capacity: none, the draft's first n rows, the trace's
     lookaheads = {"without": None}
@@ -112,24 +126,40 @@ def main(argv: list[str]) -> int:
             row[name] = mib(MoeSpacPolicy(COSTS, expert_bytes, keep_used=False), capacity, args.window, ahead)
         table.append(row)
     recall = recall_by_row(trace, windows, rows)
-    report = {"date": datetime.date.today().isoformat(), "trace": Path(args.trace).name,
-              "model": Path(args.model).name, "decoded": n_decoded, "windows": len(windows),
-              "draft_k": args.draft_k, "acceptance": args.acceptance, "window": args.window,
-              "restrict": args.restrict, "recall_by_row": recall, "mib_per_token": table}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "trace": Path(args.trace).name,
+        "model": Path(args.model).name,
+        "decoded": n_decoded,
+        "windows": len(windows),
+        "draft_k": args.draft_k,
+        "acceptance": args.acceptance,
+        "window": args.window,
+        "restrict": args.restrict,
+        "recall_by_row": recall,
+        "mib_per_token": table,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     cols = [*lookaheads, "belady"]
-    lines = [f"{report['date']}: `{report['trace']}` ({n_decoded} decoded tokens, {len(windows)} windows, "
-             f"K={args.draft_k}, A={args.acceptance}), self-draft of `{report['model']}` "
-             f"{'restricted to the ' + str(args.restrict) + ' most used experts' if args.restrict else 'unrestricted'}",
-             "", "Recall of the target's picks by the draft's ranking, by row (0: the committed token):", "",
-             "| row | " + " | ".join(str(j) for j in range(len(recall))) + " |",
-             "|---|" + "---:|" * len(recall),
-             "| recall | " + " | ".join(f"{r:.2f}" for r in recall) + " |", "",
-             f"MiB read per decoded token, MoeSpacPolicy pinned with a {args.window}-expert stream window "
-             "(ahead N: the draft's N rows as its lookahead; oracle N: the target's own routing of the next "
-             "N tokens instead, a perfect draft; belady: offline optimum, no window):", "",
-             "| held experts | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    lines = [
+        f"{report['date']}: `{report['trace']}` ({n_decoded} decoded tokens, {len(windows)} windows, "
+        f"K={args.draft_k}, A={args.acceptance}), self-draft of `{report['model']}` "
+        f"{'restricted to the ' + str(args.restrict) + ' most used experts' if args.restrict else 'unrestricted'}",
+        "",
+        "Recall of the target's picks by the draft's ranking, by row (0: the committed token):",
+        "",
+        "| row | " + " | ".join(str(j) for j in range(len(recall))) + " |",
+        "|---|" + "---:|" * len(recall),
+        "| recall | " + " | ".join(f"{r:.2f}" for r in recall) + " |",
+        "",
+        f"MiB read per decoded token, MoeSpacPolicy pinned with a {args.window}-expert stream window "
+        "(ahead N: the draft's N rows as its lookahead; oracle N: the target's own routing of the next "
+        "N tokens instead, a perfect draft; belady: offline optimum, no window):",
+        "",
+        "| held experts | " + " | ".join(cols) + " |",
+        "|---:|" + "---:|" * len(cols),
+    ]
     lines += [f"| {r['capacity']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in table]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -24,6 +24,7 @@ and acceptance: the fewest bytes per token any residency policy could read there
 
     .venv/bin/python bench/sim_agreement.py bench/results/memcap_16x.json [more runs of the same setup]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,7 @@ from moespac_gguf.sim.simulate import load_trace, simulate
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 0.25
 # contender -> (policy, paging, drafts)
-MODELS = {"llama.cpp+random": ("lru-global", "fault", False),
-          "moespac": ("moespac", "bulk", True)}
+MODELS = {"llama.cpp+random": ("lru-global", "fault", False), "moespac": ("moespac", "bulk", True)}
 # kernel read-ahead under reclaim: pages read ahead are evicted before use and read again
 NOT_MODELLED = dict.fromkeys(("llama.cpp", "llama.cpp+sd"), "kernel read-ahead under reclaim (not in the simulator)")
 
@@ -112,24 +112,56 @@ def agreement(runs: list[dict], trace_path: Path, device: Device) -> list[dict]:
             for name, pol in ((r["name"], policy), ("(offline optimum)", "belady")):
                 if pol == "belady" and r["name"] != "moespac":
                     continue  # the least any policy could read with moespac's capacity, K and acceptance
-                sim = simulate(trace, "bench", pol, device, model, mem_budget=budget, draft_k=k,
-                               acceptance=acceptance, paging=paging, pinned=pinned, stream_window=window,
-                               draft_ahead=ahead, self_draft=run["model"])
+                sim = simulate(
+                    trace,
+                    "bench",
+                    pol,
+                    device,
+                    model,
+                    mem_budget=budget,
+                    draft_k=k,
+                    acceptance=acceptance,
+                    paging=paging,
+                    pinned=pinned,
+                    stream_window=window,
+                    draft_ahead=ahead,
+                    self_draft=run["model"],
+                )
                 measured = dec["tokens_per_s"] if pol != "belady" else None
                 ratio = sim.tokens_per_s / measured if measured else None
-                rows.append({"contender": name, "run": run["date"], "policy": pol, "paging": paging,
-                             "draft_k": k, "acceptance": round(acceptance, 3), "draft_ahead": ahead,
-                             "capacity_experts": sim.capacity_experts, "capacity_share": sim.capacity_experts / n_all,
-                             "measured_tokens_per_s": measured, "modeled_tokens_per_s": sim.tokens_per_s,
-                             "ratio": ratio, "agrees": None if ratio is None else bool(abs(ratio - 1.0) <= TOLERANCE),
-                             "measured_bytes_per_token": dec["bytes_read"] / r["n_tokens"] if measured else None,
-                             "modeled_bytes_per_token": sim.bytes_per_token, "modeled_hit_rate": sim.hit_rate})
+                rows.append(
+                    {
+                        "contender": name,
+                        "run": run["date"],
+                        "policy": pol,
+                        "paging": paging,
+                        "draft_k": k,
+                        "acceptance": round(acceptance, 3),
+                        "draft_ahead": ahead,
+                        "capacity_experts": sim.capacity_experts,
+                        "capacity_share": sim.capacity_experts / n_all,
+                        "measured_tokens_per_s": measured,
+                        "modeled_tokens_per_s": sim.tokens_per_s,
+                        "ratio": ratio,
+                        "agrees": None if ratio is None else bool(abs(ratio - 1.0) <= TOLERANCE),
+                        "measured_bytes_per_token": dec["bytes_read"] / r["n_tokens"] if measured else None,
+                        "modeled_bytes_per_token": sim.bytes_per_token,
+                        "modeled_hit_rate": sim.hit_rate,
+                    }
+                )
     for run in runs:
         for r in run["results"]:
             if r["name"] in NOT_MODELLED and "decode" in r:
-                rows.append({"contender": r["name"], "run": run["date"], "policy": NOT_MODELLED[r["name"]],
-                             "measured_tokens_per_s": r["decode"]["tokens_per_s"], "modeled_tokens_per_s": None,
-                             "measured_bytes_per_token": r["decode"]["bytes_read"] / r["n_tokens"]})
+                rows.append(
+                    {
+                        "contender": r["name"],
+                        "run": run["date"],
+                        "policy": NOT_MODELLED[r["name"]],
+                        "measured_tokens_per_s": r["decode"]["tokens_per_s"],
+                        "modeled_tokens_per_s": None,
+                        "measured_bytes_per_token": r["decode"]["bytes_read"] / r["n_tokens"],
+                    }
+                )
     return rows
 
 
@@ -143,46 +175,67 @@ def summary(rows: list[dict]) -> list[dict]:
             measured = [r["measured_tokens_per_s"] for r in mine]
             modeled = [r["modeled_tokens_per_s"] for r in mine]
             ratio = float(np.mean(modeled) / np.mean(measured))
-            out.append({"contender": name, "runs": len(mine), "measured_mean": float(np.mean(measured)),
-                        "measured_min": min(measured), "measured_max": max(measured),
-                        "modeled_mean": float(np.mean(modeled)), "ratio": ratio,
-                        "agrees": bool(abs(ratio - 1.0) <= TOLERANCE)})
+            out.append(
+                {
+                    "contender": name,
+                    "runs": len(mine),
+                    "measured_mean": float(np.mean(measured)),
+                    "measured_min": min(measured),
+                    "measured_max": max(measured),
+                    "modeled_mean": float(np.mean(modeled)),
+                    "ratio": ratio,
+                    "agrees": bool(abs(ratio - 1.0) <= TOLERANCE),
+                }
+            )
     return out
 
 
 def markdown(rows: list[dict], runs: list[dict], device: Device) -> str:
     run0 = runs[0]
-    lines = [f"`moespac sim --device local` against `moespac bench`: model `{Path(run0['model']).name}`, draft "
-             f"`{Path(run0['draft']).name}`, cap {format_size(run0['mem_cap'])}, {run0['limit']} prompts x "
-             f"{run0['n_predict']} tokens, {len(runs)} run(s); decode only (prefills metered apart). "
-             f"Calibration: reads {format_size(device.flash_read_bps)}/s, "
-             f"{(device.fault_s_per_page or device.page_in_latency_s) * 1e6:.0f} us per 4 KiB fault, "
-             f"{device.cpu_s_per_token_expert * 1e6:.0f} us per token-expert, step {device.step_overhead_s * 1e3:.1f} ms, "
-             f"draft {device.draft_s * 1e3:.1f} ms/token, prefetch overlap {device.io_overlap:g}.", "",
-             "| contender | run | modeled as | K, A, ahead | capacity | measured tok/s | modeled tok/s | modeled / measured "
-             "| within ±25% | measured MiB/token | modeled MiB/token |",
-             "|---|---|---|---|---:|---:|---:|---:|:-:|---:|---:|"]
+    lines = [
+        f"`moespac sim --device local` against `moespac bench`: model `{Path(run0['model']).name}`, draft "
+        f"`{Path(run0['draft']).name}`, cap {format_size(run0['mem_cap'])}, {run0['limit']} prompts x "
+        f"{run0['n_predict']} tokens, {len(runs)} run(s); decode only (prefills metered apart). "
+        f"Calibration: reads {format_size(device.flash_read_bps)}/s, "
+        f"{(device.fault_s_per_page or device.page_in_latency_s) * 1e6:.0f} us per 4 KiB fault, "
+        f"{device.cpu_s_per_token_expert * 1e6:.0f} us per token-expert, step {device.step_overhead_s * 1e3:.1f} ms, "
+        f"draft {device.draft_s * 1e3:.1f} ms/token, prefetch overlap {device.io_overlap:g}.",
+        "",
+        "| contender | run | modeled as | K, A, ahead | capacity | measured tok/s | modeled tok/s | modeled / measured "
+        "| within ±25% | measured MiB/token | modeled MiB/token |",
+        "|---|---|---|---|---:|---:|---:|---:|:-:|---:|---:|",
+    ]
 
     def num(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
     for r in rows:
         if r["modeled_tokens_per_s"] is None:
-            lines.append(f"| {r['contender']} | {r['run']} | not modelled: {r['policy']} | | | "
-                         f"{r['measured_tokens_per_s']:.2f} | - | - | - | {r['measured_bytes_per_token'] / 2**20:.1f} | - |")
+            lines.append(
+                f"| {r['contender']} | {r['run']} | not modelled: {r['policy']} | | | "
+                f"{r['measured_tokens_per_s']:.2f} | - | - | - | {r['measured_bytes_per_token'] / 2**20:.1f} | - |"
+            )
             continue
         agrees = "-" if r["agrees"] is None else ("yes" if r["agrees"] else "NO")
         mib = None if r["measured_bytes_per_token"] is None else r["measured_bytes_per_token"] / 2**20
-        lines.append(f"| {r['contender']} | {r['run']} | {r['policy']}, {r['paging']} | {r['draft_k']:.2f}, "
-                     f"{r['acceptance']:.2f}, {r.get('draft_ahead', 0)} | {r['capacity_experts']} ({r['capacity_share']:.0%}) | "
-                     f"{num(r['measured_tokens_per_s'])} | {r['modeled_tokens_per_s']:.2f} | {num(r['ratio'])} | "
-                     f"{agrees} | {num(mib, '{:.1f}')} | {r['modeled_bytes_per_token'] / 2**20:.1f} |")
-    lines += ["", "| contender | runs | measured tok/s, mean (min-max) | modeled tok/s, mean | modeled / measured "
-              "| within ±25% |", "|---|---:|---:|---:|---:|:-:|"]
+        lines.append(
+            f"| {r['contender']} | {r['run']} | {r['policy']}, {r['paging']} | {r['draft_k']:.2f}, "
+            f"{r['acceptance']:.2f}, {r.get('draft_ahead', 0)} | {r['capacity_experts']} ({r['capacity_share']:.0%}) | "
+            f"{num(r['measured_tokens_per_s'])} | {r['modeled_tokens_per_s']:.2f} | {num(r['ratio'])} | "
+            f"{agrees} | {num(mib, '{:.1f}')} | {r['modeled_bytes_per_token'] / 2**20:.1f} |"
+        )
+    lines += [
+        "",
+        "| contender | runs | measured tok/s, mean (min-max) | modeled tok/s, mean | modeled / measured "
+        "| within ±25% |",
+        "|---|---:|---:|---:|---:|:-:|",
+    ]
     for r in summary(rows):
-        lines.append(f"| {r['contender']} | {r['runs']} | {r['measured_mean']:.2f} ({r['measured_min']:.2f}-"
-                     f"{r['measured_max']:.2f}) | {r['modeled_mean']:.2f} | {r['ratio']:.2f} | "
-                     f"{'yes' if r['agrees'] else 'NO'} |")
+        lines.append(
+            f"| {r['contender']} | {r['runs']} | {r['measured_mean']:.2f} ({r['measured_min']:.2f}-"
+            f"{r['measured_max']:.2f}) | {r['modeled_mean']:.2f} | {r['ratio']:.2f} | "
+            f"{'yes' if r['agrees'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -200,8 +253,18 @@ def main(argv: list[str]) -> int:
         sys.exit("error: no contender in these runs has the decode metrics (re-run moespac bench)")
     md = markdown(rows, runs, device)
     means = summary(rows)
-    args.out.write_text(json.dumps({"date": str(datetime.date.today()), "runs": [str(f) for f in args.bench],
-                                    "tolerance": TOLERANCE, "rows": rows, "summary": means}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": str(datetime.date.today()),
+                "runs": [str(f) for f in args.bench],
+                "tolerance": TOLERANCE,
+                "rows": rows,
+                "summary": means,
+            },
+            indent=1,
+        )
+    )
     args.out.with_suffix(".md").write_text(md + "\n")
     print(md)
     return 0 if all(r["agrees"] for r in means) else 1

@@ -11,6 +11,7 @@ neither with a window. Writes bench/results/utility_memory.{json,md}.
 
     .venv/bin/python bench/utility_memory.py TRACE.npz... [--draft-k 0.57 1.5] [--max-sequences 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,13 @@ def rows_for(path: Path, draft_k: float, acceptance: float, window_share: float,
     windows = make_windows(trace, draft_k, acceptance)
     n_all = trace.n_layer * trace.n_expert
     window = max(1, round(window_share * n_all))
-    base = {"trace": path.name, "prompts": int((trace.phase == PROMPT).sum()),
-            "decoded": int((trace.phase != PROMPT).sum()), "draft_k": draft_k, "window": window}
+    base = {
+        "trace": path.name,
+        "prompts": int((trace.phase == PROMPT).sum()),
+        "decoded": int((trace.phase != PROMPT).sum()),
+        "draft_k": draft_k,
+        "window": window,
+    }
     for share in SHARES:
         cap = Capacity(int(share * n_all))
         row = dict(base, capacity=cap.total, share=share)
@@ -63,16 +69,21 @@ def rows_for(path: Path, draft_k: float, acceptance: float, window_share: float,
 
 def markdown(rows: list[dict], acceptance: float, command: str) -> str:
     grid = [f"a{a:g}/h{h}" for a in ALPHAS for h in HORIZONS]
-    out = [f"{datetime.date.today()}: MiB read per decoded token, moespac pinned (+ stream window) over the "
-           f"EWMA's alpha (a) and the plan's horizon (h); acceptance {acceptance}; the pinned default is "
-           f"a0.02/h8. Best moespac cell per row in bold. `{command}`", "",
-           "| trace | K | capacity | window | lru-global | belady | " + " | ".join(grid) + " |",
-           "|---|---:|---:|---:|---:|---:|" + "---:|" * len(grid)]
+    out = [
+        f"{datetime.date.today()}: MiB read per decoded token, moespac pinned (+ stream window) over the "
+        f"EWMA's alpha (a) and the plan's horizon (h); acceptance {acceptance}; the pinned default is "
+        f"a0.02/h8. Best moespac cell per row in bold. `{command}`",
+        "",
+        "| trace | K | capacity | window | lru-global | belady | " + " | ".join(grid) + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(grid),
+    ]
     for r in rows:
         best = min(r[g] for g in grid)
         cells = [f"**{r[g]:.1f}**" if r[g] == best else f"{r[g]:.1f}" for g in grid]
-        out.append(f"| {r['trace']} | {r['draft_k']:g} | {r['capacity']} ({r['share']:.0%}) | {r['window']} | "
-                   f"{r['lru-global']:.1f} | {r['belady']:.1f} | " + " | ".join(cells) + " |")
+        out.append(
+            f"| {r['trace']} | {r['draft_k']:g} | {r['capacity']} ({r['share']:.0%}) | {r['window']} | "
+            f"{r['lru-global']:.1f} | {r['belady']:.1f} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(out)
 
 
@@ -85,8 +96,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-sequences", type=int, help="replay only the first N sequences of each trace")
     p.add_argument("--out", type=Path, default=RESULTS / "utility_memory.json")
     args = p.parse_args(argv)
-    rows = [r for path in args.traces for k in args.draft_k
-            for r in rows_for(path, k, args.acceptance, args.window, args.max_sequences)]
+    rows = [
+        r
+        for path in args.traces
+        for k in args.draft_k
+        for r in rows_for(path, k, args.acceptance, args.window, args.max_sequences)
+    ]
     md = markdown(rows, args.acceptance, " ".join(["bench/utility_memory.py"] + argv))
     args.out.write_text(json.dumps({"date": str(datetime.date.today()), "rows": rows}, indent=1))
     args.out.with_suffix(".md").write_text(md + "\n")

@@ -4,7 +4,8 @@ import warnings
 
 from .api import MoeSpac
 
-warnings.warn("moespac_gguf.generate is deprecated: use `from moespac_gguf import MoeSpac`", DeprecationWarning,
-              stacklevel=2)
+warnings.warn(
+    "moespac_gguf.generate is deprecated: use `from moespac_gguf import MoeSpac`", DeprecationWarning, stacklevel=2
+)
 
 __all__ = ["MoeSpac"]

@@ -14,6 +14,7 @@ repeat runs cheap (all under $MOESPAC_CACHE, default ~/.cache/moespac-gguf):
 CMAKE_ARGS from the environment is honoured (e.g. -DGGML_METAL=ON on a Mac,
 -DGGML_CUDA=ON on a Jetson).
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -75,9 +76,21 @@ def fetch_sdist() -> Path:
     sdist_dir.mkdir(parents=True, exist_ok=True)
     say(f"downloading llama-cpp-python {VERSION} sdist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-         "--no-binary", "llama-cpp-python", f"llama-cpp-python=={VERSION}", "-d", str(sdist_dir)],
-        check=True)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            f"llama-cpp-python=={VERSION}",
+            "-d",
+            str(sdist_dir),
+        ],
+        check=True,
+    )
     if sha256_file(sdist) != SDIST_SHA256:
         die(f"{sdist} does not have the pinned sha256 {SDIST_SHA256}")
     return sdist
@@ -91,11 +104,9 @@ def patched_tree(sdist: Path, into: Path) -> Path:
     for patch in PATCHES:
         for dry in (True, False):
             cmd = ["patch", "-p1", "--forward", "--no-backup-if-mismatch", "-r", "-", "-i", str(patch)]
-            res = subprocess.run(cmd + (["--dry-run"] if dry else []), cwd=src,
-                                 capture_output=True, text=True)
+            res = subprocess.run(cmd + (["--dry-run"] if dry else []), cwd=src, capture_output=True, text=True)
             if res.returncode != 0:
-                die(f"{patch.name} does not apply to llama-cpp-python {VERSION}:\n"
-                    + res.stdout + res.stderr)
+                die(f"{patch.name} does not apply to llama-cpp-python {VERSION}:\n" + res.stdout + res.stderr)
         say(f"applied {patch.name}")
     return src
 
@@ -125,10 +136,24 @@ def sync_tree(src: Path, dst: Path) -> int:
 
 def build_wheel(src: Path, build_dir: Path, wheel_dir: Path, cmake_args: str) -> None:
     log = CACHE / "build.log"
-    env = dict(os.environ, CMAKE_ARGS=cmake_args,
-               CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2)))
-    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-           f"--config-settings=build-dir={build_dir}", "-w", str(wheel_dir), str(src)]
+    env = dict(
+        os.environ,
+        CMAKE_ARGS=cmake_args,
+        CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2)),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-deps",
+        "--no-build-isolation",
+        f"--config-settings=build-dir={build_dir}",
+        "-w",
+        str(wheel_dir),
+        str(src),
+    ]
     say(f"building llama-cpp-python (CMAKE_ARGS={cmake_args!r}); full log: {log}")
     progress = re.compile(r"^\s*\[(\d+)/(\d+)\]")
     with open(log, "w") as out:
@@ -149,8 +174,12 @@ def build_wheel(src: Path, build_dir: Path, wheel_dir: Path, cmake_args: str) ->
 
 def main() -> None:
     cmake_args = " ".join(filter(None, [DEFAULT_CMAKE_ARGS, os.environ.get("CMAKE_ARGS", "")]))
-    key = short_hash(VERSION.encode(), SDIST_SHA256.encode(), cmake_args.encode(),
-                     *(p.name.encode() + b"\0" + p.read_bytes() for p in PATCHES))
+    key = short_hash(
+        VERSION.encode(),
+        SDIST_SHA256.encode(),
+        cmake_args.encode(),
+        *(p.name.encode() + b"\0" + p.read_bytes() for p in PATCHES),
+    )
     if MARKER.exists() and MARKER.read_text().strip() == key:
         say(f"patched llama-cpp-python {VERSION} is installed (build {key})")
         return
@@ -168,10 +197,12 @@ def main() -> None:
         wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
     else:
         say(f"reusing cached wheel {wheels[-1].name} (build {key})")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps",
-                    str(wheels[-1])], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "typing-extensions>=4.5.0", "diskcache>=5.6.1"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(wheels[-1])], check=True
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "typing-extensions>=4.5.0", "diskcache>=5.6.1"], check=True
+    )
     MARKER.write_text(key + "\n")
     say(f"installed patched llama-cpp-python {VERSION} (build {key})")
 

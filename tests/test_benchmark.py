@@ -1,4 +1,5 @@
 """`moespac bench`: every contender runs capped in its own cgroup, agrees with llama.cpp, cleans up."""
+
 import json
 import subprocess
 import sys
@@ -19,9 +20,30 @@ def test_bench_json_all_contenders(tiny_moe, tmp_path):
     before = _our_groups()
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["hello there"]}\n{"turns": ["the quick brown fox"]}\n')
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", str(tiny_moe(TARGET)),
-                        "-md", str(tiny_moe(DRAFT)), "--mem-cap", "1G", "--prompts", str(prompts),
-                        "--limit", "2", "-n", "8", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moespac_gguf.cli",
+            "bench",
+            "-m",
+            str(tiny_moe(TARGET)),
+            "-md",
+            str(tiny_moe(DRAFT)),
+            "--mem-cap",
+            "1G",
+            "--prompts",
+            str(prompts),
+            "--limit",
+            "2",
+            "-n",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     names = [x["name"] for x in d["results"]]
@@ -46,10 +68,34 @@ def test_bench_sd_draft_gives_llama_cpp_sd_its_own_draft(tiny_moe, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["hello there"]}\n')
     draft = str(tiny_moe(DRAFT))
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", str(tiny_moe(TARGET)),
-                        "-md", "self", "--sd-draft", draft, "--mem-cap", "1G", "--prompts", str(prompts),
-                        "--limit", "1", "-n", "8", "--json", "--contenders", "llama.cpp,llama.cpp+sd,moespac"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moespac_gguf.cli",
+            "bench",
+            "-m",
+            str(tiny_moe(TARGET)),
+            "-md",
+            "self",
+            "--sd-draft",
+            draft,
+            "--mem-cap",
+            "1G",
+            "--prompts",
+            str(prompts),
+            "--limit",
+            "1",
+            "-n",
+            "8",
+            "--json",
+            "--contenders",
+            "llama.cpp,llama.cpp+sd,moespac",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["draft"] == "self" and d["sd_draft"] == draft
@@ -68,10 +114,32 @@ def test_bench_slots_contender_same_output(tiny_moe, tmp_path):
     """moespac+slots (opt-in): host-RAM expert slots filled by the utility, same greedy output."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["hello there"]}\n{"turns": ["the quick brown fox"]}\n')
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", str(tiny_moe(TARGET)),
-                        "-md", str(tiny_moe(DRAFT)), "--mem-cap", "1G", "--prompts", str(prompts),
-                        "--limit", "2", "-n", "8", "--json", "--contenders", "llama.cpp,moespac+slots"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moespac_gguf.cli",
+            "bench",
+            "-m",
+            str(tiny_moe(TARGET)),
+            "-md",
+            str(tiny_moe(DRAFT)),
+            "--mem-cap",
+            "1G",
+            "--prompts",
+            str(prompts),
+            "--limit",
+            "2",
+            "-n",
+            "8",
+            "--json",
+            "--contenders",
+            "llama.cpp,moespac+slots",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [x["name"] for x in d["results"]] == ["llama.cpp", "moespac+slots"]
@@ -85,25 +153,47 @@ def test_bench_slots_contender_same_output(tiny_moe, tmp_path):
 def test_cap_really_limits_a_child(tmp_path):
     """A child that allocates beyond the cap is killed by the kernel, not allowed through."""
     with MemoryCap(64 << 20, "probe") as cap:
-        r = subprocess.run([sys.executable, "-c", "b = bytearray(256 << 20); b[::4096] = b'x' * len(b[::4096])"],
-                           preexec_fn=cap.preexec, capture_output=True)
+        r = subprocess.run(
+            [sys.executable, "-c", "b = bytearray(256 << 20); b[::4096] = b'x' * len(b[::4096])"],
+            preexec_fn=cap.preexec,
+            capture_output=True,
+        )
         assert r.returncode != 0
     assert not cap.path.exists()
 
 
 def test_bench_errors_are_one_line(tiny_moe, tmp_path):
-    cases = [(["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G"], "moespac needs a draft model (-md)"),
-             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp+sd"],
-              "llama.cpp+sd needs a draft model (-md or --sd-draft)"),
-             (["-m", str(tiny_moe(TARGET)), "-md", "self", "--sd-draft", str(tmp_path / "d.gguf"), "--mem-cap", "1G"],
-              "no such file"),
-             (["-m", str(tmp_path / "x.gguf"), "--mem-cap", "1G"], "no such file"),
-             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "vllm"], "unknown contender"),
-             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp", "--slot-fraction", "2"],
-              "--slot-fraction must be between 0 and 1"),
-             (["-m", str(tiny_moe(TARGET)), "-md", str(tiny_moe(DRAFT)), "--mem-cap", "0",
-               "--contenders", "moespac+slots"], "needs a memory cap"),
-             (["-m", str(tiny_moe(TARGET)), "--mem-cap", "lots"], None)]
+    cases = [
+        (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G"], "moespac needs a draft model (-md)"),
+        (
+            ["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp+sd"],
+            "llama.cpp+sd needs a draft model (-md or --sd-draft)",
+        ),
+        (
+            ["-m", str(tiny_moe(TARGET)), "-md", "self", "--sd-draft", str(tmp_path / "d.gguf"), "--mem-cap", "1G"],
+            "no such file",
+        ),
+        (["-m", str(tmp_path / "x.gguf"), "--mem-cap", "1G"], "no such file"),
+        (["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "vllm"], "unknown contender"),
+        (
+            ["-m", str(tiny_moe(TARGET)), "--mem-cap", "1G", "--contenders", "llama.cpp", "--slot-fraction", "2"],
+            "--slot-fraction must be between 0 and 1",
+        ),
+        (
+            [
+                "-m",
+                str(tiny_moe(TARGET)),
+                "-md",
+                str(tiny_moe(DRAFT)),
+                "--mem-cap",
+                "0",
+                "--contenders",
+                "moespac+slots",
+            ],
+            "needs a memory cap",
+        ),
+        (["-m", str(tiny_moe(TARGET)), "--mem-cap", "lots"], None),
+    ]
     for args, msg in cases:
         r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", *args], capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)
@@ -114,13 +204,35 @@ def test_bench_errors_are_one_line(tiny_moe, tmp_path):
 def test_bench_refuses_a_model_another_process_maps(tiny_moe):
     """Pages another process maps are shared and uncharged: the run could not be cold or capped."""
     path = str(tiny_moe(TARGET))
-    holder = subprocess.Popen([sys.executable, "-c", f"import mmap, sys, time\nf = open({path!r}, 'rb')\n"
-                               "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint('ok', flush=True)\n"
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import mmap, sys, time\nf = open({path!r}, 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint('ok', flush=True)\n"
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ok"
-        r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", "-m", path, "--mem-cap", "1G",
-                            "--contenders", "llama.cpp"], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moespac_gguf.cli",
+                "bench",
+                "-m",
+                path,
+                "--mem-cap",
+                "1G",
+                "--contenders",
+                "llama.cpp",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2 and f"pids {holder.pid}" in r.stderr, r.stderr
     finally:
         holder.kill()

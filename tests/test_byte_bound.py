@@ -1,5 +1,6 @@
 """bench/byte_bound.py: the page cache, the runtime's policy and the offline optimum at a share of the
 experts, on real Mixtral-8x7B routing."""
+
 import importlib.util
 import json
 

@@ -1,5 +1,6 @@
 """`moespac calibrate`'s read costs: the engine's read path and llama.cpp+random's page faults, measured
 on cold pages, in this process or inside a small memory cgroup."""
+
 import json
 
 from moespac_gguf import cli

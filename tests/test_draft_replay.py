@@ -1,5 +1,6 @@
 """draft_replay: the self-draft's rows ahead of each window, aligned with the recorded trace, and
 `moespac sim --draft-ahead` replaying them (real llama.cpp on a tiny synthetic MoE)."""
+
 import json
 
 import pytest
@@ -10,8 +11,10 @@ from moespac_gguf.sim.draft_replay import self_draft_rows
 from moespac_gguf.sim.record import record
 from moespac_gguf.sim.simulate import make_windows
 
-PROMPTS = [{"text": "hello there", "category": "", "question_id": 0},
-           {"text": "the quick brown fox", "category": "", "question_id": 1}]
+PROMPTS = [
+    {"text": "hello there", "category": "", "question_id": 0},
+    {"text": "the quick brown fox", "category": "", "question_id": 1},
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,21 @@ def test_sim_draft_ahead_runs_the_self_draft(traced, capsys):
     model, path = traced
     layout = read_layout(model)
     budget = str(int(layout.other_bytes + 6 * layout.mean_bytes_per_expert))
-    args = ["sim", "--trace", str(path), "--model", str(model), "--mem-budget", budget, "--pinned",
-            "--draft-k", "1", "--acceptance", "0.7", "--json"]
+    args = [
+        "sim",
+        "--trace",
+        str(path),
+        "--model",
+        str(model),
+        "--mem-budget",
+        budget,
+        "--pinned",
+        "--draft-k",
+        "1",
+        "--acceptance",
+        "0.7",
+        "--json",
+    ]
     assert cli.main(args) == 0
     without = json.loads(capsys.readouterr().out)
     assert cli.main([*args, "--draft-ahead", "3"]) == 0

@@ -1,4 +1,5 @@
 """Residency engine: real page-cache moves under a byte budget, and no effect on output."""
+
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def test_expert_map_matches_layout_and_mapping(loaded):
         f.seek(off)
         want = f.read(n)
     import ctypes
+
     assert ctypes.string_at(em.mapping.address(off), n) == want
 
 
@@ -59,7 +61,7 @@ def test_engine_converges_to_target_within_budget(loaded):
         eng.resident[:] = em.resident()
         assert not eng.resident.any()
         want = np.zeros_like(eng.resident)
-        want[0, :4] = want[1, :4] = True      # 8 wanted, room for 5
+        want[0, :4] = want[1, :4] = True  # 8 wanted, room for 5
         priority = -np.arange(want.size, dtype=float).reshape(want.shape)  # layer 0 first, low ids first
         eng.apply(want, priority)
         assert eng.wait_idle(10)
@@ -72,7 +74,7 @@ def test_engine_converges_to_target_within_budget(loaded):
         want2[2, :2] = True
         pr2 = np.zeros(want.shape)
         pr2[2, :2] = 10
-        pr2[0, :4] = [5, 4, 3, 2]   # layer-1 expert 0 has priority 0: evicted first, then layer 0's least useful
+        pr2[0, :4] = [5, 4, 3, 2]  # layer-1 expert 0 has priority 0: evicted first, then layer 0's least useful
         eng.apply(want2, pr2)
         assert eng.wait_idle(10)
         real = em.resident()
@@ -98,8 +100,11 @@ def test_greedy_output_unchanged_with_residency_engine(tiny_moe):
 
 
 def test_budget_too_small_is_one_line(tiny_moe):
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(SPEC)),
-                        "-p", "hi", "--mem-budget", "1M"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(SPEC)), "-p", "hi", "--mem-budget", "1M"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "too small" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     with pytest.raises(MoespacError, match="cannot read"):
         MoeSpac(tiny_moe(SPEC), mem_budget="lots")
@@ -153,7 +158,7 @@ def test_pinned_engine_locks_exactly_the_plan(loaded):
         assert 3 * per <= _locked_bytes() - base <= 3 * (per + slack)
         refused = _page_out_each(em)
         real = em.resident()
-        assert real[want].all() and refused[want].all()   # (unlocked neighbours sharing a large
+        assert real[want].all() and refused[want].all()  # (unlocked neighbours sharing a large
         # folio with a locked expert may stay too: the kernel does not split locked folios)
         want2 = np.zeros_like(want)
         want2[1, 0] = True
@@ -186,7 +191,7 @@ def test_hint_reads_ahead_without_holding(loaded):
     base = _locked_bytes()
     eng = ResidencyEngine(em, 2 * per, pin=True)
     try:
-        eng.resident[0, 0] = True            # pretend held: must be skipped
+        eng.resident[0, 0] = True  # pretend held: must be skipped
         want = np.zeros((em.n_layer, em.n_expert), bool)
         want[0, 0] = want[1, 3] = want[2, 6] = True
         assert not em.resident()[1, 3] and not em.resident()[2, 6]
@@ -259,8 +264,15 @@ def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
         plain.create_completion(prompt, max_tokens=40)
         ref = plain.completion_tokens
     layout = read_layout(target)
-    with MoeSpac(target, "self", n_ctx=256, draft_max=4, adaptive_draft=False,
-                 mem_budget=layout.other_bytes + (600 << 20), draft_ahead=DRAFT_AHEAD) as m:
+    with MoeSpac(
+        target,
+        "self",
+        n_ctx=256,
+        draft_max=4,
+        adaptive_draft=False,
+        mem_budget=layout.other_bytes + (600 << 20),
+        draft_ahead=DRAFT_AHEAD,
+    ) as m:
         m.create_completion(prompt, max_tokens=40)
         assert m.completion_tokens == ref
         assert m.stats.n_drafted > 0 and m.stats.n_accepted > 0
@@ -270,8 +282,9 @@ def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
         assert len(m.residency.map.other_mappings) == 1
         assert m.decoder.draft_ahead == DRAFT_AHEAD and m.residency.lookahead  # the draft ran ahead
         assert m.residency.holds_every_expert  # asked for: it runs ahead even so
-    with MoeSpac(target, "self", n_ctx=256, draft_max=4, adaptive_draft=False,
-                 mem_budget=layout.other_bytes + (600 << 20)) as m:
+    with MoeSpac(
+        target, "self", n_ctx=256, draft_max=4, adaptive_draft=False, mem_budget=layout.other_bytes + (600 << 20)
+    ) as m:
         assert m.decoder.draft_ahead == 0  # by default not where every expert fits
         m.create_completion(prompt, max_tokens=40)
         assert m.completion_tokens == ref and m.stats.n_drafted > 0
@@ -291,8 +304,7 @@ def test_self_draft_running_ahead_samples_within_the_vocabulary(tiny_moe):
     asynchronous engine holds at that moment; the acceptance rule keeps the target's distribution."""
     target = tiny_moe(SPEC)
     budget = read_layout(target).other_bytes + (600 << 20)
-    with MoeSpac(target, "self", n_ctx=256, draft_max=2, mem_budget=budget, seed=7,
-                 draft_ahead=DRAFT_AHEAD) as m:
+    with MoeSpac(target, "self", n_ctx=256, draft_max=2, mem_budget=budget, seed=7, draft_ahead=DRAFT_AHEAD) as m:
         m.create_completion("sample while the draft runs ahead", max_tokens=24, temperature=0.9)
         assert m.completion_tokens and m.stats.n_drafted > 0 and m.residency.lookahead
         assert all(0 <= t < m.target.n_vocab for t in m.completion_tokens)
@@ -305,7 +317,7 @@ def test_batch_sizes_under_a_budget_prefill_in_fewer_passes_and_draft_small():
     assert batch_sizes(128, 2048, budgeted=False) == (128, 128)
     assert batch_sizes(None, 4096, budgeted=True) == (PREFILL_BATCH, DRAFT_BATCH) == (1024, 64)
     assert batch_sizes(None, 256, budgeted=True) == (256, 64)  # within the context
-    assert batch_sizes(32, 2048, budgeted=True) == (32, 32)    # -b wins, the draft never exceeds it
+    assert batch_sizes(32, 2048, budgeted=True) == (32, 32)  # -b wins, the draft never exceeds it
 
 
 def test_engine_costs_come_from_the_calibration_or_a_one_line_error(tmp_path, monkeypatch):
@@ -314,8 +326,10 @@ def test_engine_costs_come_from_the_calibration_or_a_one_line_error(tmp_path, mo
     path = tmp_path / "calibration.json"
     monkeypatch.setattr(engine, "CALIBRATION_PATH", path)
     assert engine.load_costs() == engine.DEFAULT_COSTS  # not calibrated yet
-    path.write_text('{"flash_read_bps": 5e8, "memcpy_bps": 9e9, "mem_bps": 2e10, '
-                    '"cpu_s_per_token_expert": 3e-4, "page_in_latency_s": 1e-4}')
+    path.write_text(
+        '{"flash_read_bps": 5e8, "memcpy_bps": 9e9, "mem_bps": 2e10, '
+        '"cpu_s_per_token_expert": 3e-4, "page_in_latency_s": 1e-4}'
+    )
     costs = engine.load_costs()
     assert (costs.flash_read_bps, costs.memcpy_bps, costs.cpu_s_per_token_expert) == (5e8, 9e9, 3e-4)
     path.write_text('{"flash_read_bps": 5e8}')

@@ -1,4 +1,5 @@
 """Lookahead gate: alignment really helps, targets are layer l+d, the sidecar is bound to its model."""
+
 import json
 
 import numpy as np
@@ -16,10 +17,12 @@ from moespac_gguf.gate.model import HIDDEN_NAMES, LookaheadGate, topk_rows
 D = 3
 # 5 layers: from layer 0, d = 1..3 all land on MoE layers; from layer 3, only d = 1 does
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=5, n_embd=64, n_expert=8, n_expert_used=2, router_std=2.0)
-WORDS = ("the of and to in is that it was for on are with as his they be at one have this from or had by "
-         "word but what some we can out other were all there when up use your how said an each she which do "
-         "their time if will way about many then them write would like so these her long make thing see him "
-         "two has look more day could go come did number sound no most people my over know water than call").split()
+WORDS = (
+    "the of and to in is that it was for on are with as his they be at one have this from or had by "
+    "word but what some we can out other were all there when up use your how said an each she which do "
+    "their time if will way about many then them write would like so these her long make thing see him "
+    "two has look more day could go come did number sound no most people my over know water than call"
+).split()
 
 
 def _text(seed: int, n_words: int) -> str:
@@ -38,8 +41,25 @@ def trained(tiny_moe, tmp_path_factory):
     train_txt = root / "train.txt"
     train_txt.write_text(_text(1, 1200))
     out = root / "gate.npz"
-    rc = cli.main(["train-gate", "-m", str(model), "--text", str(train_txt), "--distance", str(D),
-                   "--out", str(out), "--tokens", "1024", "--window", "128", "-t", "1"])
+    rc = cli.main(
+        [
+            "train-gate",
+            "-m",
+            str(model),
+            "--text",
+            str(train_txt),
+            "--distance",
+            str(D),
+            "--out",
+            str(out),
+            "--tokens",
+            "1024",
+            "--window",
+            "128",
+            "-t",
+            "1",
+        ]
+    )
     assert rc == 0 and out.is_file()
     test_seqs, _ = text_windows(model, [_write(root / "test.txt", _text(2, 500))], 384, 128)
     test_cap = capture(model, test_seqs, n_ctx=160, n_threads=1, progress=False)
@@ -79,15 +99,12 @@ def test_targets_are_layer_l_plus_d_routing(trained):
     experts = np.full_like(test_cap.experts, -1)
     for t in gate.moe_layers:
         experts[t] = np.sort(np.argsort(-(x.astype(np.float32) @ gate.routers[t][0].T), axis=1)[:, :k], axis=1)
-    frozen = Capture({l: x for l in gate.moe_layers}, experts, test_cap.tokens, test_cap.seq_start,
-                       test_cap.generated)
-    unaligned = LookaheadGate(gate.n_layer, e, k, gate.n_embd, D, gate.moe_layers, gate.routers, {},
-                                gate.frequency)
+    frozen = Capture({l: x for l in gate.moe_layers}, experts, test_cap.tokens, test_cap.seq_start, test_cap.generated)
+    unaligned = LookaheadGate(gate.n_layer, e, k, gate.n_embd, D, gate.moe_layers, gate.routers, {}, gate.frequency)
     res = evaluate(unaligned, frozen)
     assert all(r["unaligned_recall"] == 1.0 and r["aligned_recall"] == 1.0 for r in res.values())
     # the same rows scored against the wrong layer are far from perfect
-    shifted = Capture(frozen.hidden, np.roll(experts, 1, axis=0), frozen.tokens, frozen.seq_start,
-                        frozen.generated)
+    shifted = Capture(frozen.hidden, np.roll(experts, 1, axis=0), frozen.tokens, frozen.seq_start, frozen.generated)
     assert all(r["unaligned_recall"] < 0.8 for r in evaluate(unaligned, shifted).values())
     # predict: -inf for targets past the last layer
     last = gate.moe_layers[-2]
@@ -97,7 +114,7 @@ def test_targets_are_layer_l_plus_d_routing(trained):
 
 def test_sidecar_is_bound_to_its_model(trained, tiny_moe):
     model, out, _, _ = trained
-    other = tiny_moe(SPEC, seed=7)          # same shapes, other weights
+    other = tiny_moe(SPEC, seed=7)  # same shapes, other weights
     assert model_fingerprint(model) == model_fingerprint(model)
     assert model_fingerprint(model) != model_fingerprint(other)
     with pytest.raises(MoespacError, match="trained for another model") as err:
@@ -110,17 +127,40 @@ def test_sidecar_is_bound_to_its_model(trained, tiny_moe):
 def test_eval_gate_json_keys(trained, capsys):
     model, out, _, root = trained
     prompts = root / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"category": c, "turns": [_text(i, 40)]})
-                                 for i, c in enumerate(("qa", "math", "qa"))))
+    prompts.write_text(
+        "\n".join(json.dumps({"category": c, "turns": [_text(i, 40)]}) for i, c in enumerate(("qa", "math", "qa")))
+    )
     capsys.readouterr()
-    rc = cli.main(["eval-gate", "-m", str(model), "--gate", str(out), "--prompts", str(prompts),
-                   "--n-prompts", "3", "--max-new", "4", "--json", "-t", "1"])
+    rc = cli.main(
+        [
+            "eval-gate",
+            "-m",
+            str(model),
+            "--gate",
+            str(out),
+            "--prompts",
+            str(prompts),
+            "--n-prompts",
+            "3",
+            "--max-new",
+            "4",
+            "--json",
+            "-t",
+            "1",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert sorted(res) == ["1", "2", "3"]
     for r in res.values():
-        for key in ("aligned_recall", "unaligned_recall", "aligned_precision", "unaligned_precision",
-                    "prev_token_recall", "frequency_recall"):
+        for key in (
+            "aligned_recall",
+            "unaligned_recall",
+            "aligned_precision",
+            "unaligned_precision",
+            "prev_token_recall",
+            "frequency_recall",
+        ):
             assert 0.0 <= r[key] <= 1.0, key
 
 
@@ -131,7 +171,7 @@ def test_runtime_utility_is_expected_routings_of_later_layers(trained):
     src = gate.moe_layers[1]
     u = gate.utility({src: test_cap.hidden[src][:rows]})
     assert u.shape == (gate.n_layer, gate.n_expert)
-    assert (u[: src + 1] == 0).all()                       # routed already: the tap knows
+    assert (u[: src + 1] == 0).all()  # routed already: the tap knows
     reach = [t for t in range(src + 1, src + D + 1) if t in gate.moe_layers]
     for t in reach:
         assert 0 < u[t].sum() <= rows * gate.n_expert_used + 1e-9
@@ -181,10 +221,11 @@ def test_gated_residency_puts_the_next_layers_first(trained):
     applied = []
     base = np.full((gate.n_layer, gate.n_expert), 0.3)
     controller = SimpleNamespace(
-        policy=SimpleNamespace(estimator=SimpleNamespace(predict=lambda draft=None: base),
-                               capacity=Capacity(total=10)),
+        policy=SimpleNamespace(estimator=SimpleNamespace(predict=lambda draft=None: base), capacity=Capacity(total=10)),
         engine=SimpleNamespace(hint=lambda want, prio: applied.append((want, prio))),
-        on_draft=lambda draft, ahead=None: None, on_verify=lambda event: None)
+        on_draft=lambda draft, ahead=None: None,
+        on_verify=lambda event: None,
+    )
     gated = GatedResidency(controller, gate, read_ahead=D)
     gated.on_draft([1, 2])
     src = gate.moe_layers[0]
@@ -192,15 +233,16 @@ def test_gated_residency_puts_the_next_layers_first(trained):
     gated.on_lookahead(src, expected)
     want, prio = applied[-1]
     util, _, predicted_mask = gated.combine(src, expected)
-    assert (want == predicted_mask).all() and want.sum() == sum(map(len, [np.flatnonzero(expected[t] >= 0.5)
-                                                                          for t in range(src + 1, src + D + 1)]))
-    assert np.allclose(util[src + 1:src + D + 1], expected[src + 1:src + D + 1])
-    assert np.allclose(util[src + D + 1:], 0.3)
+    assert (want == predicted_mask).all() and want.sum() == sum(
+        map(len, [np.flatnonzero(expected[t] >= 0.5) for t in range(src + 1, src + D + 1)])
+    )
+    assert np.allclose(util[src + 1 : src + D + 1], expected[src + 1 : src + D + 1])
+    assert np.allclose(util[src + D + 1 :], 0.3)
     predicted = [set(np.flatnonzero(expected[t] >= 0.5)) for t in range(src + 1, src + D + 1)]
     assert all(predicted)
     order = np.argsort(-prio, axis=None, kind="stable")
-    layers_in_order = [int(i) // gate.n_expert for i in order[:sum(map(len, predicted))]]
-    assert layers_in_order == sorted(layers_in_order)          # nearest layer first
+    layers_in_order = [int(i) // gate.n_expert for i in order[: sum(map(len, predicted))]]
+    assert layers_in_order == sorted(layers_in_order)  # nearest layer first
     for t, p in zip(range(src + 1, src + D + 1), predicted):
         assert all(want[t, e] for e in p)
 
@@ -208,8 +250,14 @@ def test_gated_residency_puts_the_next_layers_first(trained):
 def test_shrinkage_is_validated_across_sources():
     """With several text sources, each fold validates on one source it was not fitted on."""
     n = 12
-    cap = Capture({}, np.zeros((1, n, 2), np.int32), np.zeros(n, np.int32), np.arange(n) % 4 == 0,
-                    np.zeros(n, bool), np.repeat([0, 1, 2], 4))
+    cap = Capture(
+        {},
+        np.zeros((1, n, 2), np.int32),
+        np.zeros(n, np.int32),
+        np.arange(n) % 4 == 0,
+        np.zeros(n, bool),
+        np.repeat([0, 1, 2], 4),
+    )
     folds = validation_folds(cap)
     assert len(folds) == 3
     for g, (tr, va) in enumerate(folds):
@@ -232,7 +280,7 @@ def test_moespac_runs_with_the_gate_and_keeps_greedy_output(trained):
         m.create_completion(prompt, max_tokens=12)
         assert m.completion_tokens == want
         n_moe = len(m.gate_tap.gate.moe_layers)
-        assert m.gate_tap.calls >= n_moe * (m.stats.n_steps + 1)   # prompt + every verification
+        assert m.gate_tap.calls >= n_moe * (m.stats.n_steps + 1)  # prompt + every verification
         assert m.residency.engine.stats.plans > 0
     with pytest.raises(MoespacError, match="needs a memory budget"):
         MoeSpac(model, gate=out)

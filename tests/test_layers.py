@@ -32,8 +32,13 @@ def imports(path: Path, root: Path = PACKAGE.parent) -> list[tuple[int, str, boo
     tree = ast.parse(source)
     me = module_name(path, root)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    local = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -92,8 +97,10 @@ def test_imports_point_down_the_layers():
 def test_an_upward_import_is_caught(tmp_path):
     """The check itself reports what it exists for (so that it cannot pass vacuously)."""
     probes = {
-        "core/probe.py": ("def f():\n    from ..api import MoeSpac  # lazy: a deliberate violation\n    return MoeSpac\n",
-                          "core may not import api"),
+        "core/probe.py": (
+            "def f():\n    from ..api import MoeSpac  # lazy: a deliberate violation\n    return MoeSpac\n",
+            "core may not import api",
+        ),
         "llama/probe.py": ("from ..decode.draft import SelfDraft\n", "llama may not import decode"),
         "residency/probe.py": ("from ..llama.tap import RoutingTap\n", "residency may not import llama"),
         "gate/probe.py": ("from moespac_gguf.sim.trace import RoutingTrace\n", "gate may not import sim"),
@@ -147,8 +154,9 @@ def test_no_import_cycles():
 def test_function_local_imports_say_why(path):
     """An import inside a function is there to keep something heavy out of start-up (libllama,
     matplotlib): each says so on its line (`# lazy: <reason>`)."""
-    unexplained = [f"{line}: {text.strip()}" for line, _, local, text in imports(path)
-                   if local and "# lazy:" not in text]
+    unexplained = [
+        f"{line}: {text.strip()}" for line, _, local, text in imports(path) if local and "# lazy:" not in text
+    ]
     assert unexplained == []
 
 

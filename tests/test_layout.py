@@ -1,4 +1,5 @@
 """GGUF MoE layout: offsets against the file's bytes and against llama.cpp; bad inputs."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from moespac_gguf.demo.synthetic import SUPPORTED_ARCHS, SyntheticSpec, write_sy
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("layout")
-    return {arch: write_synthetic_moe(d / f"{arch}.gguf", SyntheticSpec(arch=arch, expert_dtype="Q8_0"))
-            for arch in SUPPORTED_ARCHS}
+    return {
+        arch: write_synthetic_moe(d / f"{arch}.gguf", SyntheticSpec(arch=arch, expert_dtype="Q8_0"))
+        for arch in SUPPORTED_ARCHS
+    }
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
@@ -35,7 +38,7 @@ def test_expert_offsets_match_file_bytes(models, arch):
             per_expert = np.asarray(t.data).reshape(layout.n_expert, -1).view(np.uint8)
             for e in (0, layout.n_expert // 2, layout.n_expert - 1):
                 lo = span.offset + e * span.expert_stride
-                assert raw[lo:lo + span.expert_stride].tobytes() == per_expert[e].tobytes()
+                assert raw[lo : lo + span.expert_stride].tobytes() == per_expert[e].tobytes()
     assert layout.expert_bytes + layout.other_bytes <= layout.file_bytes
     assert layout.expert_bytes == sum(l.bytes_per_expert for l in layout.layers) * layout.n_expert
 
@@ -54,6 +57,7 @@ def test_offsets_match_what_llama_cpp_reads(models):
         lo, hi = (int(x, 16) for x in maps[0][0].split("-"))
         file_off = int(maps[0][2], 16)
         import ctypes
+
         e = layout.n_expert - 1
         addr = lo + span.offset + e * span.expert_stride - file_off
         assert addr + span.expert_stride <= hi
@@ -65,8 +69,12 @@ def test_offsets_match_what_llama_cpp_reads(models):
 
 def test_inspect_json_cli(models):
     path = models["qwen3moe"]
-    out = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "inspect", "--json", str(path)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "moespac_gguf.cli", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     d = json.loads(out)
     layout = read_layout(path)
     assert {"arch", "n_layer", "n_expert", "n_expert_used", "expert_bytes", "other_bytes", "layers"} <= d.keys()
@@ -77,8 +85,12 @@ def test_inspect_json_cli(models):
 
 
 def test_inspect_table_and_mem(models):
-    out = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "inspect", str(models["llama"]), "--mem", "1G"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "moespac_gguf.cli", "inspect", str(models["llama"]), "--mem", "1G"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "expert weights" in out and "experts fit" in out
 
 

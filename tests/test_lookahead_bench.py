@@ -1,5 +1,6 @@
 """bench/lookahead.py: the target's own routing as a perfect draft's lookahead, and the recall of a
 draft's rows counted against it."""
+
 import importlib.util
 
 import numpy as np
@@ -21,8 +22,16 @@ def two_prompt_trace(seed: int = 0) -> RoutingTrace:
     experts = np.stack([np.stack([rng.choice(6, 2, replace=False) for _ in range(n)]) for _ in range(3)])
     sequence = np.repeat([0, 1], n // 2)
     positions = np.tile(np.arange(n // 2), 2)
-    return RoutingTrace(experts.astype(np.int16), np.zeros(experts.shape), np.zeros(n, dtype=np.int64),
-                        positions, sequence, phase, 6, {"arch": "llama"})
+    return RoutingTrace(
+        experts.astype(np.int16),
+        np.zeros(experts.shape),
+        np.zeros(n, dtype=np.int64),
+        positions,
+        sequence,
+        phase,
+        6,
+        {"arch": "llama"},
+    )
 
 
 def test_oracle_rows_are_the_next_tokens_routing_within_the_sequence():

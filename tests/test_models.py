@@ -1,4 +1,5 @@
 """models.toml and `moespac models`."""
+
 import json
 
 import pytest

@@ -1,4 +1,5 @@
 """The package refuses a llama-cpp-python without our patches, in one line."""
+
 import pytest
 
 from moespac_gguf import MoespacError
@@ -15,6 +16,7 @@ class _Fn:
 
 class _Lib:
     """Stands in for a CDLL: only the attribute lookup matters to check_abi."""
+
     def __init__(self, version=None):
         if version is not None:
             self.llama_moespac_abi_version = _Fn(version)

@@ -1,4 +1,5 @@
 """Heterogeneous Workload Balancer: the ILP against brute-force enumeration, greedy, the background thread."""
+
 import itertools
 import math
 import threading
@@ -24,11 +25,22 @@ def random_problem(seed: int, gpu: bool, uniform: bool = False, n_layer: int = 2
         sizes = np.full((n_layer, n_expert), 2 * MB)
     must = rng.random((n_layer, n_expert)) < 0.15
     budget = float(sizes[must].sum() + rng.uniform(0.2, 0.8) * sizes[~must].sum())
-    costs = DeviceCosts(flash_read_bps=1e3 * MB, memcpy_bps=5e3 * MB, cpu_s_per_token_expert=1e-3,
-                        gpu_s_per_token_expert=2e-4 if gpu else None)
-    return PlanProblem(utility=utility, expert_bytes=sizes, current=rng.integers(0, 3, (n_layer, n_expert)),
-                       slot_capacity=rng.integers(0, 3, n_layer), resident_budget_bytes=budget, costs=costs,
-                       must_have=must, horizon_steps=float(rng.integers(1, 9)))
+    costs = DeviceCosts(
+        flash_read_bps=1e3 * MB,
+        memcpy_bps=5e3 * MB,
+        cpu_s_per_token_expert=1e-3,
+        gpu_s_per_token_expert=2e-4 if gpu else None,
+    )
+    return PlanProblem(
+        utility=utility,
+        expert_bytes=sizes,
+        current=rng.integers(0, 3, (n_layer, n_expert)),
+        slot_capacity=rng.integers(0, 3, n_layer),
+        resident_budget_bytes=budget,
+        costs=costs,
+        must_have=must,
+        horizon_steps=float(rng.integers(1, 9)),
+    )
 
 
 def step_cost(p: PlanProblem, tier: np.ndarray) -> float:
@@ -55,9 +67,11 @@ def step_cost(p: PlanProblem, tier: np.ndarray) -> float:
 
 def allowed(p: PlanProblem, tier: np.ndarray) -> bool:
     in_memory = tier != FLASH
-    return (all((tier[l] == SLOT).sum() <= p.slot_capacity[l] for l in range(tier.shape[0]))
-            and p.expert_bytes[in_memory].sum() <= p.resident_budget_bytes
-            and in_memory[p.must_have].all())
+    return (
+        all((tier[l] == SLOT).sum() <= p.slot_capacity[l] for l in range(tier.shape[0]))
+        and p.expert_bytes[in_memory].sum() <= p.resident_budget_bytes
+        and in_memory[p.must_have].all()
+    )
 
 
 def brute_force(p: PlanProblem) -> float:
@@ -114,9 +128,14 @@ def test_processor_is_gpu_exactly_for_slot_experts_when_there_is_a_gpu():
 @pytest.mark.parametrize("slots", [2, 4])
 def test_gpu_takes_work_off_a_busy_cpu_up_to_the_slot_count(slots):
     # CPU-bound layer, GPU 10x faster, everything resident: every slot is worth filling
-    problem = PlanProblem(utility=np.full((1, 4), 3.0), expert_bytes=np.array([MB]), current=np.full((1, 4), RESIDENT),
-                          slot_capacity=np.array([slots]), resident_budget_bytes=4 * MB,
-                          costs=DeviceCosts(1e9, 1e10, 1e-3, 1e-4))
+    problem = PlanProblem(
+        utility=np.full((1, 4), 3.0),
+        expert_bytes=np.array([MB]),
+        current=np.full((1, 4), RESIDENT),
+        slot_capacity=np.array([slots]),
+        resident_budget_bytes=4 * MB,
+        costs=DeviceCosts(1e9, 1e10, 1e-3, 1e-4),
+    )
     for plan in (solve(problem, gap=0.0), greedy(problem)):
         assert (plan.tier == SLOT).sum() == slots and (plan.processor == GPU).sum() == slots
 
@@ -136,25 +155,45 @@ def test_infeasible_warm_start_is_ignored():
     problem = random_problem(4, True)
     all_slots = np.full((2, 3), SLOT, dtype=np.int8)  # over the budget and the slot counts
     assert step_cost(problem, all_slots) < optimum(4, True)  # so it would win if it were taken
-    plan = solve(problem, gap=0.0, warm_start=Plan(all_slots, np.full((2, 3), GPU, np.int8), 0.0, "highs", 0.0, "optimal"))
+    plan = solve(
+        problem, gap=0.0, warm_start=Plan(all_slots, np.full((2, 3), GPU, np.int8), 0.0, "highs", 0.0, "optimal")
+    )
     assert allowed(problem, plan.tier)
     assert plan.predicted_step_s == pytest.approx(optimum(4, True), rel=1e-7)
 
 
 def test_budget_below_must_have_bytes_raises():
     with pytest.raises(MoespacError, match="smaller than"):
-        PlanProblem(utility=np.ones((1, 2)), expert_bytes=np.array([MB]), current=np.full((1, 2), FLASH),
-                    slot_capacity=np.array([0]), resident_budget_bytes=MB, costs=DeviceCosts(1e9, 1e10, 1e-3),
-                    must_have=np.array([[True, True]]))
+        PlanProblem(
+            utility=np.ones((1, 2)),
+            expert_bytes=np.array([MB]),
+            current=np.full((1, 2), FLASH),
+            slot_capacity=np.array([0]),
+            resident_budget_bytes=MB,
+            costs=DeviceCosts(1e9, 1e10, 1e-3),
+            must_have=np.array([[True, True]]),
+        )
 
 
-@pytest.mark.parametrize("field,value", [
-    ("expert_bytes", np.ones(3)), ("current", np.zeros((2, 2))), ("slot_capacity", np.ones(2)),
-    ("utility", -np.ones((1, 2))), ("current", np.full((1, 2), 3)),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("expert_bytes", np.ones(3)),
+        ("current", np.zeros((2, 2))),
+        ("slot_capacity", np.ones(2)),
+        ("utility", -np.ones((1, 2))),
+        ("current", np.full((1, 2), 3)),
+    ],
+)
 def test_bad_shapes_and_values_raise(field, value):
-    args = dict(utility=np.ones((1, 2)), expert_bytes=np.array([MB]), current=np.full((1, 2), FLASH),
-                slot_capacity=np.array([1]), resident_budget_bytes=MB, costs=DeviceCosts(1e9, 1e10, 1e-3))
+    args = dict(
+        utility=np.ones((1, 2)),
+        expert_bytes=np.array([MB]),
+        current=np.full((1, 2), FLASH),
+        slot_capacity=np.array([1]),
+        resident_budget_bytes=MB,
+        costs=DeviceCosts(1e9, 1e10, 1e-3),
+    )
     with pytest.raises(MoespacError):
         PlanProblem(**{**args, field: value})
 

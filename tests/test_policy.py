@@ -63,8 +63,8 @@ def test_lru_splits_a_global_budget_per_layer_and_lru_global_does_not():
     windows = [np.array([[[a]], [[0]]]) for a in (0, 1, 0, 1)]
     per_layer, _ = drive(Lru(), windows, 2, 2, Capacity(3))  # 3 // 2 = 1 per layer
     everywhere, _ = drive(Lru(per_layer=False), windows, 2, 2, Capacity(3))
-    assert per_layer == [0, 1, 1, 1]      # layer 1 hits from window 1 on; layer 0 thrashes with 1 slot
-    assert everywhere == [0, 1, 2, 2]     # 3 slots hold all three pairs once warm
+    assert per_layer == [0, 1, 1, 1]  # layer 1 hits from window 1 on; layer 0 thrashes with 1 slot
+    assert everywhere == [0, 1, 2, 2]  # 3 slots hold all three pairs once warm
 
 
 def test_lru_within_a_window_follows_token_then_rank_order():
@@ -163,8 +163,7 @@ def test_moespac_without_free_keeps_holds_only_what_it_fetched():
 
 def test_lookahead_score_ranks_predicted_experts_soonest_first_above_any_utility():
     # 2 layers, 4 experts, rows [row0, row1, row2], top-2 (-1: a layer without routing)
-    ahead = np.array([[[0, 1], [1, 2], [3, 1]],
-                      [[-1, -1], [2, -1], [2, 0]]])
+    ahead = np.array([[[0, 1], [1, 2], [3, 1]], [[-1, -1], [2, -1], [2, 0]]])
     utility = np.array([[5.0, 0, 0, 0], [0.5, 0.1, 0.9, 9.0]])
     score = lookahead_score(utility, ahead)
     # layer 0: experts 0, 1 first seen in row 0, expert 2 in row 1, expert 3 in row 2
@@ -195,8 +194,13 @@ def test_moespac_with_a_lookahead_keeps_what_the_draft_will_need_among_held_and_
 
 def test_belady_hand_example():
     # a b c a b c with 2 slots: preload {a, b}; c always misses and is not kept (used last)
-    hits, loads = drive(Belady(np.array([[[e == i for e in range(3)]] for i in (0, 1, 2, 0, 1, 2)])),
-                        single(0, 1, 2, 0, 1, 2), 1, 3, Capacity(2, 2))
+    hits, loads = drive(
+        Belady(np.array([[[e == i for e in range(3)]] for i in (0, 1, 2, 0, 1, 2)])),
+        single(0, 1, 2, 0, 1, 2),
+        1,
+        3,
+        Capacity(2, 2),
+    )
     assert hits == [1, 1, 0, 1, 1, 0] and sum(loads) == 2
 
 
@@ -215,20 +219,22 @@ def optimal_loads(needs: np.ndarray, capacity: int) -> int:
     states = [s for s in range(1 << n) if bin(s).count("1") <= capacity]
     best = {s: bin(need[0] & ~s).count("1") for s in states}  # preload is free
     for w in range(1, len(need)):
-        best = {r: min(cost + bin(r & ~(s | need[w - 1])).count("1") for s, cost in best.items())
-                + bin(need[w] & ~r).count("1") for r in states}
+        best = {
+            r: min(cost + bin(r & ~(s | need[w - 1])).count("1") for s, cost in best.items())
+            + bin(need[w] & ~r).count("1")
+            for r in states
+        }
     return min(best.values())
 
 
 def random_windows(rng, n_window, n_layer, n_expert, max_tokens, k):
-    return [rng.integers(0, n_expert, size=(n_layer, int(rng.integers(1, max_tokens + 1)), k))
-            for _ in range(n_window)]
+    return [rng.integers(0, n_expert, size=(n_layer, int(rng.integers(1, max_tokens + 1)), k)) for _ in range(n_window)]
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_belady_equals_exhaustive_optimum_on_tiny_traces(seed):
     rng = np.random.default_rng(seed)
-    n_layer, n_expert, cap = (1, 4, 2) if seed % 2 else (2, 3, 3)   # per layer, and one budget over 2 layers
+    n_layer, n_expert, cap = (1, 4, 2) if seed % 2 else (2, 3, 3)  # per layer, and one budget over 2 layers
     windows = random_windows(rng, 7, n_layer, n_expert, max_tokens=2, k=1)
     needs = np.array([used_experts(w, n_expert) for w in windows])
     capacity = Capacity(cap) if n_layer > 1 else Capacity(cap, cap)

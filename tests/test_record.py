@@ -1,4 +1,5 @@
 """`moespac trace` records greedy generations with the routing tap; `moespac perplexity` scores text."""
+
 import json
 import math
 
@@ -14,16 +15,40 @@ from moespac_gguf.sim.trace import RoutingTrace
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    rows = [{"question_id": i, "category": c, "turns": [t, "second turn"]}
-            for i, (c, t) in enumerate([("writing", "hello world, write a poem"), ("qa", "the answer is"),
-                                        ("math", "one plus one is"), ("coding", "def hello(): return")])]
+    rows = [
+        {"question_id": i, "category": c, "turns": [t, "second turn"]}
+        for i, (c, t) in enumerate(
+            [
+                ("writing", "hello world, write a poem"),
+                ("qa", "the answer is"),
+                ("math", "one plus one is"),
+                ("coding", "def hello(): return"),
+            ]
+        )
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
 def _trace(model, prompts, out, limit=3, n=6):
-    assert moespac(["trace", "-m", str(model), "--prompts", str(prompts), "--limit", str(limit), "-n", str(n),
-                    "--out", str(out)]) == 0
+    assert (
+        moespac(
+            [
+                "trace",
+                "-m",
+                str(model),
+                "--prompts",
+                str(prompts),
+                "--limit",
+                str(limit),
+                "-n",
+                str(n),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return RoutingTrace.load(out)
 
 
@@ -36,7 +61,7 @@ def test_trace_records_prompt_and_decode_tokens(tiny_moe, prompts, tmp_path, cap
     for seq in range(3):
         rows = t.sequence == seq
         ph = t.phase[rows]
-        assert ph[0] == 0 and ph[-1] == 1 and (np.diff(ph) >= 0).all()   # prompt, then decode
+        assert ph[0] == 0 and ph[-1] == 1 and (np.diff(ph) >= 0).all()  # prompt, then decode
         assert (t.positions[rows] == np.arange(rows.sum())).all()
         assert 1 <= (ph == 1).sum() <= 6
     assert t.meta["prompt_file"].endswith("prompts.jsonl") and t.meta["model"] == model.name
@@ -49,10 +74,26 @@ def test_trace_records_prompt_and_decode_tokens(tiny_moe, prompts, tmp_path, cap
 
 
 def test_trace_errors_are_one_line(tiny_moe, prompts, tmp_path, capsys):
-    assert moespac(["trace", "-m", str(tmp_path / "missing.gguf"), "--prompts", str(prompts),
-                    "--out", str(tmp_path / "x.npz")]) == 2
-    assert moespac(["trace", "-m", str(tiny_moe()), "--prompts", str(tmp_path / "nope.jsonl"),
-                    "--out", str(tmp_path / "x.npz")]) == 2
+    assert (
+        moespac(
+            ["trace", "-m", str(tmp_path / "missing.gguf"), "--prompts", str(prompts), "--out", str(tmp_path / "x.npz")]
+        )
+        == 2
+    )
+    assert (
+        moespac(
+            [
+                "trace",
+                "-m",
+                str(tiny_moe()),
+                "--prompts",
+                str(tmp_path / "nope.jsonl"),
+                "--out",
+                str(tmp_path / "x.npz"),
+            ]
+        )
+        == 2
+    )
     dense = tiny_moe(arch="llama", n_expert=0)
     assert moespac(["trace", "-m", str(dense), "--prompts", str(prompts), "--out", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The C routing tap records exactly what the routers compute (numpy ground truth)."""
+
 import gguf
 import numpy as np
 import pytest
@@ -29,11 +30,11 @@ def test_tap_matches_router_recomputation(tiny_moe, arch):
     cap = TensorCapture("ffn_norm", "attn_post_norm")
     with Session(path, n_ctx=128, capture=cap) as s:
         prompt = s.tokenize(PROMPT)
-        s.decode(prompt)                       # prompt batch: the last layer routes only the output row
+        s.decode(prompt)  # prompt batch: the last layer routes only the output row
         prefill = s.last_routing
         assert prefill.experts.shape == (s.n_layer, len(prompt), layout.n_expert_used)
         steps = []
-        for tok in (5, 17, 42):                # single-token decode
+        for tok in (5, 17, 42):  # single-token decode
             s.decode([tok])
             steps.append(s.last_routing)
     for l in range(s.n_layer):
@@ -83,8 +84,7 @@ def test_copied_kv_continues_exactly_as_its_source(tiny_moe):
     same model, the same cache, the same next logits. A session that never saw the prompt does
     not (the control), and a different file's cache is refused."""
     path = tiny_moe()
-    with Session(path, n_ctx=256) as a, Session(path, n_ctx=256) as b, \
-            Session(tiny_moe(seed=5), n_ctx=256) as other:
+    with Session(path, n_ctx=256) as a, Session(path, n_ctx=256) as b, Session(tiny_moe(seed=5), n_ctx=256) as other:
         toks = a.tokenize(PROMPT)
         a.decode(toks[:-1])
         b.decode(toks[:3])  # unrelated state, replaced by the copy
@@ -110,10 +110,12 @@ def test_chained_callback_is_asked_only_about_its_names(tiny_moe):
         def counting(ptr, ask, user_data, inner=inner, asked=asked):
             if ask:
                 from moespac_gguf.llama.capture import GgmlTensor
+
                 asked.append(GgmlTensor.from_address(ptr).name.decode())
             return inner(ptr, ask, user_data)
 
         from moespac_gguf.llama.abi import llama_cpp
+
         cap.callback = llama_cpp.ggml_backend_sched_eval_callback(counting)
         cap.name_prefixes = prefixes
         with Session(tiny_moe(n_layer=3), n_ctx=128, capture=cap) as s:
@@ -144,8 +146,8 @@ def test_restricted_routing_picks_the_best_ranked_allowed_experts(tiny_moe):
     layout = read_layout(path)
     k, n_expert = layout.n_expert_used, layout.n_expert
     allowed = np.zeros((3, n_expert), bool)
-    allowed[0, [1, 4, 6]] = True   # a choice among three
-    allowed[1, 5] = True           # one allowed: it, then the best other
+    allowed[0, [1, 4, 6]] = True  # a choice among three
+    allowed[1, 5] = True  # one allowed: it, then the best other
     # layer 2 allows nothing: the router's own top-k
     cap = TensorCapture("ffn_norm", "attn_post_norm")
     tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
@@ -159,6 +161,6 @@ def test_restricted_routing_picks_the_best_ranked_allowed_experts(tiny_moe):
         h = cap.take(f"ffn_norm-{l}") if f"ffn_norm-{l}" in cap.captured else cap.take(f"attn_post_norm-{l}")
         rank = np.argsort(-(h @ tensors[f"blk.{l}.ffn_gate_inp.weight"].T), axis=1)
         want = [[e for e in row if allowed[l, e]][:k] for row in rank]
-        want = np.sort([w + [e for e in row if not allowed[l, e]][:k - len(w)] for w, row in zip(want, rank)], axis=1)
+        want = np.sort([w + [e for e in row if not allowed[l, e]][: k - len(w)] for w, row in zip(want, rank)], axis=1)
         assert (np.sort(got[l], axis=1) == want).all(), f"layer {l}"
     assert set(np.unique(got[0])) <= {1, 4, 6} and (got[1] == 5).any(axis=1).all()

@@ -1,4 +1,5 @@
 """The trace simulator: windows, replay, the device model, profiles and the CLI."""
+
 import dataclasses
 import json
 import re
@@ -26,8 +27,9 @@ def make_trace(experts, sequence=None, n_expert=8) -> RoutingTrace:
     n = experts.shape[1]
     sequence = np.zeros(n, dtype=np.int32) if sequence is None else np.asarray(sequence)
     positions = np.concatenate([np.arange(c) for c in np.bincount(sequence)])
-    return RoutingTrace(experts, np.zeros(experts.shape), np.full(n, -1), positions, sequence, np.ones(n),
-                        n_expert, {"arch": "mixtral"})
+    return RoutingTrace(
+        experts, np.zeros(experts.shape), np.full(n, -1), positions, sequence, np.ones(n), n_expert, {"arch": "mixtral"}
+    )
 
 
 def random_mixtral_trace(seed: int, n_tokens: int = 120) -> RoutingTrace:
@@ -74,7 +76,7 @@ def test_a_fractional_k_mixes_floor_and_ceil_windows():
 def test_window_sizes_follow_the_truncated_geometric():
     trace = make_trace(np.zeros((1, 20000, 2)), n_expert=8)
     sizes = np.diff([s for s, _, _ in make_windows(trace, 4, 0.7, seed=0)])
-    expected = (1 - 0.7 ** 5) / (1 - 0.7)  # E[min(accepted, K) + 1]
+    expected = (1 - 0.7**5) / (1 - 0.7)  # E[min(accepted, K) + 1]
     assert abs(sizes.mean() - expected) < 0.05
 
 
@@ -110,10 +112,22 @@ def test_a_prompt_is_one_uncounted_prefill_window_that_warms_the_cache():
 
 
 def test_timing_known_answer():
-    device = Device("d", mem_bytes=1e9, mem_bps=100.0, flash_read_bps=10.0, page_in_latency_s=0.5,
-                    memcpy_bps=1.0, step_overhead_s=1.0)
-    rep = Replay(tokens=np.array([2, 1]), needed=np.array([3, 1]), hits=np.array([1, 1]),
-                 prefetched=np.array([0, 4]), preloaded=2)
+    device = Device(
+        "d",
+        mem_bytes=1e9,
+        mem_bps=100.0,
+        flash_read_bps=10.0,
+        page_in_latency_s=0.5,
+        memcpy_bps=1.0,
+        step_overhead_s=1.0,
+    )
+    rep = Replay(
+        tokens=np.array([2, 1]),
+        needed=np.array([3, 1]),
+        hits=np.array([1, 1]),
+        prefetched=np.array([0, 4]),
+        preloaded=2,
+    )
     r = timing(rep, device, expert_bytes=10.0, other_bytes=70.0, draft_decodes=1)
     # window 0: compute (70 + 30)/100 + 1 = 2, draft 1, 2 misses x (1 + 0.5) = 3  -> 6 s
     # window 1: compute (70 + 10)/100 + 1 = 1.8, draft 1, prefetch 4 x 1.5 = 6 > 2.8 -> stall 3.2 -> 6 s
@@ -138,12 +152,19 @@ def test_the_stream_window_serves_the_latest_misses_free():
 
 
 def test_fault_paging_costs_a_fault_per_page():
-    device = Device("d", mem_bytes=1e9, mem_bps=100.0, flash_read_bps=4096.0, page_in_latency_s=0.5,
-                    memcpy_bps=1.0, step_overhead_s=0.0, fault_s_per_page=0.25)
-    assert device.load_s(3 * 4096) == pytest.approx(3 + 0.5)           # one read: bandwidth + latency
+    device = Device(
+        "d",
+        mem_bytes=1e9,
+        mem_bps=100.0,
+        flash_read_bps=4096.0,
+        page_in_latency_s=0.5,
+        memcpy_bps=1.0,
+        step_overhead_s=0.0,
+        fault_s_per_page=0.25,
+    )
+    assert device.load_s(3 * 4096) == pytest.approx(3 + 0.5)  # one read: bandwidth + latency
     assert device.load_s(3 * 4096 + 1, "fault") == pytest.approx(4 * 0.25)  # a fault per page touched
-    rep = Replay(tokens=np.array([1]), needed=np.array([2]), hits=np.array([0]), prefetched=np.array([0]),
-                 preloaded=0)
+    rep = Replay(tokens=np.array([1]), needed=np.array([2]), hits=np.array([0]), prefetched=np.array([0]), preloaded=0)
     r = timing(rep, device, expert_bytes=8192.0, other_bytes=0.0, draft_decodes=0, paging="fault")
     assert r["stall_s_per_token"] == pytest.approx(2 * 2 * 0.25)
     with pytest.raises(MoespacError, match="unknown paging"):
@@ -152,8 +173,7 @@ def test_fault_paging_costs_a_fault_per_page():
 
 def test_belady_is_the_best_hit_rate_of_the_demand_policies_on_a_random_trace():
     trace, profile = random_mixtral_trace(7), random_mixtral_trace(8)
-    rates = {p: simulate(trace, "t", p, M2, MIXTRAL, cache_per_layer=3, draft_k=3, profile=profile)
-             for p in POLICIES}
+    rates = {p: simulate(trace, "t", p, M2, MIXTRAL, cache_per_layer=3, draft_k=3, profile=profile) for p in POLICIES}
     for p in ("ondemand", "lru", "lru-global", "static", "static-layers"):
         assert rates["belady"].hit_rate >= rates[p].hit_rate, p
     for p in POLICIES:
@@ -185,8 +205,13 @@ def test_local_device_reads_the_calibration(tmp_path):
     path = tmp_path / "calibration.json"
     with pytest.raises(MoespacError, match="moespac calibrate"):
         load_device("local", path)
-    keys = {"flash_read_bps": 2e9, "memcpy_bps": 8e9, "mem_bps": 2e10, "cpu_s_per_token_expert": 1e-4,
-            "page_in_latency_s": 2e-4}
+    keys = {
+        "flash_read_bps": 2e9,
+        "memcpy_bps": 8e9,
+        "mem_bps": 2e10,
+        "cpu_s_per_token_expert": 1e-4,
+        "page_in_latency_s": 2e-4,
+    }
     path.write_text(json.dumps(keys))
     device = load_device("local", path)
     assert (device.mem_bps, device.flash_read_bps, device.step_overhead_s) == (2e10, 2e9, 0.0)
@@ -221,15 +246,18 @@ def test_cli_json_has_the_promised_keys(tmp_path, capsys):
     assert result["hit_rate"] == lru_hit_rate(random_mixtral_trace(0), 4)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--policy", "nope"], "unknown policy"),
-    (["--device", "nope"], "unknown device"),
-    (["--model", "nope"], "unknown model"),
-    (["--model", "qwen3-30b-a3b"], "routes 32 layers"),
-    (["--policy", "static"], "needs --profile"),
-    (["--quant", "Q2_K"], "no quant"),
-    (["--cache-per-layer", "9"], "0..8"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policy", "nope"], "unknown policy"),
+        (["--device", "nope"], "unknown device"),
+        (["--model", "nope"], "unknown model"),
+        (["--model", "qwen3-30b-a3b"], "routes 32 layers"),
+        (["--policy", "static"], "needs --profile"),
+        (["--quant", "Q2_K"], "no quant"),
+        (["--cache-per-layer", "9"], "0..8"),
+    ],
+)
 def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys, args, message):
     path = tmp_path / "t.npz"
     random_mixtral_trace(0, 20).save(path)
@@ -259,12 +287,14 @@ def test_a_gguf_file_is_a_model_spec_with_its_exact_sizes(tiny_moe, tmp_path):
 
 
 def test_draft_decodes_without_and_with_a_lookahead():
-    windows = [(0, 0, 4),     # a prompt
-               (4, 6, 7),     # 2 drafted, 1 accepted: the run is thrown away
-               (6, 9, 9),     # 2 drafted, both accepted
-               (9, 10, 10),   # none drafted; after a window that accepted all, its run may carry over
-               (10, 10, 14),  # the next prompt: the draft starts over
-               (14, 15, 15)]
+    windows = [
+        (0, 0, 4),  # a prompt
+        (4, 6, 7),  # 2 drafted, 1 accepted: the run is thrown away
+        (6, 9, 9),  # 2 drafted, both accepted
+        (9, 10, 10),  # none drafted; after a window that accepted all, its run may carry over
+        (10, 10, 14),  # the next prompt: the draft starts over
+        (14, 15, 15),
+    ]
     assert draft_decodes(windows, 1.5, 0.5) == 1.5  # no lookahead: K per window
     # running 4 ahead: max(k, 4) rows fresh; carried over (chance A = 0.5) only the 3 rows window 2 used
     np.testing.assert_allclose(draft_decodes(windows, 1.5, 0.5, draft_ahead=4), [4, 4, 0.5 * 3 + 0.5 * 4, 4])

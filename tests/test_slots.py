@@ -7,6 +7,7 @@ and the rest from the model's, so every difference would be a bug: with F32 (and
 Q8_0) experts the CPU result is in fact bit-identical. `test_wrong_slot_content_*`
 shows the comparison can fail: slots holding the wrong expert change the logits.
 """
+
 from __future__ import annotations
 
 import time
@@ -171,6 +172,7 @@ def test_detach_and_close_restore_the_plain_graph(tiny_moe):
 
 # -- bad calls ---------------------------------------------------------------------
 
+
 def test_bad_calls_raise_moespac_error(tiny_moe):
     spec = SyntheticSpec(arch="deepseek2", n_layer=3)  # layer 0 is dense
     path = tiny_moe(spec)
@@ -214,6 +216,7 @@ def test_dense_model_has_no_experts_for_slots(tiny_moe):
 
 class _MidGraphCopier:
     """A cb_eval chained behind the routing tap: during the graph, evict and copy into its slot."""
+
     name_prefixes = ()  # asked about every node
 
     def __init__(self, cache_ref: list, layer: int, slot: int):
@@ -253,6 +256,7 @@ def test_copy_into_a_slot_the_running_graph_reads_is_refused(tiny_moe):
 
 
 # -- stress ------------------------------------------------------------------------
+
 
 def _rss_bytes() -> int:
     return pages.status_bytes("VmRSS")
@@ -297,8 +301,10 @@ def test_stress_1000_decodes_with_remaps_and_copies(tiny_moe):
         rss["after"] = _rss_bytes()
         copied = cache.copied_bytes
     elapsed = time.perf_counter() - t0
-    print(f"stress: {n_steps} decodes in {elapsed:.1f} s, {copied / 2**20:.1f} MiB copied, "
-          f"RSS {rss['before'] / 2**20:.1f} -> {rss['after'] / 2**20:.1f} MiB, max |logit diff| {worst:.3g}")
+    print(
+        f"stress: {n_steps} decodes in {elapsed:.1f} s, {copied / 2**20:.1f} MiB copied, "
+        f"RSS {rss['before'] / 2**20:.1f} -> {rss['after'] / 2**20:.1f} MiB, max |logit diff| {worst:.3g}"
+    )
     assert worst <= TOL
     assert copied > 0
     assert rss["after"] - rss["before"] < 8 * 2**20
@@ -306,8 +312,10 @@ def test_stress_1000_decodes_with_remaps_and_copies(tiny_moe):
 
 # -- the demo model --------------------------------------------------------------------
 
+
 def test_slots_on_the_demo_model():
     from moespac_gguf.demo.catalog import model_path
+
     try:
         path = model_path("smolmoe")
     except MoespacError:

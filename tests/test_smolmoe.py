@@ -1,4 +1,5 @@
 """Upcycling a dense llama GGUF into an MoE, the fitted router, the truncated draft (tiny models)."""
+
 import gguf
 import numpy as np
 import pytest
@@ -10,9 +11,11 @@ from moespac_gguf.demo.smolmoe.upcycle import write_moe, write_truncated
 from moespac_gguf.demo.synthetic import SyntheticSpec
 from moespac_gguf.llama.session import Session
 
-TRAIN = ["the quick brown fox jumps over the lazy dog while the hello world prints " * 3,
-         "in the beginning there were tokens, and routers, and experts that hello the world " * 3,
-         "then the model learned to send each token to the experts it needs most of all " * 3]
+TRAIN = [
+    "the quick brown fox jumps over the lazy dog while the hello world prints " * 3,
+    "in the beginning there were tokens, and routers, and experts that hello the world " * 3,
+    "then the model learned to send each token to the experts it needs most of all " * 3,
+]
 HELDOUT = ["a held-out sentence that the router never saw during its fitting, hello there " * 3]
 PROMPT = "hello world, upcycled experts are near copies of the dense feed-forward network"
 
@@ -30,8 +33,7 @@ def states(dense):
 def _upcycle(dense, states, tmp_path, **cfg):
     cfg = UpcycleConfig(**{"n_expert": 4, "top_k": 2, "dtype": "F32", **cfg})
     routers = [fit_router(states[l], cfg.n_expert, cfg.top_k, seed=l, pca_dims=16) for l in range(len(states))]
-    return write_moe(dense, tmp_path / f"moe-{cfg.n_expert}-{cfg.top_k}-{cfg.noise}.gguf", routers, cfg,
-                     progress=False)
+    return write_moe(dense, tmp_path / f"moe-{cfg.n_expert}-{cfg.top_k}-{cfg.noise}.gguf", routers, cfg, progress=False)
 
 
 def _logits(path, text=PROMPT):
@@ -43,7 +45,7 @@ def test_capture_covers_every_layer_and_token(dense, states):
     with Session(dense, n_ctx=256, tap=False) as s:
         n_tok = sum(len(s.tokenize(t)) for t in TRAIN)
         n_embd = int(s.metadata("llama.embedding_length"))
-    assert states.shape == (2, n_tok, n_embd)   # the last layer keeps every row (all logits requested)
+    assert states.shape == (2, n_tok, n_embd)  # the last layer keeps every row (all logits requested)
     assert np.isfinite(states).all() and states.std() > 0
 
 
@@ -76,7 +78,7 @@ def test_upcycled_file_is_a_runnable_moe_with_all_metadata(dense, states, tmp_pa
     with Session(moe, n_ctx=256) as s:
         s.decode(s.tokenize(PROMPT), all_logits=True)
         counts = s.last_routing.counts(4)
-    assert (counts > 0).all(), counts          # every expert of every layer is used
+    assert (counts > 0).all(), counts  # every expert of every layer is used
 
 
 def test_same_seed_same_bytes(dense, states, tmp_path):
@@ -148,13 +150,16 @@ def test_greedy_replay_matches_the_speculative_loop(dense, states, tmp_path):
     from moespac_gguf.sim.record import record
 
     target = _upcycle(dense, states, tmp_path, n_expert=4, top_k=2, noise=0.2)
-    prompts = [{"text": "hello world, the", "category": "", "question_id": 0},
-               {"text": "in the beginning", "category": "", "question_id": 1}]
+    prompts = [
+        {"text": "hello world, the", "category": "", "question_id": 0},
+        {"text": "in the beginning", "category": "", "question_id": 1},
+    ]
     n = 24
     trace = record(target, prompts, n, n_ctx=256, progress=False)
     replay = greedy_acceptance_from_trace(dense, trace, draft_max=3, n_ctx=256, progress=False)
     drafted = accepted = 0
     from moespac_gguf.llama.chat import format_prompt
+
     with Session(target, n_ctx=256, tap=False) as t, Session(dense, n_ctx=256, tap=False) as d:
         dec = SpeculativeDecoder(t, d, draft_max=3, adaptive=False)
         for p in prompts:

@@ -1,4 +1,5 @@
 """Speculative decoding: greedy output equals the target's own; sampling follows the target."""
+
 import json
 import subprocess
 import sys
@@ -45,8 +46,10 @@ def greedy_reference(session: Session, prompt: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def sessions(tiny_moe):
-    made = {name: Session(tiny_moe(spec), n_ctx=512, tap=name == "target")
-            for name, spec in (("target", TARGET), ("near", NEAR_DRAFT), ("far", FAR_DRAFT))}
+    made = {
+        name: Session(tiny_moe(spec), n_ctx=512, tap=name == "target")
+        for name, spec in (("target", TARGET), ("near", NEAR_DRAFT), ("far", FAR_DRAFT))
+    }
     yield made
     for s in made.values():
         s.close()
@@ -168,8 +171,10 @@ def test_a_run_ahead_into_a_full_context_still_ends_in_the_targets_greedy_text(s
     it carried over leaves its KV as the room runs out, and the text is the target's greedy one
     up to the context's end."""
     router = RouterCapture()
-    with Session(tiny_moe(TARGET), n_ctx=256, tap=True) as target, \
-            Session(tiny_moe(TARGET), n_ctx=256, tap=False, capture=router) as draft:
+    with (
+        Session(tiny_moe(TARGET), n_ctx=256, tap=True) as target,
+        Session(tiny_moe(TARGET), n_ctx=256, tap=False, capture=router) as draft,
+    ):
         dec = SpeculativeDecoder(target, draft, draft_max=1, adaptive=False, draft_ahead=4, draft_router=router)
         prompt = target.tokenize("fill the context")
         out = list(dec.generate(prompt, 400, Sampler()))
@@ -193,7 +198,7 @@ def test_sampling_follows_target_distribution(sessions):
         counts[tok] += 1
     assert dec.stats.n_drafted > 0
     order = np.argsort(-p)
-    big = order[p[order] * n >= 10]              # chi-square wants expected counts >= 5
+    big = order[p[order] * n >= 10]  # chi-square wants expected counts >= 5
     rest = np.setdiff1d(np.arange(p.size), big)
     obs = np.append(counts[big], counts[rest].sum())
     exp = np.append(p[big], p[rest].sum()) * n
@@ -234,27 +239,55 @@ def test_draft_with_other_vocabulary_is_refused(tmp_path, tiny_moe):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(TARGET)),
-                        "-md", str(other), "-p", "hi"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(TARGET)), "-md", str(other), "-p", "hi"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "different vocabulary" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_run_cli_json_and_errors(tiny_moe, tmp_path):
     target, draft = str(tiny_moe(TARGET)), str(tiny_moe(NEAR_DRAFT))
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target, "-md", draft,
-                        "-p", "hello", "-n", "16", "--json"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moespac_gguf.cli",
+            "run",
+            "-m",
+            target,
+            "-md",
+            draft,
+            "-p",
+            "hello",
+            "-n",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     d = json.loads(r.stdout)
     assert {"text", "tokens", "n_tokens", "tokens_per_s", "acceptance_rate"} <= d.keys()
     assert d["n_tokens"] == len(d["tokens"]) <= 16 and 0 <= d["acceptance_rate"] <= 1
-    plain = json.loads(subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target,
-                                       "-p", "hello", "-n", "16", "--json"],
-                                      capture_output=True, text=True, check=True).stdout)
+    plain = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target, "-p", "hello", "-n", "16", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert plain["acceptance_rate"] is None and plain["tokens"] == d["tokens"]
     dense = tiny_moe(FAR_DRAFT)
-    cases = [(["-m", str(tmp_path / "nope.gguf"), "-p", "x"], "no such file"),
-             (["-m", str(dense), "-p", "x"], "dense model"),
-             (["-m", target, "-md", str(tmp_path / "nod.gguf"), "-p", "x"], "no such file"),
-             (["-m", target, "-c", "64", "-p", "word " * 200], "does not fit the context")]
+    cases = [
+        (["-m", str(tmp_path / "nope.gguf"), "-p", "x"], "no such file"),
+        (["-m", str(dense), "-p", "x"], "dense model"),
+        (["-m", target, "-md", str(tmp_path / "nod.gguf"), "-p", "x"], "no such file"),
+        (["-m", target, "-c", "64", "-p", "word " * 200], "does not fit the context"),
+    ]
     for args, msg in cases:
         r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", *args], capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -281,9 +314,13 @@ def test_chat_and_streaming(tiny_moe):
 
 
 def test_chat_cli_reads_piped_stdin(tiny_moe):
-    r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "chat", "-m", str(tiny_moe(TARGET)),
-                        "-n", "8", "--stats"], input="hello\nhow are you\n", capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "moespac_gguf.cli", "chat", "-m", str(tiny_moe(TARGET)), "-n", "8", "--stats"],
+        input="hello\nhow are you\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("tok/s") == 2
 

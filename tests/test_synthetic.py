@@ -1,4 +1,5 @@
 """The synthetic models every other test builds on: right layout, and llama.cpp runs them."""
+
 from __future__ import annotations
 
 import gguf
@@ -126,22 +127,25 @@ def test_deterministic(tmp_path):
     assert a == b != c
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(arch="mixtral"), "unknown arch"),
-    (dict(n_expert_used=9), "top-k"),
-    (dict(n_expert_used=0), "top-k"),
-    (dict(expert_dtype="Q4_K"), "dtype"),
-    (dict(expert_dtype="Q8_0", n_ff_exp=48), "Q8_0"),
-    (dict(n_expert=0), "dense"),
-    (dict(arch="llama", n_shared_expert=1), "shared"),
-    (dict(arch="qwen2moe", n_shared_expert=0), "shared"),
-    (dict(arch="deepseek2", n_dense_lead=2), "dense layers"),
-    (dict(arch="qwen3moe", n_dense_lead=1), "dense layers"),
-    (dict(n_head=3), "n_head"),
-    (dict(n_head_kv=3), "n_head_kv"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(n_expert=2000), "n_expert"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(arch="mixtral"), "unknown arch"),
+        (dict(n_expert_used=9), "top-k"),
+        (dict(n_expert_used=0), "top-k"),
+        (dict(expert_dtype="Q4_K"), "dtype"),
+        (dict(expert_dtype="Q8_0", n_ff_exp=48), "Q8_0"),
+        (dict(n_expert=0), "dense"),
+        (dict(arch="llama", n_shared_expert=1), "shared"),
+        (dict(arch="qwen2moe", n_shared_expert=0), "shared"),
+        (dict(arch="deepseek2", n_dense_lead=2), "dense layers"),
+        (dict(arch="qwen3moe", n_dense_lead=1), "dense layers"),
+        (dict(n_head=3), "n_head"),
+        (dict(n_head_kv=3), "n_head_kv"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(n_expert=2000), "n_expert"),
+    ],
+)
 def test_bad_spec_is_a_one_line_error(kwargs, match):
     with pytest.raises(MoespacError, match=match) as e:
         SyntheticSpec(**kwargs)
@@ -150,8 +154,25 @@ def test_bad_spec_is_a_one_line_error(kwargs, match):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "m.gguf"
-    argv = [str(out), "--arch", "deepseek2", "--layers", "3", "--experts", "4", "--top-k", "1",
-            "--ff", "32", "--dtype", "F16", "--seed", "7", "--dense-lead", "2"]
+    argv = [
+        str(out),
+        "--arch",
+        "deepseek2",
+        "--layers",
+        "3",
+        "--experts",
+        "4",
+        "--top-k",
+        "1",
+        "--ff",
+        "32",
+        "--dtype",
+        "F16",
+        "--seed",
+        "7",
+        "--dense-lead",
+        "2",
+    ]
     assert main(argv) == 0
     reader = gguf.GGUFReader(out)
     assert _field(reader, "deepseek2.block_count") == 3

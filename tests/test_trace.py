@@ -1,4 +1,5 @@
 """Routing-trace format, Mixtral import and trace statistics (LRU checked against a brute-force replay)."""
+
 import json
 from collections import OrderedDict
 
@@ -55,12 +56,21 @@ def write_jsonl(path, rows):
 
 
 def mixtral_rows(problem_id, layer, n_tokens):
-    return [{"dataset": "toy", "problem_id": problem_id, "layer": layer, "token_idx": t,
-             "experts": [(t + layer) % 8, (t + layer + 1) % 8], "gating_probs": [0.75, 0.25]}
-            for t in range(n_tokens)]
+    return [
+        {
+            "dataset": "toy",
+            "problem_id": problem_id,
+            "layer": layer,
+            "token_idx": t,
+            "experts": [(t + layer) % 8, (t + layer + 1) % 8],
+            "gating_probs": [0.75, 0.25],
+        }
+        for t in range(n_tokens)
+    ]
 
 
 # --- format ------------------------------------------------------------------------------------------
+
 
 def test_save_load_round_trip(tmp_path):
     trace = random_trace(np.random.default_rng(0))
@@ -88,8 +98,9 @@ def test_load_rejects_non_traces(tmp_path, content):
 
 def test_inconsistent_shapes_are_rejected():
     with pytest.raises(MoespacError, match="positions"):
-        RoutingTrace(np.zeros((2, 3, 2)), np.zeros((2, 3, 2)), np.zeros(3), np.zeros(4), np.zeros(3),
-                     np.zeros(3), 8, {})
+        RoutingTrace(
+            np.zeros((2, 3, 2)), np.zeros((2, 3, 2)), np.zeros(3), np.zeros(4), np.zeros(3), np.zeros(3), 8, {}
+        )
     with pytest.raises(MoespacError, match="expert ids"):
         make_trace([[[0, 8]]])
 
@@ -109,6 +120,7 @@ def test_select_concat_usage_counts():
 
 # --- Mixtral import ----------------------------------------------------------------------------------
 
+
 def test_import_keeps_tokens_every_layer_has(tmp_path):
     # problem 7: layer 0 logged 4 tokens, layer 1 only 3 -> token 3 dropped; problem 2: 2 tokens everywhere
     rows = mixtral_rows(7, 0, 4) + mixtral_rows(7, 1, 3) + mixtral_rows(2, 0, 2) + mixtral_rows(2, 1, 2)
@@ -127,7 +139,7 @@ def test_import_keeps_tokens_every_layer_has(tmp_path):
 
 def test_import_rejects_bad_rows(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps(mixtral_rows(0, 0, 1)[0]) + "\n{\"layer\": 1}\n")
+    path.write_text(json.dumps(mixtral_rows(0, 0, 1)[0]) + '\n{"layer": 1}\n')
     with pytest.raises(MoespacError, match=r"r.jsonl:2:"):
         import_mixtral_jsonl(path)
     with pytest.raises(MoespacError, match="not found"):
@@ -144,6 +156,7 @@ def test_import_cli_writes_a_loadable_trace(tmp_path, capsys):
 
 # --- statistics --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed,k,n_expert", [(1, 1, 4), (2, 2, 8), (3, 3, 16)])
 def test_lru_matches_brute_force(seed, k, n_expert):
     trace = random_trace(np.random.default_rng(seed), k=k, n_expert=n_expert)
@@ -155,8 +168,8 @@ def test_lru_matches_brute_force(seed, k, n_expert):
 
 def test_lru_known_answers():
     one = make_trace([[[0], [1], [0], [2], [1], [0]]], n_expert=4)
-    assert lru_hit_rate(one, 2) == pytest.approx(1 / 6)   # only the 2nd use of 0 hits
-    assert lru_hit_rate(one, 3) == pytest.approx(3 / 6)   # every reuse hits
+    assert lru_hit_rate(one, 2) == pytest.approx(1 / 6)  # only the 2nd use of 0 hits
+    assert lru_hit_rate(one, 3) == pytest.approx(3 / 6)  # every reuse hits
     # rank order inside a token counts: loading 2 evicts 0 before token 1's 0 is looked up
     two = make_trace([[[0, 1], [2, 0]]], n_expert=4)
     assert lru_hit_rate(two, 2) == 0.0

@@ -1,4 +1,5 @@
 """Speculative Utility Estimator on hand-made routing with answers worked out by hand."""
+
 import numpy as np
 import pytest
 
@@ -80,7 +81,7 @@ def test_a_prefill_moves_the_frequency_but_not_the_rows_per_step():
 def test_predict_over_weighs_the_drafted_ids_as_one_step():
     est = UtilityEstimator(1, 2, method="prior", alpha=0.5)
     est.observe_verification([7, 5], route([0], [1]))  # rate [.5, .5] per row, 2 rows per step
-    next_window = est.predict([7])                    # (1 [1, 0] + 2 [.5, .5]) / 3 = [2/3, 1/3]
+    next_window = est.predict([7])  # (1 [1, 0] + 2 [.5, .5]) / 3 = [2/3, 1/3]
     np.testing.assert_allclose(next_window, [[2 / 3, 1 / 3]])
     np.testing.assert_allclose(est.predict_over(4, [7]), (3 * est.predict() + next_window) / 4)
     np.testing.assert_allclose(est.predict_over(4), est.predict())
@@ -144,12 +145,15 @@ def test_topn_mask_breaks_ties_to_lower_ids():
     assert topn_mask(np.array([[1.0, 1.0, 1.0]]), 2).tolist() == [[True, True, False]]
 
 
-@pytest.mark.parametrize("call", [
-    lambda est: est.observe_verification([1], np.array([[[4]]])),          # expert id out of range
-    lambda est: est.observe_verification([1, 2], np.array([[[0]]])),       # two ids for one row
-    lambda est: est.observe_verification([1], np.array([[[0]], [[0]]])),  # two layers for one
-    lambda est: recall_precision(np.ones((1, 2), bool), np.ones((1, 3), bool)),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda est: est.observe_verification([1], np.array([[[4]]])),  # expert id out of range
+        lambda est: est.observe_verification([1, 2], np.array([[[0]]])),  # two ids for one row
+        lambda est: est.observe_verification([1], np.array([[[0]], [[0]]])),  # two layers for one
+        lambda est: recall_precision(np.ones((1, 2), bool), np.ones((1, 3), bool)),
+    ],
+)
 def test_bad_input_raises_moespac_error(call):
     with pytest.raises(MoespacError):
         call(UtilityEstimator(1, 4, method="prior"))

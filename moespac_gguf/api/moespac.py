@@ -3,6 +3,7 @@
 Completions and chat completions come back as llama-cpp-python / OpenAI-shaped
 dicts (or streams of chunks), with a `moespac` entry holding the run's stats.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,7 @@ class MoeSpac:
     """A GGUF MoE target, optionally drafted by a small GGUF model of the same vocabulary
     or by itself routing fewer experts (`draft_model_path="self"`)."""
 
-    def __init__(self, model_path: str | Path, draft_model_path: str | Path | DraftSource | None = None,
-                 **options):
+    def __init__(self, model_path: str | Path, draft_model_path: str | Path | DraftSource | None = None, **options):
         """`draft_model_path`: a GGUF of the same vocabulary, or "self" (the target routing fewer
         experts). `options`: the fields of api.options.ModelOptions (n_ctx, n_threads, n_batch,
         draft_max, adaptive_draft, draft_ahead, seed, mem_budget, gate, verbose), among them:
@@ -72,39 +72,60 @@ class MoeSpac:
         budgeted = opt.mem_budget is not None
         self_draft = source is not None and source.shares_target
         if opt.gate is not None and not budgeted:
-            raise MoespacError("a lookahead gate needs a memory budget (--mem-budget): its predictions "
-                               "steer the residency engine")
+            raise MoespacError(
+                "a lookahead gate needs a memory budget (--mem-budget): its predictions steer the residency engine"
+            )
         draft_ahead = opt.draft_ahead
         if draft_ahead is None:
             draft_ahead = DRAFT_AHEAD if self_draft and budgeted else 0
         if draft_ahead < 0:
             raise MoespacError(f"--draft-ahead must be 0 or more, got {draft_ahead}")
         if draft_ahead and not (self_draft and budgeted):
-            raise MoespacError(f"--draft-ahead reads a self-draft's routing for the residency engine: it needs "
-                               f"-md {SELF_DRAFT} and --mem-budget")
+            raise MoespacError(
+                f"--draft-ahead reads a self-draft's routing for the residency engine: it needs "
+                f"-md {SELF_DRAFT} and --mem-budget"
+            )
         lookahead_gate = LookaheadGate.load(opt.gate, model_path) if opt.gate is not None else None
         self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
-        self.target = Session(model_path, n_ctx=opt.n_ctx, n_threads=opt.n_threads, n_batch=n_batch,
-                              capture=self.gate_tap)
+        self.target = Session(
+            model_path, n_ctx=opt.n_ctx, n_threads=opt.n_threads, n_batch=n_batch, capture=self.gate_tap
+        )
         self.draft = None
         router = RouterCapture() if draft_ahead else None
         try:
             if source is not None:  # a self-draft's tap, with a budget, restricts its routing (below)
-                self.draft = source.open(self.layout, n_ctx=opt.n_ctx, n_threads=opt.n_threads, n_batch=draft_batch,
-                                         tap=self_draft and budgeted, capture=router)
-            self.decoder = SpeculativeDecoder(self.target, self.draft, draft_max=opt.draft_max,
-                                              adaptive=opt.adaptive_draft, draft_ahead=draft_ahead,
-                                              draft_router=router)
+                self.draft = source.open(
+                    self.layout,
+                    n_ctx=opt.n_ctx,
+                    n_threads=opt.n_threads,
+                    n_batch=draft_batch,
+                    tap=self_draft and budgeted,
+                    capture=router,
+                )
+            self.decoder = SpeculativeDecoder(
+                self.target,
+                self.draft,
+                draft_max=opt.draft_max,
+                adaptive=opt.adaptive_draft,
+                draft_ahead=draft_ahead,
+                draft_router=router,
+            )
             self.residency = None
             if budgeted:
                 budget = parse_size(opt.mem_budget) if isinstance(opt.mem_budget, str) else int(opt.mem_budget)
                 draft_bytes = Path(source.file).stat().st_size if source is not None and source.file else 0
-                self.residency = ResidencyController(self.layout, expert_budget(budget, self.layout, draft_bytes),
-                                                     draft_path=source.file if source is not None else None,
-                                                     draft_max=opt.draft_max)
-                self.decoder.subscribe(self.residency if lookahead_gate is None else
-                                       GatedResidency(self.residency, lookahead_gate, tap=self.gate_tap))
+                self.residency = ResidencyController(
+                    self.layout,
+                    expert_budget(budget, self.layout, draft_bytes),
+                    draft_path=source.file if source is not None else None,
+                    draft_max=opt.draft_max,
+                )
+                self.decoder.subscribe(
+                    self.residency
+                    if lookahead_gate is None
+                    else GatedResidency(self.residency, lookahead_gate, tap=self.gate_tap)
+                )
                 for s in (self.target, self.draft):
                     if s is not None and s.tap is not None:
                         s.tap.set_demand_page_in(True)
@@ -132,8 +153,9 @@ class MoeSpac:
         return self.decoder.stats
 
     # -- completions ----------------------------------------------------------
-    def _stream(self, prompt_tokens: list[int], max_tokens: int, sampler: Sampler,
-                stop: list[str]) -> Iterator[tuple[str, str | None]]:
+    def _stream(
+        self, prompt_tokens: list[int], max_tokens: int, sampler: Sampler, stop: list[str]
+    ) -> Iterator[tuple[str, str | None]]:
         """(text delta, finish_reason or None) pairs; the last pair carries the reason."""
         text = TextStream(stop)
         gen = self.decoder.generate(prompt_tokens, max_tokens, sampler)
@@ -155,24 +177,41 @@ class MoeSpac:
     def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampler:
         return Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
 
-    def create_completion(self, prompt: str | list[int], max_tokens: int = 128,
-                          temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
-                          top_k: int = SAMPLING.top_k, stop: str | list[str] | None = None,
-                          stream: bool = False, seed: int | None = None) -> Completion | Iterator[CompletionChunk]:
+    def create_completion(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 128,
+        temperature: float = SAMPLING.temperature,
+        top_p: float = SAMPLING.top_p,
+        top_k: int = SAMPLING.top_k,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        seed: int | None = None,
+    ) -> Completion | Iterator[CompletionChunk]:
         """Complete `prompt`; greedy by default (temperature 0)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         chunks = self._stream(tokens, max_tokens, self._sampler(temperature, top_p, top_k, seed), stops)
         meta = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
         if stream:
-            return ({**meta, "object": "text_completion",
-                     "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": r}]}
-                    for t, r in chunks)
+            return (
+                {
+                    **meta,
+                    "object": "text_completion",
+                    "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": r}],
+                }
+                for t, r in chunks
+            )
         parts = list(chunks)  # the last pair carries the finish reason
-        return {**meta, "object": "text_completion",
-                "choices": [{"text": "".join(t for t, _ in parts), "index": 0, "logprobs": None,
-                             "finish_reason": parts[-1][1]}],
-                "usage": self._usage(tokens), "moespac": self.stats.as_dict()}
+        return {
+            **meta,
+            "object": "text_completion",
+            "choices": [
+                {"text": "".join(t for t, _ in parts), "index": 0, "logprobs": None, "finish_reason": parts[-1][1]}
+            ],
+            "usage": self._usage(tokens),
+            "moespac": self.stats.as_dict(),
+        }
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         tokens = chat_tokens(self.target, messages)
@@ -180,29 +219,52 @@ class MoeSpac:
             raise MoespacError(f"{Path(self.model_path).name} has no chat template (tokenizer.chat_template)")
         return tokens
 
-    def create_chat_completion(self, messages: list[dict], max_tokens: int = 256,
-                               temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
-                               top_k: int = SAMPLING.top_k, stop: str | list[str] | None = None,
-                               stream: bool = False,
-                               seed: int | None = None) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+    def create_chat_completion(
+        self,
+        messages: list[dict],
+        max_tokens: int = 256,
+        temperature: float = SAMPLING.temperature,
+        top_p: float = SAMPLING.top_p,
+        top_k: int = SAMPLING.top_k,
+        stop: str | list[str] | None = None,
+        stream: bool = False,
+        seed: int | None = None,
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """Answer `messages` ({"role", "content"} dicts) with the model's chat template; greedy by default."""
         tokens = self.chat_prompt(messages)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         chunks = self._stream(tokens, max_tokens, self._sampler(temperature, top_p, top_k, seed), stops)
         meta = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
         if stream:
+
             def gen():
-                yield {**meta, "object": "chat.completion.chunk",
-                       "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+                yield {
+                    **meta,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}],
+                }
                 for t, r in chunks:
-                    yield {**meta, "object": "chat.completion.chunk",
-                           "choices": [{"index": 0, "delta": {"content": t} if t else {}, "finish_reason": r}]}
+                    yield {
+                        **meta,
+                        "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": {"content": t} if t else {}, "finish_reason": r}],
+                    }
+
             return gen()
         parts = list(chunks)  # the last pair carries the finish reason
-        return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(t for t, _ in parts)},
-                             "finish_reason": parts[-1][1]}],
-                "usage": self._usage(tokens), "moespac": self.stats.as_dict()}
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(t for t, _ in parts)},
+                    "finish_reason": parts[-1][1],
+                }
+            ],
+            "usage": self._usage(tokens),
+            "moespac": self.stats.as_dict(),
+        }
 
     def _usage(self, prompt_tokens: list[int]) -> Usage:
         n = len(self.completion_tokens)

@@ -16,8 +16,9 @@ DRAFT_AHEAD = 6  # tokens a self-draft runs ahead under a budget that cannot hol
 
 def option(default, *flags: str, help: str, type=None, metavar: str | None = None, action: str | None = None):
     """A dataclass field that is also a command-line flag (argparse's arguments)."""
-    return field(default=default, metadata={"flags": flags, "help": help, "type": type, "metavar": metavar,
-                                            "action": action})
+    return field(
+        default=default, metadata={"flags": flags, "help": help, "type": type, "metavar": metavar, "action": action}
+    )
 
 
 def flag_spec(f: Field) -> tuple[tuple[str, ...], dict]:
@@ -40,26 +41,37 @@ class ModelOptions:
     n_ctx: int = option(2048, "-c", "--ctx-size", type=int, help="context size (default %(default)s)")
     n_threads: int | None = option(None, "-t", "--threads", type=int, help="CPU threads (default: all cores)")
     n_batch: int | None = option(
-        None, "-b", "--batch-size", type=int,
+        None,
+        "-b",
+        "--batch-size",
+        type=int,
         help="batch size (default 512; with --mem-budget up to 1024: fewer prefill passes, each reads every "
         "expert not held)",
     )
     draft_max: int = option(8, "--draft-max", type=int, help="most tokens drafted per step (default %(default)s)")
-    adaptive_draft: bool = option(True, "--no-adaptive-draft", action="store_false",
-                                  help="always draft --draft-max tokens")
+    adaptive_draft: bool = option(
+        True, "--no-adaptive-draft", action="store_false", help="always draft --draft-max tokens"
+    )
     draft_ahead: int | None = option(
-        None, "--draft-ahead", type=int, metavar="N",
+        None,
+        "--draft-ahead",
+        type=int,
+        metavar="N",
         help=f"with -md {SELF_DRAFT} and --mem-budget: tokens the draft runs ahead each step, whose routing tells "
         f"the engine which experts to keep (default {DRAFT_AHEAD} where the budget cannot hold every expert, "
         "else 0)",
     )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(
-        None, "--mem-budget", metavar="SIZE",
+        None,
+        "--mem-budget",
+        metavar="SIZE",
         help="memory for the model, e.g. 8G: moespac keeps the most useful experts resident within it",
     )
     gate: str | None = option(
-        None, "--gate", metavar="FILE",
+        None,
+        "--gate",
+        metavar="FILE",
         help="lookahead-gate sidecar (moespac train-gate) to prefetch the next layers' experts during each "
         "decode (needs --mem-budget)",
     )

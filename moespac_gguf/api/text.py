@@ -10,8 +10,8 @@ class TextStream:
     def __init__(self, stop: list[str]):
         self.stop = [s for s in stop if s]
         self.pending = b""
-        self.text = ""       # all text released so far
-        self.held = ""       # decoded text not yet released (could start a stop string)
+        self.text = ""  # all text released so far
+        self.held = ""  # decoded text not yet released (could start a stop string)
         self.stopped = False
 
     def feed(self, data: bytes) -> str:
@@ -23,7 +23,7 @@ class TextStream:
             if e.start < len(self.pending) - 3:
                 new, self.pending = self.pending.decode("utf-8", errors="replace"), b""
             else:
-                new, self.pending = self.pending[:e.start].decode("utf-8"), self.pending[e.start:]
+                new, self.pending = self.pending[: e.start].decode("utf-8"), self.pending[e.start :]
         buf = self.held + new
         for s in self.stop:
             i = buf.find(s)
@@ -31,8 +31,8 @@ class TextStream:
                 self.stopped, self.held = True, ""
                 return self._release(buf[:i])
         keep = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if buf.endswith(s[:n])), default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return self._release(buf[:len(buf) - keep])
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return self._release(buf[: len(buf) - keep])
 
     def flush(self) -> str:
         out = self.held + self.pending.decode("utf-8", errors="replace")

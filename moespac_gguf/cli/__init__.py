@@ -4,6 +4,7 @@ Each command module here exposes `main(argv) -> int` with its own argparse parse
 maps a command name to it (imported only when that command runs) and turns MoespacError into
 one line on stderr and exit code 2. Nothing in the library imports this package.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -57,4 +58,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moespac ... | head`: the reader left; say nothing more
         sys.stderr.close()
         return 0
-

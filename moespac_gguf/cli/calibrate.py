@@ -12,14 +12,22 @@ from ..tools.calibrate import calibrate, read_costs_here
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="moespac calibrate",
-                                description="Measure this machine's costs for the balancer and the simulator.")
+    p = argparse.ArgumentParser(
+        prog="moespac calibrate", description="Measure this machine's costs for the balancer and the simulator."
+    )
     p.add_argument("-m", "--model", required=True, help="a GGUF MoE on the disk to measure")
-    p.add_argument("-md", "--model-draft", help="draft GGUF, or 'self' (the target routing fewer experts): "
-                   "also measure its time per token")
+    p.add_argument(
+        "-md",
+        "--model-draft",
+        help="draft GGUF, or 'self' (the target routing fewer experts): also measure its time per token",
+    )
     p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--under-pressure", action="store_true", help="measure the read costs inside a small memory "
-                   "cgroup (every read evicts a page first), as runs under --mem-cap/--mem-budget see them")
+    p.add_argument(
+        "--under-pressure",
+        action="store_true",
+        help="measure the read costs inside a small memory "
+        "cgroup (every read evicts a page first), as runs under --mem-cap/--mem-budget see them",
+    )
     p.add_argument("--out", default=str(CALIBRATION_PATH))
     p.add_argument("--read-costs-child", type=int, help=argparse.SUPPRESS)  # its value: bytes per read
     args = p.parse_args(argv)
@@ -31,11 +39,13 @@ def main(argv: list[str]) -> int:
     with open(args.out, "w") as f:
         json.dump(profile, f, indent=1)
     pressure = " (under memory pressure)" if args.under_pressure else ""
-    print(f"flash read     {format_size(profile['flash_read_bps'])}/s{pressure}\n"
-          f"page-in        {profile['page_in_latency_s'] * 1e6:.0f} us per random 4 KiB read, "
-          f"{profile['fault_s_per_page'] * 1e6:.0f} us per 4 KiB fault in order\n"
-          f"memcpy         {format_size(profile['memcpy_bps'])}/s\nmemory read    {format_size(profile['mem_bps'])}/s\n"
-          f"expert matmul  {profile['cpu_s_per_token_expert'] * 1e6:.1f} us per token (upper bound)\n"
-          f"step overhead  {profile['step_overhead_s'] * 1e3:.2f} ms\n"
-          f"saved to {args.out}")
+    print(
+        f"flash read     {format_size(profile['flash_read_bps'])}/s{pressure}\n"
+        f"page-in        {profile['page_in_latency_s'] * 1e6:.0f} us per random 4 KiB read, "
+        f"{profile['fault_s_per_page'] * 1e6:.0f} us per 4 KiB fault in order\n"
+        f"memcpy         {format_size(profile['memcpy_bps'])}/s\nmemory read    {format_size(profile['mem_bps'])}/s\n"
+        f"expert matmul  {profile['cpu_s_per_token_expert'] * 1e6:.1f} us per token (upper bound)\n"
+        f"step overhead  {profile['step_overhead_s'] * 1e3:.2f} ms\n"
+        f"saved to {args.out}"
+    )
     return 0

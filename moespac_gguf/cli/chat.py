@@ -9,8 +9,10 @@ from .options import add_model_args, open_model, sampling
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="moespac chat", description="Chat with the model's own template; "
-                                "reads one user message per line (piped stdin works too).")
+    p = argparse.ArgumentParser(
+        prog="moespac chat",
+        description="Chat with the model's own template; reads one user message per line (piped stdin works too).",
+    )
     add_model_args(p)
     p.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
     p.add_argument("--system", default=None, help="system message")

@@ -38,8 +38,10 @@ def _table(models: dict[str, ModelEntry]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="moespac models", description="Known models: demo models built from SmolLM2 "
-                                "and real MoE models users bring (models.toml).")
+    p = argparse.ArgumentParser(
+        prog="moespac models",
+        description="Known models: demo models built from SmolLM2 and real MoE models users bring (models.toml).",
+    )
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     sub = p.add_subparsers(dest="action")
     sp = sub.add_parser("path", help="print the local path of a built model")

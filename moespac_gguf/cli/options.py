@@ -17,8 +17,10 @@ from ..decode.draft import DRAFT_TOP_K, SELF_DRAFT
 from ..demo.catalog import resolve_model
 
 MODEL_HELP = "target GGUF (MoE), or a demo model's name (moespac models)"
-DRAFT_HELP = (f"draft GGUF with the same vocabulary, a demo model's name, or '{SELF_DRAFT}' (the target routing "
-              f"{DRAFT_TOP_K} expert per token: no extra weights)")
+DRAFT_HELP = (
+    f"draft GGUF with the same vocabulary, a demo model's name, or '{SELF_DRAFT}' (the target routing "
+    f"{DRAFT_TOP_K} expert per token: no extra weights)"
+)
 
 
 def add_options(p: argparse.ArgumentParser, declaration, only: tuple[str, ...] | None = None, **defaults) -> None:

@@ -22,9 +22,18 @@ def main(argv: list[str]) -> int:
         if args.json:
             out = m.create_completion(args.prompt, **request)
             st = m.stats
-            print(json.dumps({"text": out["choices"][0]["text"], "tokens": m.completion_tokens,
-                              "n_tokens": st.n_generated, "tokens_per_s": st.tokens_per_s,
-                              "acceptance_rate": st.acceptance_rate, "stats": st.as_dict()}))
+            print(
+                json.dumps(
+                    {
+                        "text": out["choices"][0]["text"],
+                        "tokens": m.completion_tokens,
+                        "n_tokens": st.n_generated,
+                        "tokens_per_s": st.tokens_per_s,
+                        "acceptance_rate": st.acceptance_rate,
+                        "stats": st.as_dict(),
+                    }
+                )
+            )
             return 0
         for chunk in m.create_completion(args.prompt, stream=True, **request):
             sys.stdout.write(chunk["choices"][0]["text"])

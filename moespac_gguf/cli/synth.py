@@ -31,11 +31,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     a = _parser().parse_args(argv)
     spec = SyntheticSpec(
-        arch=a.arch, n_layer=a.layers, n_embd=a.embd, n_expert=a.experts, n_expert_used=a.top_k,
-        n_ff_exp=a.ff, expert_dtype=a.dtype, n_head=a.heads, n_head_kv=a.kv_heads, seed=a.seed,
-        n_shared_expert=a.shared, n_dense_lead=a.dense_lead, router_std=a.router_std,
+        arch=a.arch,
+        n_layer=a.layers,
+        n_embd=a.embd,
+        n_expert=a.experts,
+        n_expert_used=a.top_k,
+        n_ff_exp=a.ff,
+        expert_dtype=a.dtype,
+        n_head=a.heads,
+        n_head_kv=a.kv_heads,
+        seed=a.seed,
+        n_shared_expert=a.shared,
+        n_dense_lead=a.dense_lead,
+        router_std=a.router_std,
     )
     path = write_synthetic_moe(a.out, spec)
-    print(f"{path}: {spec.arch}, {spec.n_layer} layers, {spec.n_expert} experts (top-{spec.n_expert_used}), "
-          f"{path.stat().st_size / 2**20:.2f} MiB")
+    print(
+        f"{path}: {spec.arch}, {spec.n_layer} layers, {spec.n_expert} experts (top-{spec.n_expert_used}), "
+        f"{path.stat().st_size / 2**20:.2f} MiB"
+    )
     return 0

@@ -14,18 +14,32 @@ from ..sim.trace_stats import activation_heatmap, layer_skew, lru_curve, next_to
 
 
 def _report(trace: RoutingTrace, path: str, png: str) -> dict:
-    return {"file": path, "meta": trace.meta, "n_layer": trace.n_layer, "n_tokens": trace.n_tokens,
-            "n_sequences": int(np.unique(trace.sequence).size), "k": trace.k, "n_expert": trace.n_expert,
-            "skew_top_frac": 0.1, "skew": layer_skew(trace).tolist(), "reuse": next_token_reuse(trace).tolist(),
-            "lru": lru_curve(trace, range(1, trace.n_expert + 1)), "png": png}
+    return {
+        "file": path,
+        "meta": trace.meta,
+        "n_layer": trace.n_layer,
+        "n_tokens": trace.n_tokens,
+        "n_sequences": int(np.unique(trace.sequence).size),
+        "k": trace.k,
+        "n_expert": trace.n_expert,
+        "skew_top_frac": 0.1,
+        "skew": layer_skew(trace).tolist(),
+        "reuse": next_token_reuse(trace).tolist(),
+        "lru": lru_curve(trace, range(1, trace.n_expert + 1)),
+        "png": png,
+    }
 
 
 def _print_report(r: dict) -> None:
     m = r["meta"]
-    print(f"{r['file']}: {m.get('model', '?')} {m.get('dataset', '')}, {r['n_tokens']} tokens in "
-          f"{r['n_sequences']} sequences, {r['n_layer']} layers, top-{r['k']} of {r['n_expert']} experts")
-    print(f"{'layer':>5}  {'skew':>6}  {'reuse':>6}   skew: routing share of the top 10% experts; "
-          f"reuse: share of token t's experts used by t-1")
+    print(
+        f"{r['file']}: {m.get('model', '?')} {m.get('dataset', '')}, {r['n_tokens']} tokens in "
+        f"{r['n_sequences']} sequences, {r['n_layer']} layers, top-{r['k']} of {r['n_expert']} experts"
+    )
+    print(
+        f"{'layer':>5}  {'skew':>6}  {'reuse':>6}   skew: routing share of the top 10% experts; "
+        f"reuse: share of token t's experts used by t-1"
+    )
     for layer, (skew, reuse) in enumerate(zip(r["skew"], r["reuse"])):
         print(f"{layer:>5}  {skew:6.3f}  {reuse:6.3f}")
     print(f"{'mean':>5}  {np.nanmean(r['skew']):6.3f}  {np.nanmean(r['reuse']):6.3f}")
@@ -36,9 +50,12 @@ def _print_report(r: dict) -> None:
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="moespac trace-stats",
-                                     description="Skew, next-token reuse and LRU hit rates of a routing trace.")
-    parser.add_argument("trace", help="trace .npz from `moespac trace-import` (or a Mixtral .jsonl, imported on the fly)")
+    parser = argparse.ArgumentParser(
+        prog="moespac trace-stats", description="Skew, next-token reuse and LRU hit rates of a routing trace."
+    )
+    parser.add_argument(
+        "trace", help="trace .npz from `moespac trace-import` (or a Mixtral .jsonl, imported on the fly)"
+    )
     parser.add_argument("--png", help="activation heatmap path (default: <name>.heatmap.png in the current directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)

@@ -25,11 +25,12 @@ class VerificationEvent:
     routing rows align with it. For the prompt, phase is "prefill" and batch is
     the prompt.
     """
-    phase: str                 # "prefill" | "verify"
+
+    phase: str  # "prefill" | "verify"
     batch: list[int]
     draft: list[int]
-    accepted: int              # drafts accepted (0 for prefill)
-    committed: list[int]       # tokens this step added to the output
+    accepted: int  # drafts accepted (0 for prefill)
+    committed: list[int]  # tokens this step added to the output
     routing: Routing | None
 
 
@@ -41,5 +42,3 @@ class Observer(Protocol):
 
     def on_verify(self, event: VerificationEvent) -> None:
         """The verification's outcome and routing."""
-
-

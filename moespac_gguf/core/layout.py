@@ -9,6 +9,7 @@ occupies `[offset + e * stride, offset + (e + 1) * stride)`.
 
 `read_layout` is the only entry point; `moespac inspect` prints it (`format_layout`).
 """
+
 from __future__ import annotations
 
 import re
@@ -29,9 +30,10 @@ _ROUTER_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
 @dataclass(frozen=True)
 class TensorSpan:
     """One tensor's place in the file; for expert tensors, one slice per expert."""
+
     name: str
-    type: str           # ggml type name, e.g. F16, Q4_K
-    offset: int         # absolute file offset of the tensor (= of expert 0)
+    type: str  # ggml type name, e.g. F16, Q4_K
+    offset: int  # absolute file offset of the tensor (= of expert 0)
     nbytes: int
     expert_stride: int  # bytes per expert; 0 for non-expert tensors
 
@@ -39,7 +41,7 @@ class TensorSpan:
 @dataclass
 class MoeLayer:
     index: int
-    tensors: dict[str, TensorSpan]   # expert tensors by GGUF name
+    tensors: dict[str, TensorSpan]  # expert tensors by GGUF name
     router: TensorSpan | None
 
     @property
@@ -79,12 +81,24 @@ class MoeLayout:
     def to_json(self) -> dict:
         d = asdict(self)
         d["layers"] = [
-            {"index": l.index, "bytes_per_expert": l.bytes_per_expert,
-             "tensors": {n: {"type": t.type, "offset": t.offset, "expert_stride": t.expert_stride}
-                         for n, t in l.tensors.items()},
-             "router": None if l.router is None else {"name": l.router.name, "type": l.router.type,
-                                                      "offset": l.router.offset, "nbytes": l.router.nbytes}}
-            for l in self.layers]
+            {
+                "index": l.index,
+                "bytes_per_expert": l.bytes_per_expert,
+                "tensors": {
+                    n: {"type": t.type, "offset": t.offset, "expert_stride": t.expert_stride}
+                    for n, t in l.tensors.items()
+                },
+                "router": None
+                if l.router is None
+                else {
+                    "name": l.router.name,
+                    "type": l.router.type,
+                    "offset": l.router.offset,
+                    "nbytes": l.router.nbytes,
+                },
+            }
+            for l in self.layers
+        ]
         return d
 
 
@@ -116,11 +130,11 @@ def read_layout(path: str | Path) -> MoeLayout:
             routers[int(r.group(1))] = span
 
     if not layers:
-        raise MoespacError(f"{path} is a dense model (arch {arch!r}, no expert tensors): "
-                           "moespac needs a Mixture-of-Experts GGUF")
+        raise MoespacError(
+            f"{path} is a dense model (arch {arch!r}, no expert tensors): moespac needs a Mixture-of-Experts GGUF"
+        )
     if arch not in SUPPORTED_ARCHS:
-        raise MoespacError(f"{path}: unsupported architecture {arch!r} "
-                           f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise MoespacError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
     n_expert = meta.get(f"{arch}.expert_count")
     n_used = meta.get(f"{arch}.expert_used_count")
     if not n_expert or not n_used:
@@ -129,14 +143,15 @@ def read_layout(path: str | Path) -> MoeLayout:
         layer.router = routers.get(layer.index)
     ordered = [layers[i] for i in sorted(layers)]
     return MoeLayout(
-        path=str(path), arch=arch,
+        path=str(path),
+        arch=arch,
         n_layer=int(meta.get(f"{arch}.block_count")),
-        n_expert=int(n_expert), n_expert_used=int(n_used),
+        n_expert=int(n_expert),
+        n_expert_used=int(n_used),
         n_shared_expert=int(meta.get(f"{arch}.expert_shared_count", 0)),
         n_dense_lead=int(meta.get(f"{arch}.leading_dense_block_count", 0)),
         n_embd=int(meta.get(f"{arch}.embedding_length")),
-        n_ff_exp=int(meta.get(f"{arch}.expert_feed_forward_length",
-                            meta.get(f"{arch}.feed_forward_length", 0))),
+        n_ff_exp=int(meta.get(f"{arch}.expert_feed_forward_length", meta.get(f"{arch}.feed_forward_length", 0))),
         file_bytes=file_bytes,
         expert_bytes=sum(t.nbytes for l in ordered for t in l.tensors.values()),
         other_bytes=other_bytes,
@@ -167,6 +182,8 @@ def format_layout(layout: MoeLayout, mem_bytes: int | None = None) -> str:
     if mem_bytes is not None:
         total = len(layout.layers) * layout.n_expert
         fit = layout.experts_fitting(mem_bytes)
-        lines.append(f"with {format_size(mem_bytes)}: {fit} of {total} experts fit "
-                     f"({100 * fit / total:.0f}%) beside the non-expert weights")
+        lines.append(
+            f"with {format_size(mem_bytes)}: {fit} of {total} experts fit "
+            f"({100 * fit / total:.0f}%) beside the non-expert weights"
+        )
     return "\n".join(lines)

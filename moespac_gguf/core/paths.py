@@ -1,4 +1,5 @@
 """Where things live: the repo, the shared data beside it, and the build cache."""
+
 import os
 from pathlib import Path
 

@@ -45,8 +45,12 @@ def load_prompts(path: str | Path, limit: int | None = None, select: str = "firs
             if not isinstance(text, str) or not text.strip():
                 raise MoespacError(f"{path}:{lineno}: empty prompt")
             rows.append(
-                {"text": text, "category": row.get("category", ""), "question_id": row.get("question_id", lineno),
-                 "line": lineno}
+                {
+                    "text": text,
+                    "category": row.get("category", ""),
+                    "question_id": row.get("question_id", lineno),
+                    "line": lineno,
+                }
             )
     if not rows:
         raise MoespacError(f"{path} holds no prompts")

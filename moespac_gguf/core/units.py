@@ -1,4 +1,5 @@
 """Human byte sizes in and out: `--mem 8G`, `--mem-cap 512MiB`, tables in MiB/GiB."""
+
 from __future__ import annotations
 
 import re

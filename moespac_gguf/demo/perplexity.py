@@ -6,6 +6,7 @@ one); each window is decoded from an empty cache and only its second half is
 scored, so every scored token sees at least ctx/2 tokens of context.
 --max-chunks picks that many windows spread evenly over the text.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from ..llama.session import Session
 def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     m = z.max(axis=1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(z - m).sum(axis=1)))
+    lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
     return z[np.arange(len(targets)), targets] - lse
 
 
@@ -37,8 +38,14 @@ def windows(n_tokens: int, n_ctx: int, max_chunks: int | None) -> list[int]:
     return starts
 
 
-def perplexity(model: str | Path, text: str, n_ctx: int = 512, max_chunks: int | None = None,
-               n_threads: int | None = None, progress: bool = True) -> dict:
+def perplexity(
+    model: str | Path,
+    text: str,
+    n_ctx: int = 512,
+    max_chunks: int | None = None,
+    n_threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     """{"perplexity", "stderr_nll", "n_scored", "n_chunks", "seconds", ...} of `model` on `text`."""
     if n_ctx < 16 or n_ctx % 2:
         raise MoespacError(f"--ctx must be an even number >= 16, got {n_ctx}")
@@ -50,17 +57,24 @@ def perplexity(model: str | Path, text: str, n_ctx: int = 512, max_chunks: int |
         starts = windows(len(tokens), n_ctx, max_chunks)
         half = n_ctx // 2
         for start in tqdm(starts, desc=f"perplexity {Path(model).name}", unit="chunk", disable=not progress):
-            win = list(tokens[start:start + n_ctx])
+            win = list(tokens[start : start + n_ctx])
             if add_bos:
                 win[0] = s.bos
             s.reset()
             s.decode(win[:half])
-            logits = s.decode(win[half:], all_logits=True)     # logits at positions half .. n_ctx-1
-            targets = np.asarray(win[half + 1:])                # predicted from positions half .. n_ctx-2
+            logits = s.decode(win[half:], all_logits=True)  # logits at positions half .. n_ctx-1
+            targets = np.asarray(win[half + 1 :])  # predicted from positions half .. n_ctx-2
             nll.append(-_log_softmax_at(logits[:-1], targets))
     allnll = np.concatenate(nll)
     mean = float(allnll.mean())
-    return {"model": Path(model).name, "perplexity": math.exp(mean), "mean_nll": mean,
-            "stderr_nll": float(allnll.std(ddof=1) / math.sqrt(len(allnll))) if len(allnll) > 1 else 0.0,
-            "n_scored": int(len(allnll)), "n_chunks": len(starts), "n_ctx": n_ctx, "n_text_tokens": len(tokens),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "model": Path(model).name,
+        "perplexity": math.exp(mean),
+        "mean_nll": mean,
+        "stderr_nll": float(allnll.std(ddof=1) / math.sqrt(len(allnll))) if len(allnll) > 1 else 0.0,
+        "n_scored": int(len(allnll)),
+        "n_chunks": len(starts),
+        "n_ctx": n_ctx,
+        "n_text_tokens": len(tokens),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -7,6 +7,7 @@ Weights are seeded normal noise with std 1/sqrt(fan_in) so activations stay
 O(1); routers get a larger, configurable scale so top-k choices are decisive
 and differ from token to token.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,10 +42,10 @@ _ARCHS: dict[str, _Arch] = {
     "qwen3moe": _Arch(qk_norm="head"),
     "olmoe": _Arch(expert_ff_key="feed_forward_length", kv_heads="all", qk_norm="all"),
     "deepseek2": _Arch(kv_heads="one", shared=(1, 8, 1), dense_lead=1, dense_ok=True),
-    "granitemoe": _Arch(expert_ff_key="feed_forward_length", shared=(0, 8, 0), dense_ok=True,
-                        extra_kv=(("logit_scale", 1.0),)),
-    "gpt-oss": _Arch(ffn_norm="post_attention_norm", oai=True,
-                     extra_kv=(("attention.sliding_window", 128),)),
+    "granitemoe": _Arch(
+        expert_ff_key="feed_forward_length", shared=(0, 8, 0), dense_ok=True, extra_kv=(("logit_scale", 1.0),)
+    ),
+    "gpt-oss": _Arch(ffn_norm="post_attention_norm", oai=True, extra_kv=(("attention.sliding_window", 128),)),
 }
 SUPPORTED_ARCHS: tuple[str, ...] = tuple(a for a in _ARCHS if a in gguf.MODEL_ARCH_NAMES.values())
 
@@ -198,6 +199,7 @@ def _add_tokenizer(w: gguf.GGUFWriter) -> None:
 
 # --- hyper-parameters --------------------------------------------------------------
 
+
 def _mla_dims(s: SyntheticSpec) -> dict[str, int]:
     """DeepSeek MLA sizes scaled from the head size (V2 uses 128/64/128, ranks 512/1536)."""
     hd = s.head_dim
@@ -222,8 +224,10 @@ def _hparams(s: SyntheticSpec) -> dict[str, Any]:
     if s.n_expert:
         kv |= {"expert_count": s.n_expert, "expert_used_count": s.n_expert_used, a.expert_ff_key: s.n_ff_exp}
     if a.shared[1]:
-        kv |= {"expert_shared_count": s.shared_experts,
-               "expert_shared_feed_forward_length": s.n_ff_exp * s.shared_experts}
+        kv |= {
+            "expert_shared_count": s.shared_experts,
+            "expert_shared_feed_forward_length": s.n_ff_exp * s.shared_experts,
+        }
     if a.dense_lead is not None:
         kv["leading_dense_block_count"] = s.dense_lead
     if a.kv_heads == "one":
@@ -248,6 +252,7 @@ def _add_hparams(w: gguf.GGUFWriter, arch: str, kv: dict[str, Any]) -> None:
 
 
 # --- tensors -----------------------------------------------------------------------
+
 
 class _Weights:
     """Ordered name -> float32 array; shapes are given in ggml order (ne) and stored reversed."""

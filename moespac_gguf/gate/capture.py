@@ -21,11 +21,12 @@ from .model import HIDDEN_NAMES, moe_layers
 @dataclass
 class Capture:
     """Router inputs and the tap's routing of every token of some sequences, in order."""
-    hidden: dict[int, np.ndarray]   # MoE layer -> float16 [N, n_embd] router inputs
-    experts: np.ndarray             # int32 [n_layer, N, k]: routing read by the C tap
-    tokens: np.ndarray              # int32 [N]
-    seq_start: np.ndarray           # bool [N]: first row of a sequence (no previous token)
-    generated: np.ndarray           # bool [N]: rows produced by greedy decoding (not prompt)
+
+    hidden: dict[int, np.ndarray]  # MoE layer -> float16 [N, n_embd] router inputs
+    experts: np.ndarray  # int32 [n_layer, N, k]: routing read by the C tap
+    tokens: np.ndarray  # int32 [N]
+    seq_start: np.ndarray  # bool [N]: first row of a sequence (no previous token)
+    generated: np.ndarray  # bool [N]: rows produced by greedy decoding (not prompt)
     group: np.ndarray | None = None  # int [N]: source of each row (e.g. text file), for validation
 
     @property
@@ -33,13 +34,27 @@ class Capture:
         return len(self.tokens)
 
     def rows(self, sel) -> Capture:
-        return Capture({l: h[sel] for l, h in self.hidden.items()}, self.experts[:, sel], self.tokens[sel],
-                       self.seq_start[sel], self.generated[sel], None if self.group is None else self.group[sel])
+        return Capture(
+            {l: h[sel] for l, h in self.hidden.items()},
+            self.experts[:, sel],
+            self.tokens[sel],
+            self.seq_start[sel],
+            self.generated[sel],
+            None if self.group is None else self.group[sel],
+        )
 
 
-def capture(model: str | Path, sequences: list[list[int]], *, max_new: int = 0, n_ctx: int = 1024,
-            n_threads: int | None = None, desc: str = "capture", progress: bool = True,
-            groups: list[int] | None = None) -> Capture:
+def capture(
+    model: str | Path,
+    sequences: list[list[int]],
+    *,
+    max_new: int = 0,
+    n_ctx: int = 1024,
+    n_threads: int | None = None,
+    desc: str = "capture",
+    progress: bool = True,
+    groups: list[int] | None = None,
+) -> Capture:
     """Decode each token sequence from an empty context (every row's logits, so every layer routes
     every row), then `max_new` greedy tokens one at a time; collect router inputs and routing.
     `groups`: a source label per sequence (kept per row for grouped validation)."""
@@ -48,8 +63,10 @@ def capture(model: str | Path, sequences: list[list[int]], *, max_new: int = 0, 
     hidden = {l: [] for l in moe}
     experts, tokens, starts, gen, grp = [], [], [], [], []
     total = sum(len(s) + max_new for s in sequences)
-    with Session(model, n_ctx=n_ctx, n_threads=n_threads, capture=cap) as s, \
-            tqdm(total=total, desc=desc, unit="tok", disable=not progress, file=sys.stderr) as bar:
+    with (
+        Session(model, n_ctx=n_ctx, n_threads=n_threads, capture=cap) as s,
+        tqdm(total=total, desc=desc, unit="tok", disable=not progress, file=sys.stderr) as bar,
+    ):
         if s.tap is None:
             raise MoespacError(f"{model}: no routing tap (not an MoE model?)")
         for i_seq, seq in enumerate(sequences):
@@ -86,17 +103,24 @@ def capture(model: str | Path, sequences: list[list[int]], *, max_new: int = 0, 
             st[0] = True
             starts.append(st)
             g = np.zeros(n, bool)
-            g[len(seq):] = True
+            g[len(seq) :] = True
             gen.append(g)
             grp.append(np.full(n, 0 if groups is None else groups[i_seq], np.int32))
     if not tokens:
         raise MoespacError("capture: no tokens to decode")
-    return Capture({l: np.concatenate(v) for l, v in hidden.items()}, np.concatenate(experts, axis=1),
-                   np.concatenate(tokens), np.concatenate(starts), np.concatenate(gen), np.concatenate(grp))
+    return Capture(
+        {l: np.concatenate(v) for l, v in hidden.items()},
+        np.concatenate(experts, axis=1),
+        np.concatenate(tokens),
+        np.concatenate(starts),
+        np.concatenate(gen),
+        np.concatenate(grp),
+    )
 
 
-def text_windows(model: str | Path, files: list[str | Path], max_tokens: int,
-                 window: int = 256) -> tuple[list[list[int]], list[int]]:
+def text_windows(
+    model: str | Path, files: list[str | Path], max_tokens: int, window: int = 256
+) -> tuple[list[list[int]], list[int]]:
     """About `max_tokens` tokens of the files as `window`-token sequences, spread evenly over the
     files and over each file (deterministic); and the index of each sequence's file."""
     texts = []
@@ -118,15 +142,16 @@ def text_windows(model: str | Path, files: list[str | Path], max_tokens: int,
             for j in range(share):
                 pos = (len(t) - chars) * j // max(1, share) if len(t) > chars else 0
                 pos = t.rfind("\n", 0, pos) + 1 if pos else 0
-                toks = s.tokenize(t[pos:pos + chars], add_special=True)[:window]
+                toks = s.tokenize(t[pos : pos + chars], add_special=True)[:window]
                 if len(toks) >= 16:
                     out.append(toks)
                     groups.append(i)
     return out, groups
 
 
-def prompt_sequences(model: str | Path, prompts_file: str | Path, n_prompts: int,
-                     max_prompt_chars: int = 1200) -> list[list[int]]:
+def prompt_sequences(
+    model: str | Path, prompts_file: str | Path, n_prompts: int, max_prompt_chars: int = 1200
+) -> list[list[int]]:
     """The first turn of `n_prompts` prompts, chosen round-robin over categories (deterministic),
     rendered with the model's chat template when it has one."""
     rows = load_prompts(prompts_file, n_prompts, select="round-robin")

@@ -9,7 +9,7 @@ from ..core.routing import routing_mask
 from .capture import Capture, capture, prompt_sequences
 from .model import LookaheadGate, _aug, _router_matrix, topk_rows
 
-BATCH_ROWS = 4                   # rows of a verification batch for the batch-level metric (K = 3 + 1)
+BATCH_ROWS = 4  # rows of a verification batch for the batch-level metric (K = 3 + 1)
 METHODS = ("aligned", "unaligned", "prev_token", "frequency")
 
 
@@ -31,7 +31,7 @@ def evaluate(gate: LookaheadGate, cap: Capture, rows: np.ndarray | None = None, 
     groups = []
     i = 0
     while i + batch <= len(idx):
-        g = idx[i:i + batch]
+        g = idx[i : i + batch]
         if seq_id[g[0]] == seq_id[g[-1]] and g[-1] - g[0] == batch - 1:
             groups.append(g)
             i += batch
@@ -40,8 +40,8 @@ def evaluate(gate: LookaheadGate, cap: Capture, rows: np.ndarray | None = None, 
     groups = np.array(groups, dtype=np.int64).reshape(-1, batch)
     out = {}
     for d in range(1, gate.distance + 1):
-        acc = {m: np.zeros(2) for m in METHODS}              # token: hits, used (= predicted)
-        bacc = {m: np.zeros(3) for m in METHODS}             # batch: hits, used, predicted
+        acc = {m: np.zeros(2) for m in METHODS}  # token: hits, used (= predicted)
+        bacc = {m: np.zeros(3) for m in METHODS}  # batch: hits, used, predicted
         for l in gate.moe_layers:
             t = l + d
             if not gate._valid[l][d - 1]:
@@ -80,21 +80,28 @@ def evaluate(gate: LookaheadGate, cap: Capture, rows: np.ndarray | None = None, 
 
 def format_table(result: dict, batch: int = BATCH_ROWS) -> str:
     """Markdown table: one row per distance, recall (= precision at token level) per method."""
-    lines = ["| d | aligned gate | speculative gating (unaligned) | previous token | frequency prior |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| d | aligned gate | speculative gating (unaligned) | previous token | frequency prior |",
+        "|---|---|---|---|---|",
+    ]
     for d, r in result.items():
         lines.append(f"| {d} | " + " | ".join(f"{r[f'{m}_recall']:.3f}" for m in METHODS) + " |")
-    lines += ["", f"Verification batch of {batch} rows (union of the rows' experts), recall / precision:", "",
-              "| d | aligned gate | speculative gating (unaligned) | previous token | frequency prior |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Verification batch of {batch} rows (union of the rows' experts), recall / precision:",
+        "",
+        "| d | aligned gate | speculative gating (unaligned) | previous token | frequency prior |",
+        "|---|---|---|---|---|",
+    ]
     for d, r in result.items():
         cells = [f"{r[f'batch{batch}_{m}_recall']:.3f} / {r[f'batch{batch}_{m}_precision']:.3f}" for m in METHODS]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def eval_on_prompts(model, gate: LookaheadGate, prompts, n_prompts: int, max_new: int, threads=None,
-                    progress: bool = True) -> tuple[dict, Capture]:
+def eval_on_prompts(
+    model, gate: LookaheadGate, prompts, n_prompts: int, max_new: int, threads=None, progress: bool = True
+) -> tuple[dict, Capture]:
     seqs = prompt_sequences(model, prompts, n_prompts)
     cap = capture(model, seqs, max_new=max_new, n_ctx=2048, n_threads=threads, desc="eval", progress=progress)
     return evaluate(gate, cap), cap

@@ -44,15 +44,24 @@ def validation_folds(cap: Capture, val_frac: float = 0.2) -> list[tuple[np.ndarr
     cut = int(n_rows * (1 - val_frac))
     starts = np.flatnonzero(cap.seq_start)
     starts = starts[starts > 0]
-    if len(starts):   # the sequence start nearest the cut: no sequence on both sides
+    if len(starts):  # the sequence start nearest the cut: no sequence on both sides
         cut = int(starts[np.argmin(np.abs(starts - cut))])
     va = np.arange(n_rows) >= cut
     return [(~va, va)]
 
 
-def fit_gate(model: str | Path, train: Capture, distance: int, *, rank: int = 0, val_frac: float = 0.2,
-             alphas=ALPHAS, alpha_scope: str = "pair", progress: bool = True,
-             dtype=np.float16) -> LookaheadGate:
+def fit_gate(
+    model: str | Path,
+    train: Capture,
+    distance: int,
+    *,
+    rank: int = 0,
+    val_frac: float = 0.2,
+    alphas=ALPHAS,
+    alpha_scope: str = "pair",
+    progress: bool = True,
+    dtype=np.float16,
+) -> LookaheadGate:
     """Fit the alignment of every (l, d) on `train` (see the module docstring)."""
     if distance < 1:
         raise MoespacError(f"--distance must be >= 1, got {distance}")
@@ -94,18 +103,18 @@ def fit_gate(model: str | Path, train: Capture, distance: int, *, rank: int = 0,
             for ai, a in enumerate(alphas):
                 if np.isinf(a):
                     ms = w0s
-                else:   # M^T = (H^T H + lam I)^-1 (H^T Z + lam W0^T), one solve for every d
-                    lam = a * float(np.trace(g_tr)) / (n + 1)   # relative to the mean diag(H^T H)
+                else:  # M^T = (H^T H + lam I)^-1 (H^T Z + lam W0^T), one solve for every d
+                    lam = a * float(np.trace(g_tr)) / (n + 1)  # relative to the mean diag(H^T H)
                     rhs = np.concatenate([c_tr[d] + lam * w0s[d].T for d in targets], axis=1)
                     sol = np.linalg.solve(g_tr + lam * eye, rhs)
-                    ms = {d: sol[:, i * e:(i + 1) * e].T for i, d in enumerate(targets)}
+                    ms = {d: sol[:, i * e : (i + 1) * e].T for i, d in enumerate(targets)}
                 for d in targets:
                     hits[l, d - 1, ai] += (topk_rows(h_va @ ms[d].T, k) & true_va[d]).sum()
         bar.update(len(targets))
 
     # 2. lam: per distance pooled over layers (robust), or per (l, d)
     if alpha_scope == "distance":
-        pooled = hits.sum(axis=0).argmax(axis=1)                     # [D]
+        pooled = hits.sum(axis=0).argmax(axis=1)  # [D]
         choice = np.broadcast_to(pooled, hits.shape[:2])
     elif alpha_scope == "pair":
         choice = hits.argmax(axis=2)
@@ -122,8 +131,10 @@ def fit_gate(model: str | Path, train: Capture, distance: int, *, rank: int = 0,
         for d in targets:
             chosen[l, d] = float(alphas[choice[l, d - 1]])
             den = max(1.0, used[l, d - 1])
-            val[l, d] = ((hits[l, d - 1, inf_i] / den) if inf_i is not None else float("nan"),
-                         hits[l, d - 1, choice[l, d - 1]] / den)
+            val[l, d] = (
+                (hits[l, d - 1, inf_i] / den) if inf_i is not None else float("nan"),
+                hits[l, d - 1, choice[l, d - 1]] / den,
+            )
         finite = [d for d in targets if np.isfinite(chosen[l, d])]
         if not finite:
             bar.update(len(targets))
@@ -149,14 +160,21 @@ def fit_gate(model: str | Path, train: Capture, distance: int, *, rank: int = 0,
     by_d = {}
     for (_, d), (b, a) in val.items():
         by_d.setdefault(d, []).append((b, a))
-    info = {"trained_rows": int(n_rows), "val_folds": len(folds), "alpha_scope": alpha_scope, "rank": int(rank),
-            "alpha": {f"{l},{d}": (v if np.isfinite(v) else "inf") for (l, d), v in chosen.items()},
-            "val_recall": {str(d): {"unaligned": float(np.mean([x[0] for x in v])),
-                                    "aligned": float(np.mean([x[1] for x in v]))} for d, v in sorted(by_d.items())},
-            "method": "ridge regression of layer l+d's router logits on layer l's router input, shrunk toward "
-                      "speculative gating; lam by validation top-k recall "
-                      + ("(leave-one-source-out)" if len(folds) > 1 else "(held-out tail)")
-                      + (" per distance" if alpha_scope == "distance" else " per (l, d)")}
+    info = {
+        "trained_rows": int(n_rows),
+        "val_folds": len(folds),
+        "alpha_scope": alpha_scope,
+        "rank": int(rank),
+        "alpha": {f"{l},{d}": (v if np.isfinite(v) else "inf") for (l, d), v in chosen.items()},
+        "val_recall": {
+            str(d): {"unaligned": float(np.mean([x[0] for x in v])), "aligned": float(np.mean([x[1] for x in v]))}
+            for d, v in sorted(by_d.items())
+        },
+        "method": "ridge regression of layer l+d's router logits on layer l's router input, shrunk toward "
+        "speculative gating; lam by validation top-k recall "
+        + ("(leave-one-source-out)" if len(folds) > 1 else "(held-out tail)")
+        + (" per distance" if alpha_scope == "distance" else " per (l, d)"),
+    }
     gate = LookaheadGate(layout.n_layer, e, k, n, distance, moe, routers, deltas, freq, model_fingerprint(model), info)
     model_bytes = Path(model).stat().st_size
     gate.info["bytes"] = gate.nbytes

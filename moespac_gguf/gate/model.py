@@ -33,6 +33,7 @@ Router weights are not stored: they are read from the model (`blk.N.ffn_gate_inp
 
 CLI: `moespac train-gate` and `moespac eval-gate` (`main_train`, `main_eval`).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,17 @@ from ..core.errors import MoespacError
 from ..core.gguf import model_fingerprint, read_header, read_tensor
 
 GATE_FORMAT = 1
-MAX_GATE_SHARE = 0.02            # the whole gate stays under 2% of the model's bytes
-HIDDEN_NAMES = ("ffn_norm", "attn_post_norm")      # router inputs (gpt-oss routes attn_post_norm)
+MAX_GATE_SHARE = 0.02  # the whole gate stays under 2% of the model's bytes
+HIDDEN_NAMES = ("ffn_norm", "attn_post_norm")  # router inputs (gpt-oss routes attn_post_norm)
 
 
 def moe_layers(path: str | Path) -> list[int]:
     """Layers with a router (blk.N.ffn_gate_inp), from the tensor table; MoespacError if none."""
-    layers = sorted(int(t.name.split(".")[1]) for t in read_header(path).tensors
-                    if t.name.startswith("blk.") and t.name.endswith(".ffn_gate_inp.weight"))
+    layers = sorted(
+        int(t.name.split(".")[1])
+        for t in read_header(path).tensors
+        if t.name.startswith("blk.") and t.name.endswith(".ffn_gate_inp.weight")
+    )
     if not layers:
         raise MoespacError(f"{path} has no expert routers (blk.N.ffn_gate_inp): not a Mixture-of-Experts model")
     return layers
@@ -100,6 +104,7 @@ class LookaheadGate:
     `predict(l, h)` -> float [D, n_expert] (or [rows, D, n_expert]); rows d-1 whose target l+d is
     not an MoE layer are -inf. `utility(hidden)` -> expected routings [n_layer, n_expert].
     """
+
     n_layer: int
     n_expert: int
     n_expert_used: int
@@ -108,7 +113,7 @@ class LookaheadGate:
     moe_layers: list[int]
     routers: dict[int, tuple[np.ndarray, np.ndarray]]
     deltas: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]]  # (l,d) -> Delta or (P, Q) factors
-    frequency: np.ndarray               # float [n_layer, n_expert]: routings per token in training
+    frequency: np.ndarray  # float [n_layer, n_expert]: routings per token in training
     fingerprint: str = ""
     info: dict = field(default_factory=dict)
 
@@ -132,13 +137,15 @@ class LookaheadGate:
         a, b = self.deltas.get((l, d), (None, None))
         if a is None:
             return np.zeros((self.n_expert, self.n_embd + 1), np.float32)
-        return (a.astype(np.float32) if b is None else a.astype(np.float32) @ b.astype(np.float32))
+        return a.astype(np.float32) if b is None else a.astype(np.float32) @ b.astype(np.float32)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the gate's own parameters (the corrections and the frequency prior)."""
-        return int(sum(a.nbytes + (0 if b is None else b.nbytes) for a, b in self.deltas.values())
-                   + self.frequency.astype(np.float32).nbytes)
+        return int(
+            sum(a.nbytes + (0 if b is None else b.nbytes) for a, b in self.deltas.values())
+            + self.frequency.astype(np.float32).nbytes
+        )
 
     # -- prediction --
     def predict(self, layer: int, hidden_state: np.ndarray) -> np.ndarray:
@@ -149,8 +156,10 @@ class LookaheadGate:
         whose target is past the last layer (or not MoE) score -inf.
         """
         if layer not in self._stack:
-            raise MoespacError(f"layer {layer} is not an MoE layer of this gate (MoE layers: "
-                               f"{self.moe_layers[0]}..{self.moe_layers[-1]})")
+            raise MoespacError(
+                f"layer {layer} is not an MoE layer of this gate (MoE layers: "
+                f"{self.moe_layers[0]}..{self.moe_layers[-1]})"
+            )
         h = np.asarray(hidden_state, dtype=np.float32)
         if h.shape[-1] != self.n_embd:
             raise MoespacError(f"hidden state has {h.shape[-1]} features, the model has n_embd={self.n_embd}")
@@ -182,7 +191,7 @@ class LookaheadGate:
             return out
         last = sources[-1] if known_upto is None else known_upto
         done = set()
-        for l in reversed(sources):       # nearest source first
+        for l in reversed(sources):  # nearest source first
             if l > last:
                 continue
             q = self.expected_routings(self.predict(l, np.asarray(hidden[l]).reshape(-1, self.n_embd)))
@@ -201,11 +210,19 @@ class LookaheadGate:
             arrays[f"delta_{l}_{d}"] = a
             if b is not None:
                 arrays[f"deltaq_{l}_{d}"] = b
-        meta = {"format": GATE_FORMAT, "n_layer": self.n_layer, "n_expert": self.n_expert,
-                "n_expert_used": self.n_expert_used, "n_embd": self.n_embd, "distance": self.distance,
-                "moe_layers": self.moe_layers, "fingerprint": self.fingerprint, "info": self.info}
+        meta = {
+            "format": GATE_FORMAT,
+            "n_layer": self.n_layer,
+            "n_expert": self.n_expert,
+            "n_expert_used": self.n_expert_used,
+            "n_embd": self.n_embd,
+            "distance": self.distance,
+            "moe_layers": self.moe_layers,
+            "fingerprint": self.fingerprint,
+            "info": self.info,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:   # np.savez would append .npz to a name without it
+        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
         return path
 
@@ -224,15 +241,27 @@ class LookaheadGate:
             raise MoespacError(f"{path}: gate format {meta.get('format')} is not supported (expected {GATE_FORMAT})")
         fp = model_fingerprint(model)
         if fp != meta["fingerprint"]:
-            raise MoespacError(f"gate {path.name} was trained for another model (tensor hash "
-                               f"{meta['fingerprint'][:12]}, {model.name} has {fp[:12]}): retrain it with "
-                               f"`moespac train-gate -m {model}`")
+            raise MoespacError(
+                f"gate {path.name} was trained for another model (tensor hash "
+                f"{meta['fingerprint'][:12]}, {model.name} has {fp[:12]}): retrain it with "
+                f"`moespac train-gate -m {model}`"
+            )
         deltas = {}
         for key in z.files:
             if key.startswith("delta_"):
                 l, d = map(int, key[6:].split("_"))
                 q = f"deltaq_{l}_{d}"
                 deltas[l, d] = (z[key], z[q] if q in z.files else None)
-        return cls(meta["n_layer"], meta["n_expert"], meta["n_expert_used"], meta["n_embd"], meta["distance"],
-                   list(meta["moe_layers"]), load_routers(model, meta["moe_layers"]), deltas, z["frequency"].astype(np.float64),
-                   fp, meta.get("info", {}))
+        return cls(
+            meta["n_layer"],
+            meta["n_expert"],
+            meta["n_expert_used"],
+            meta["n_embd"],
+            meta["distance"],
+            list(meta["moe_layers"]),
+            load_routers(model, meta["moe_layers"]),
+            deltas,
+            z["frequency"].astype(np.float64),
+            fp,
+            meta.get("info", {}),
+        )

@@ -20,6 +20,7 @@ in 96 tokens under a 435 MiB cap (0.79 vs 1.09 tok/s without the gate).
 Cost: the tap's C-side name filter keeps Python out of every other node (~50 us per Python
 call, NOTES.md); what remains is reading each layer's rows and running the gate.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,9 +45,9 @@ class GateTap:
         for l in gate.moe_layers:
             self._layer_of[f"ffn_norm-{l}".encode()] = l
             self._layer_of[f"attn_post_norm-{l}".encode()] = l
-        self.calls = 0          # gate evaluations
-        self.seconds = 0.0      # time spent reading states + predicting + in the sink
-        self.last: dict[int, np.ndarray] = {}   # source layer -> its expected routings, this decode
+        self.calls = 0  # gate evaluations
+        self.seconds = 0.0  # time spent reading states + predicting + in the sink
+        self.last: dict[int, np.ndarray] = {}  # source layer -> its expected routings, this decode
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
 
     def _eval(self, tensor_ptr, ask: bool, user_data) -> bool:
@@ -65,7 +66,7 @@ class GateTap:
             self.last[layer] = u
             if self.sink is not None:
                 self.sink(layer, u)
-        except Exception:       # never let an exception cross into llama.cpp
+        except Exception:  # never let an exception cross into llama.cpp
             pass
         self.calls += 1
         self.seconds += time.perf_counter() - t0
@@ -85,12 +86,20 @@ class GatedResidency:
     (the speculative utility) and `engine.hint`.
     """
 
-    def __init__(self, controller, gate: LookaheadGate, weight: float = 1.0, every: int = 1,
-                 threshold: float = 0.5, tap: GateTap | None = None, read_ahead: int = 1):
+    def __init__(
+        self,
+        controller,
+        gate: LookaheadGate,
+        weight: float = 1.0,
+        every: int = 1,
+        threshold: float = 0.5,
+        tap: GateTap | None = None,
+        read_ahead: int = 1,
+    ):
         self.controller, self.gate = controller, gate
-        self.weight = weight            # 1: the gate replaces the speculative utility in its reach
-        self.every = max(1, every)      # re-plan every `every` source layers
-        self.threshold = threshold      # expected routings that make an expert "predicted" (urgent)
+        self.weight = weight  # 1: the gate replaces the speculative utility in its reach
+        self.every = max(1, every)  # re-plan every `every` source layers
+        self.threshold = threshold  # expected routings that make an expert "predicted" (urgent)
         # layers ahead whose predicted experts are read ahead: the stream window under a tight cap
         # holds about one layer's experts; reading 3 layers ahead there re-read 3x the bytes
         self.read_ahead = read_ahead
@@ -100,8 +109,9 @@ class GatedResidency:
         self.applied = 0
 
     def _estimate(self, draft=None) -> np.ndarray:
-        est = getattr(getattr(self.controller, "policy", None), "estimator", None) \
-            or getattr(self.controller, "estimator", None)
+        est = getattr(getattr(self.controller, "policy", None), "estimator", None) or getattr(
+            self.controller, "estimator", None
+        )
         return np.asarray(est.predict(draft), dtype=np.float64) if est is not None else self.base
 
     # speculative-loop observer: keep the controller's behaviour, remember its utility
@@ -134,7 +144,7 @@ class GatedResidency:
             return
         _, priority, predicted = self.combine(layer, expected)
         near = np.zeros_like(predicted)
-        near[layer + 1:layer + 1 + self.read_ahead] = True
+        near[layer + 1 : layer + 1 + self.read_ahead] = True
         self.controller.engine.hint(predicted & near, priority)
         self.applied += 1
 

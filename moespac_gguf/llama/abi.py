@@ -4,6 +4,7 @@ Importing this module is the check that llama-cpp-python is our patched build:
 a stock build lacks the symbols, and we stop with one line telling the user how
 to build the right one instead of failing later in a confusing way.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,9 @@ def check_abi(lib) -> int:
     fn.restype, fn.argtypes = ctypes.c_int32, []
     version = int(fn())
     if version != ABI_VERSION:
-        raise MoespacError(f"patched llama-cpp-python has moespac ABI {version}, this package needs "
-                           f"{ABI_VERSION}; {_REBUILD_HINT}")
+        raise MoespacError(
+            f"patched llama-cpp-python has moespac ABI {version}, this package needs {ABI_VERSION}; {_REBUILD_HINT}"
+        )
     return version
 
 
@@ -112,5 +114,7 @@ def last_log_line() -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
 # The tap's C eval callback, as a value to put in llama_context_params.cb_eval.
 tap_eval_callback = ctypes.cast(lib.llama_moespac_tap_eval, llama_cpp.llama_cpp.ggml_backend_sched_eval_callback)

@@ -5,6 +5,7 @@ the decode hot path (that is what the C routing tap is for) but fine for
 collecting hidden states to fit routers and lookahead gates, and for checking
 the tap against a numpy recomputation in tests.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,6 +23,7 @@ GGML_TYPE_F32 = 0
 
 class GgmlTensor(ctypes.Structure):
     """The head of `struct ggml_tensor` (ggml.h of the pinned llama.cpp), up to `name`."""
+
     _fields_ = [
         ("type", ctypes.c_int),
         ("buffer", ctypes.c_void_p),
@@ -45,8 +47,7 @@ def read_f32(t: GgmlTensor, ptr: int) -> np.ndarray:
         raise RuntimeError(f"capture of {t.name.decode()} needs a host (CPU) buffer")
     rows = np.empty((ne1, ne0), dtype=np.float32)
     for r in range(ne1):
-        rows[r] = np.ctypeslib.as_array(ctypes.cast(t.data + r * t.nb[1], ctypes.POINTER(ctypes.c_float)),
-                                        shape=(ne0,))
+        rows[r] = np.ctypeslib.as_array(ctypes.cast(t.data + r * t.nb[1], ctypes.POINTER(ctypes.c_float)), shape=(ne0,))
     return rows
 
 

@@ -14,14 +14,13 @@ from ..core.errors import MoespacError
 def render_chat(template: str, messages: list[dict], bos: str, eos: str) -> str:
     """Render a GGUF chat template (Jinja2, as in Hugging Face tokenizers), ending with the
     assistant's generation prompt."""
+
     def raise_exception(msg):
         raise MoespacError(f"chat template: {msg}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
-    )
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 
 def chat_tokens(session, messages: list[dict]) -> list[int] | None:

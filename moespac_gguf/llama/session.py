@@ -4,6 +4,7 @@ The speculative loop needs what `llama_cpp.Llama` does not give: logits for
 every position of a batch, KV rollback, and the routing of every decode. This
 class is that thin layer and nothing more: no sampling, no speculation.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,9 +26,18 @@ L = llama_cpp  # the low-level bindings (llama_cpp.llama_cpp re-exported by the 
 class Session:
     """A loaded GGUF model with one context (sequence 0) and its KV position."""
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_batch: int = 512,
-                 n_threads: int | None = None, tap: bool = True, use_mmap: bool = True,
-                 capture=None, overrides: dict[str, int] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        tap: bool = True,
+        use_mmap: bool = True,
+        capture=None,
+        overrides: dict[str, int] | None = None,
+    ):
         """`capture`: an eval callback chained behind the routing tap, with `callback` and
         `name_prefixes` (llama.capture.TensorCapture, the gate's GateTap).
         `overrides`: integer metadata llama.cpp reads in place of the file's (kv_overrides),
@@ -78,8 +88,10 @@ class Session:
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             L.llama_model_free(self.model)
-            raise MoespacError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}): "
-                               f"{last_log_line() or 'unknown error'}")
+            raise MoespacError(
+                f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}): "
+                f"{last_log_line() or 'unknown error'}"
+            )
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.memory = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(n_batch, 0, 1)
@@ -148,11 +160,12 @@ class Session:
         if not tokens:
             raise ValueError("decode() needs at least one token")
         if self.n_past + len(tokens) > self.n_ctx:
-            raise MoespacError(f"context full: {self.n_past} + {len(tokens)} tokens exceed n_ctx={self.n_ctx} "
-                               "(raise -c/--ctx-size)")
+            raise MoespacError(
+                f"context full: {self.n_past} + {len(tokens)} tokens exceed n_ctx={self.n_ctx} (raise -c/--ctx-size)"
+            )
         logits, routing = [], []
         for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
+            chunk = tokens[start : start + self.n_batch]
             last = start + self.n_batch >= len(tokens)
             flags = [all_logits or (last and i == len(chunk) - 1) for i in range(len(chunk))]
             b = self.batch

@@ -15,6 +15,7 @@ others from the model's tensors, and the logits do not change.
 Copies never race the graph: a slot can be copied into only while no expert is
 assigned to it and no graph of a running decode reads it (else MoespacError).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -51,7 +52,9 @@ class SlotCache:
         self._check(lib.llama_moespac_slots_attach(session.ctx, self.handle))
         self.n_layer = n_layer
         self.n_expert = int(lib.llama_moespac_slots_n_expert(self.handle))
-        self.n_slots = np.array([lib.llama_moespac_slots_n_slots(self.handle, l) for l in range(n_layer)], dtype=np.int32)
+        self.n_slots = np.array(
+            [lib.llama_moespac_slots_n_slots(self.handle, l) for l in range(n_layer)], dtype=np.int32
+        )
         self.moe_layers = [l for l in range(n_layer) if self.n_slots[l] > 0]
 
     # -- errors -----------------------------------------------------------------

@@ -4,6 +4,7 @@ The tap lives in libllama as a C eval callback; this module owns its handle and
 turns its flat arrays into a `Routing` after each decode. No Python runs per
 graph node, so the tap costs one strncmp per node inside llama.cpp.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -59,8 +60,12 @@ class RoutingTap:
             self._allowed = None
             lib.llama_moespac_tap_set_allowed(self.handle, None, 0)
             return
-        if allowed.dtype != np.bool_ or allowed.ndim != 2 or allowed.shape[0] != self.n_layer \
-                or not allowed.flags.c_contiguous:
+        if (
+            allowed.dtype != np.bool_
+            or allowed.ndim != 2
+            or allowed.shape[0] != self.n_layer
+            or not allowed.flags.c_contiguous
+        ):
             raise ValueError(f"allowed must be a C-contiguous bool [{self.n_layer}, n_expert] array")
         self._allowed = allowed  # the C side holds a pointer into it
         lib.llama_moespac_tap_set_allowed(self.handle, allowed.ctypes.data, allowed.shape[1])

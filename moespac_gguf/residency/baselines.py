@@ -17,6 +17,7 @@ from .utility import SpacUtility
 
 class OnDemand(Policy):
     """No cache: every window reads all its experts from the slow tier."""
+
     name = "ondemand"
 
     def _keep(self, tokens, experts, used, prefill):
@@ -65,6 +66,7 @@ class Lru(Policy):
 
 class Static(Policy):
     """Fiddler-style: the experts a profile (of a DIFFERENT trace) used most, fixed for the whole run."""
+
     name = "static"
 
     def __init__(self, profile_counts: np.ndarray):
@@ -73,26 +75,29 @@ class Static(Policy):
     def reset(self, n_layer, n_expert, capacity):
         super().reset(n_layer, n_expert, capacity)
         if self.profile_counts.shape != (n_layer, n_expert):
-            raise MoespacError(f"static profile has shape {self.profile_counts.shape}, "
-                               f"the trace needs {(n_layer, n_expert)}")
+            raise MoespacError(
+                f"static profile has shape {self.profile_counts.shape}, the trace needs {(n_layer, n_expert)}"
+            )
         self.resident = select(self.profile_counts, np.ones_like(self.resident), capacity)
 
 
 class StaticLayers(Policy):
     """llama.cpp `--n-cpu-moe` style: whole layers resident (the last ones, as --n-cpu-moe keeps the
     first N layers' experts on the CPU). Layer-granular: honours the total, not `per_layer`."""
+
     name = "static-layers"
 
     def reset(self, n_layer, n_expert, capacity):
         super().reset(n_layer, n_expert, capacity)
         n_full = min(n_layer, capacity.total // n_expert) if n_expert else 0
-        self.resident[n_layer - n_full:] = True
+        self.resident[n_layer - n_full :] = True
 
 
 class Spac(Policy):
     """MoE-SpAc's baseline: an expert is wanted while its level in utility.SpacUtility's state
     machine (defaults S=4, theta_up=1, theta_down=2) is >= `threshold` (fixed); ties broken by
     recency, then the capacity cuts. Prefetches experts that qualify but are not resident."""
+
     name = "spac"
 
     def __init__(self, threshold: int = 1):
@@ -132,6 +137,7 @@ class Belady(Policy):
     also has the highest hit rate (hits = needs - loads); a prefetching policy can exceed its hit
     rate, but never moves fewer bytes.
     """
+
     name = "belady"
 
     def __init__(self, future: np.ndarray):
@@ -141,8 +147,9 @@ class Belady(Policy):
         super().reset(n_layer, n_expert, capacity)
         n_window = len(self.future)
         if self.future.shape[1:] != (n_layer, n_expert):
-            raise MoespacError(f"Belady future has shape {self.future.shape[1:]}, "
-                               f"the trace needs {(n_layer, n_expert)}")
+            raise MoespacError(
+                f"Belady future has shape {self.future.shape[1:]}, the trace needs {(n_layer, n_expert)}"
+            )
         self.next_use = np.empty((n_window + 1, n_layer, n_expert), dtype=np.int64)  # first window >= w using it
         self.next_use[n_window] = n_window
         for w in range(n_window - 1, -1, -1):

@@ -33,7 +33,8 @@ def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
             f"memory budget {format_size(mem_budget)} is too small: non-expert weights "
             f"{format_size(layout.other_bytes)}, draft {format_size(draft_bytes)}, runtime {format_size(runtime)} "
             f"and margin {format_size(margin)} leave {format_size(max(left, 0))} for experts, less than the "
-            f"{format_size(one_layer)} one layer's top-{layout.n_expert_used} experts need")
+            f"{format_size(one_layer)} one layer's top-{layout.n_expert_used} experts need"
+        )
     return left
 
 
@@ -75,12 +76,13 @@ class ResidencyController:
     solves exactly (tests/test_plan.py), so no solver runs on the decode path;
     a GPU slot tier would make the ILP (plan.BackgroundBalancer) worth its cost.
     """
+
     layout: MoeLayout
     budget_bytes: int
     costs: DeviceCosts = field(default_factory=load_costs)
     refresh_every: int = 16
-    pin: bool = True                  # mlock held experts + fixed weights (falls back when refused)
-    draft_path: str | None = None     # the draft's file, pinned whole with the fixed weights
+    pin: bool = True  # mlock held experts + fixed weights (falls back when refused)
+    draft_path: str | None = None  # the draft's file, pinned whole with the fixed weights
     draft_max: int = 8
 
     def __post_init__(self):
@@ -100,8 +102,9 @@ class ResidencyController:
         # pinned, a streamed expert is dropped with the window after its layer: keeping it is a
         # re-read (measured: every new held expert had been a just-used one, 5.9 GB in 59 steps)
         self.policy = MoeSpacPolicy(self.costs, expert_bytes, keep_used=not self.pin)
-        self.policy.reset(self.layout.n_layer, self.layout.n_expert,
-                          Capacity(total=max(1, int(budget // expert_bytes))))
+        self.policy.reset(
+            self.layout.n_layer, self.layout.n_expert, Capacity(total=max(1, int(budget // expert_bytes)))
+        )
         self.steps = 0
         self.lookahead = False  # set once a draft's lookahead routing is heard
 

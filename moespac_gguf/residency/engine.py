@@ -20,6 +20,7 @@ engine fetched them). A pinned budget keeps room for that stream window.
 
 `ResidencyController` (controller.py) decides what the engine holds.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ class EngineStats:
     evicted_bytes: int = 0
     prefetches: int = 0
     evictions: int = 0
-    hinted_bytes: int = 0   # stream-window read-ahead asked for (hint), not held
+    hinted_bytes: int = 0  # stream-window read-ahead asked for (hint), not held
     plans: int = 0
     io_s: float = 0.0
 

@@ -25,8 +25,13 @@ DEFAULT_SOLVER = "highs"  # faster than CBC on every benchmark shape but one tie
 _MS = 1e3  # the ILP counts milliseconds so solver tolerances stay far below real costs
 
 
-def solve(problem: PlanProblem, solver: str = DEFAULT_SOLVER, time_limit: float = 2.0, gap: float = 0.005,
-          warm_start: Plan | None = None) -> Plan:
+def solve(
+    problem: PlanProblem,
+    solver: str = DEFAULT_SOLVER,
+    time_limit: float = 2.0,
+    gap: float = 0.005,
+    warm_start: Plan | None = None,
+) -> Plan:
     """The ILP's plan, started from the better of greedy and `warm_start` (if still feasible), so a
     time-limited answer is never worse than either."""
     if solver not in SOLVERS:
@@ -217,5 +222,4 @@ def _solver(name: str, time_limit: float, gap: float):
     """One thread: the planner shares the cores with llama.cpp's decode."""
     if name == "highs":
         return _Highs(msg=False, timeLimit=time_limit, gapRel=gap, threads=1)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, threads=1, warmStart=True,
-                             timeMode="elapsed")
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, threads=1, warmStart=True, timeMode="elapsed")

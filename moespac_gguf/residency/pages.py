@@ -10,6 +10,7 @@ I/O); posix_fadvise(DONTNEED) drops only unmapped clean pages in folios wholly
 inside the range (a whole file: a cold cache before a benchmark run; a small
 range inside large folios: nothing). Python's mmap lacks these constants.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,6 +35,7 @@ _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 @dataclass(frozen=True)
 class Mapping:
     """One mmap of a file in this process: addresses [start, end) show file bytes from `offset`."""
+
     start: int
     end: int
     offset: int

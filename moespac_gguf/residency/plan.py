@@ -12,6 +12,7 @@ Binaries s (slot) and r (resident) per expert; flash = 1 - s - r.
     s.t. s + r <= 1 (= 1 if must_have),  sum_e s <= slots_l,  sum b*(s + r) <= budget
 Without a GPU both branches run on the CPU: z_l is their sum, slot experts computed at c_cpu.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,20 +30,22 @@ CPU, GPU = 0, 1
 @dataclass
 class PlanProblem:
     """One balancing question; arrays are validated and normalised on construction."""
-    utility: np.ndarray               # float [n_layer, n_expert]: expected tokens next step
-    expert_bytes: np.ndarray          # [n_layer] or [n_layer, n_expert]
-    current: np.ndarray               # int [n_layer, n_expert]: tier now
-    slot_capacity: np.ndarray         # int [n_layer]: T0 slots per layer, 0 if none
-    resident_budget_bytes: float      # T0 + T1 expert bytes allowed
+
+    utility: np.ndarray  # float [n_layer, n_expert]: expected tokens next step
+    expert_bytes: np.ndarray  # [n_layer] or [n_layer, n_expert]
+    current: np.ndarray  # int [n_layer, n_expert]: tier now
+    slot_capacity: np.ndarray  # int [n_layer]: T0 slots per layer, 0 if none
+    resident_budget_bytes: float  # T0 + T1 expert bytes allowed
     costs: DeviceCosts
     must_have: np.ndarray | None = None  # bool [n_layer, n_expert]: must end in T0/T1
-    horizon_steps: float = 8.0        # steps until the next plan: one-off moves are amortized over it
+    horizon_steps: float = 8.0  # steps until the next plan: one-off moves are amortized over it
 
     def __post_init__(self):
         self.utility = np.asarray(self.utility, dtype=np.float64)
         if self.utility.ndim != 2 or not np.all(np.isfinite(self.utility)) or self.utility.min(initial=0) < 0:
-            raise MoespacError(f"utility must be a finite non-negative [n_layer, n_expert] array, "
-                               f"got shape {self.utility.shape}")
+            raise MoespacError(
+                f"utility must be a finite non-negative [n_layer, n_expert] array, got shape {self.utility.shape}"
+            )
         shape = self.utility.shape
         self.expert_bytes = _expert_bytes(self.expert_bytes, shape)
         self.current = _as_shape(self.current, shape, "current tier", np.int8)
@@ -51,25 +54,31 @@ class PlanProblem:
         self.slot_capacity = _as_shape(self.slot_capacity, shape[:1], "slot_capacity", np.int64)
         if self.slot_capacity.min(initial=0) < 0:
             raise MoespacError("slot_capacity must be non-negative")
-        self.must_have = (np.zeros(shape, dtype=bool) if self.must_have is None
-                          else _as_shape(self.must_have, shape, "must_have", bool))
+        self.must_have = (
+            np.zeros(shape, dtype=bool)
+            if self.must_have is None
+            else _as_shape(self.must_have, shape, "must_have", bool)
+        )
         if self.horizon_steps <= 0:
             raise MoespacError(f"horizon_steps must be positive, got {self.horizon_steps}")
         must_bytes = float(self.expert_bytes[self.must_have].sum())
         if must_bytes > self.resident_budget_bytes:
-            raise MoespacError(f"resident budget {self.resident_budget_bytes / 2**20:.1f} MiB is smaller than "
-                               f"the {must_bytes / 2**20:.1f} MiB of experts this step must have")
+            raise MoespacError(
+                f"resident budget {self.resident_budget_bytes / 2**20:.1f} MiB is smaller than "
+                f"the {must_bytes / 2**20:.1f} MiB of experts this step must have"
+            )
 
 
 @dataclass
 class Plan:
     """Where each expert lives and who computes it, with the step time the cost model predicts."""
-    tier: np.ndarray          # int8 [n_layer, n_expert]: SLOT, RESIDENT or FLASH
-    processor: np.ndarray     # int8 [n_layer, n_expert]: CPU or GPU
+
+    tier: np.ndarray  # int8 [n_layer, n_expert]: SLOT, RESIDENT or FLASH
+    processor: np.ndarray  # int8 [n_layer, n_expert]: CPU or GPU
     predicted_step_s: float
-    solver: str               # "highs", "cbc" or "greedy"
-    solve_s: float            # model build + solve (+ greedy start) wall time
-    status: str               # "optimal" (within gap), "time_limit" or "greedy"
+    solver: str  # "highs", "cbc" or "greedy"
+    solve_s: float  # model build + solve (+ greedy start) wall time
+    status: str  # "optimal" (within gap), "time_limit" or "greedy"
 
 
 def tier_costs(problem: PlanProblem) -> np.ndarray:
@@ -100,10 +109,12 @@ def feasible(problem: PlanProblem, tier: np.ndarray) -> bool:
     """True if `tier` respects the slots, the byte budget and must_have of `problem`."""
     tier = np.asarray(tier)
     in_memory = tier != FLASH
-    return (tier.shape == problem.utility.shape
-            and bool(((tier == SLOT).sum(1) <= problem.slot_capacity).all())
-            and float(problem.expert_bytes[in_memory].sum()) <= problem.resident_budget_bytes
-            and bool(in_memory[problem.must_have].all()))
+    return (
+        tier.shape == problem.utility.shape
+        and bool(((tier == SLOT).sum(1) <= problem.slot_capacity).all())
+        and float(problem.expert_bytes[in_memory].sum()) <= problem.resident_budget_bytes
+        and bool(in_memory[problem.must_have].all())
+    )
 
 
 def greedy(problem: PlanProblem) -> Plan:
@@ -117,8 +128,14 @@ def greedy(problem: PlanProblem) -> Plan:
 
 def make_plan(problem: PlanProblem, tier: np.ndarray, solver: str, solve_s: float, status: str) -> Plan:
     on_gpu = (tier == SLOT) & problem.costs.has_gpu
-    return Plan(tier=tier.astype(np.int8), processor=np.where(on_gpu, GPU, CPU).astype(np.int8),
-                predicted_step_s=step_time(problem, tier), solver=solver, solve_s=solve_s, status=status)
+    return Plan(
+        tier=tier.astype(np.int8),
+        processor=np.where(on_gpu, GPU, CPU).astype(np.int8),
+        predicted_step_s=step_time(problem, tier),
+        solver=solver,
+        solve_s=solve_s,
+        status=status,
+    )
 
 
 def _pick_in_memory(problem: PlanProblem, costs: np.ndarray) -> np.ndarray:

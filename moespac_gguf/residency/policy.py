@@ -22,6 +22,7 @@ tokens route there. Every policy respects `per_layer` except the two that are gl
 The baselines the simulator compares against live in baselines.py; `MoeSpacPolicy`, here, is the
 one the runtime runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ POLICIES = ("ondemand", "lru", "lru-global", "static", "static-layers", "spac", 
 class Capacity:
     """Experts fast memory holds: `total` in all, at most `per_layer` in any layer (None: only the
     total binds, as under one byte budget shared by all layers)."""
+
     total: int
     per_layer: int | None = None
 
@@ -63,7 +65,7 @@ def select(score: np.ndarray, eligible: np.ndarray, capacity: Capacity) -> np.nd
         rank[by_layer] = np.arange(len(order)) - np.searchsorted(layer[by_layer], layer[by_layer])
         order = order[rank < capacity.per_layer]
     chosen = np.zeros(eligible.shape, dtype=bool)
-    chosen.flat[order[:capacity.total]] = True
+    chosen.flat[order[: capacity.total]] = True
     return chosen
 
 
@@ -88,6 +90,7 @@ def lookahead_score(utility: np.ndarray, ahead: np.ndarray) -> np.ndarray:
 
 class Policy:
     """Holds the resident set; subclasses decide what to fetch (`_want`) and what to keep (`_keep`)."""
+
     name = ""
 
     def reset(self, n_layer: int, n_expert: int, capacity: Capacity) -> None:
@@ -139,10 +142,18 @@ class MoeSpacPolicy(Policy):
     and 1.5, 25-52% capacity (bench/results/utility_memory.md); Mixtral M2 3.14 against 3.33
     GB/token, Qwen3 Jetson 0.89 against 1.00.
     """
+
     name = "moespac"
 
-    def __init__(self, costs: DeviceCosts, expert_bytes: float, method: str = "prior", horizon_steps: float = 8.0,
-                 keep_used: bool = True, alpha: float | None = None):
+    def __init__(
+        self,
+        costs: DeviceCosts,
+        expert_bytes: float,
+        method: str = "prior",
+        horizon_steps: float = 8.0,
+        keep_used: bool = True,
+        alpha: float | None = None,
+    ):
         self.costs, self.expert_bytes = costs, float(expert_bytes)
         self.method, self.horizon_steps = method, horizon_steps
         # False where the window's misses stream through and are dropped (the pinned engine): keeping
@@ -158,11 +169,15 @@ class MoeSpacPolicy(Policy):
 
     def _want(self, draft_tokens):
         utility = self.estimator.predict_over(self.horizon_steps, draft_tokens)
-        problem = PlanProblem(utility, np.full(self.n_layer, self.expert_bytes),
-                              current=np.where(self.resident, RESIDENT, FLASH),
-                              slot_capacity=np.zeros(self.n_layer, dtype=np.int64),
-                              resident_budget_bytes=self.capacity.total * self.expert_bytes,
-                              costs=self.costs, horizon_steps=self.horizon_steps)
+        problem = PlanProblem(
+            utility,
+            np.full(self.n_layer, self.expert_bytes),
+            current=np.where(self.resident, RESIDENT, FLASH),
+            slot_capacity=np.zeros(self.n_layer, dtype=np.int64),
+            resident_budget_bytes=self.capacity.total * self.expert_bytes,
+            costs=self.costs,
+            horizon_steps=self.horizon_steps,
+        )
         return select(utility, greedy(problem).tier != FLASH, self.capacity)
 
     def _want_ahead(self, draft_tokens, ahead):
@@ -182,5 +197,6 @@ class MoeSpacPolicy(Policy):
         # a prefill's experts are long gone from the stream window: not free to keep
         self.last_used = np.zeros_like(used) if prefill else used
         self.after_prefill = prefill
-        return select(self.estimator.predict(), self.resident | used if self.keep_used else self.resident,
-                      self.capacity)
+        return select(
+            self.estimator.predict(), self.resident | used if self.keep_used else self.resident, self.capacity
+        )

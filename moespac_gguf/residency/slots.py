@@ -119,9 +119,13 @@ class SlotFiller:
             self.pending.append((layer, e, s))
 
     def stats(self) -> dict:
-        return {"slots_per_layer": int(self.cache.n_slots.max()), "buffer_bytes": self.cache.buffer_bytes,
-                "copied_bytes": self.cache.copied_bytes, "copies": self.copies,
-                "engine_budget_bytes": self.residency.engine.budget}
+        return {
+            "slots_per_layer": int(self.cache.n_slots.max()),
+            "buffer_bytes": self.cache.buffer_bytes,
+            "copied_bytes": self.cache.copied_bytes,
+            "copies": self.copies,
+            "engine_budget_bytes": self.residency.engine.budget,
+        }
 
     def close(self) -> None:
         self.cache.close()

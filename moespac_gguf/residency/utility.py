@@ -13,6 +13,7 @@ balancer and the engine consume a single array whatever the method:
 Routing input everywhere: `experts` int [n_layer, n_tokens, k], -1 = no expert (e.g. rows a
 layer pruned).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,8 +56,10 @@ class SpacUtility:
     def __init__(self, n_layer: int, n_expert: int, max_state: int = 4, theta_up: int = 1, theta_down: int = 2):
         if max_state < 1 or theta_up < 1 or theta_down < 1:
             # thresholds >= 1 so that a step can never satisfy both the up and the down rule
-            raise MoespacError(f"SpAc needs S >= 1 and thresholds >= 1, got S={max_state}, "
-                               f"theta_up={theta_up}, theta_down={theta_down}")
+            raise MoespacError(
+                f"SpAc needs S >= 1 and thresholds >= 1, got S={max_state}, "
+                f"theta_up={theta_up}, theta_down={theta_down}"
+            )
         self.max_state, self.theta_up, self.theta_down = max_state, theta_up, theta_down
         self.state = np.zeros((n_layer, n_expert), dtype=np.int64)
 
@@ -108,8 +111,11 @@ class EwmaUtility:
         self._seen |= live
         if not prefill:
             step_rows = float(rows.max())
-            self.tokens_per_step = (step_rows if self.tokens_per_step == 0.0 else
-                                    (1.0 - self.step_alpha) * self.tokens_per_step + self.step_alpha * step_rows)
+            self.tokens_per_step = (
+                step_rows
+                if self.tokens_per_step == 0.0
+                else (1.0 - self.step_alpha) * self.tokens_per_step + self.step_alpha * step_rows
+            )
 
     def utility(self) -> np.ndarray:
         return self.freq * (self.tokens_per_step or 1.0)
@@ -127,8 +133,7 @@ class TokenPrior:
 
     def __init__(self, n_layer: int, n_expert: int, strength: float = 2.0, max_tokens: int = 1024):
         if strength <= 0 or max_tokens < 1:
-            raise MoespacError(f"token prior needs strength > 0 and max_tokens >= 1, "
-                               f"got {strength} and {max_tokens}")
+            raise MoespacError(f"token prior needs strength > 0 and max_tokens >= 1, got {strength} and {max_tokens}")
         self.n_layer, self.n_expert = n_layer, n_expert
         self.strength, self.max_tokens = strength, max_tokens
         self.total_counts = np.zeros((n_layer, n_expert))
@@ -139,7 +144,7 @@ class TokenPrior:
         ids = check_experts(experts, self.n_expert, self.n_layer)
         tokens = _check_tokens(tokens, ids.shape[1])
         for row, token in enumerate(tokens.tolist()):
-            one = ids[:, row:row + 1]
+            one = ids[:, row : row + 1]
             counts, rows = self._table.pop(token, (0.0, 0.0))
             counts = (counts + routing_counts(one, self.n_expert)).astype(np.float32)
             self._table[token] = (counts, rows + routed_rows(one))
@@ -155,8 +160,11 @@ class TokenPrior:
     def predict(self, draft_tokens, fallback: np.ndarray | None = None) -> np.ndarray:
         """Expected routings of the drafted rows, float [n_layer, n_expert]."""
         tokens = _check_tokens(draft_tokens)
-        base = self.strength * (self.frequency() if fallback is None
-                                else _check_shape(fallback, self.total_counts.shape, "fallback frequency"))
+        base = self.strength * (
+            self.frequency()
+            if fallback is None
+            else _check_shape(fallback, self.total_counts.shape, "fallback frequency")
+        )
         expected = np.zeros_like(self.total_counts)
         for token in tokens.tolist():
             counts, rows = self._table.get(token, (0.0, np.zeros(self.n_layer)))
@@ -172,9 +180,19 @@ class UtilityEstimator:
     context beats the session-wide average for unseen ids); without them, the EWMA estimate.
     """
 
-    def __init__(self, n_layer: int, n_expert: int, method: str = "prior", *, alpha: float = 0.3,
-                 max_state: int = 4, theta_up: int = 1, theta_down: int = 2,
-                 prior_strength: float = 2.0, max_tokens: int = 1024):
+    def __init__(
+        self,
+        n_layer: int,
+        n_expert: int,
+        method: str = "prior",
+        *,
+        alpha: float = 0.3,
+        max_state: int = 4,
+        theta_up: int = 1,
+        theta_down: int = 2,
+        prior_strength: float = 2.0,
+        max_tokens: int = 1024,
+    ):
         if method not in METHODS:
             raise MoespacError(f"unknown utility method {method!r} (choose from {', '.join(METHODS)})")
         self.n_layer, self.n_expert, self.method = n_layer, n_expert, method

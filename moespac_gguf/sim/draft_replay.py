@@ -7,6 +7,7 @@ SpeculativeDecoder._propose does: rows [last committed, d1 .. d(N-1)]. Under a b
 restricts the draft's routing to the experts the engine holds (patch 0009); a replay has no engine,
 so `restrict` stands in for it with the M most used experts of the trace.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,9 @@ from ..residency.policy import Capacity, select
 from .trace import RoutingTrace
 
 
-def self_draft_rows(trace: RoutingTrace, windows, model: str, n_rows: int,
-                    restrict: int | None = None) -> list[np.ndarray | None]:
+def self_draft_rows(
+    trace: RoutingTrace, windows, model: str, n_rows: int, restrict: int | None = None
+) -> list[np.ndarray | None]:
     """Per window (sim.make_windows): int [L, n_rows, k], the self-draft's top-k ranking of the rows
     it decodes from the window's first (committed) token on; None for a prefill window."""
     layout = read_layout(model)
@@ -52,7 +54,7 @@ def _run_ahead(trace: RoutingTrace, windows, draft: Session, router: RouterCaptu
             continue
         draft.rollback(a - start)  # the committed tokens before this window's first
         if draft.n_past < a - start:  # the ones the last window committed
-            draft.decode(trace.tokens[start + draft.n_past:a].tolist())
+            draft.decode(trace.tokens[start + draft.n_past : a].tolist())
             router.clear()
         pending, out = [int(trace.tokens[a])], []
         for _ in range(n_rows):

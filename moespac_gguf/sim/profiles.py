@@ -4,6 +4,7 @@ Every number in those files carries its public source (or "estimate") in a comme
 device is not a file: it is what `moespac calibrate` measured on this machine, read from
 CACHE_DIR/calibration.json (residency.costs). A model can also be a GGUF file (its layout gives the exact bytes).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,28 +19,47 @@ from ..residency.costs import DeviceCosts, read_calibration
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PAGE = 4096
 PAGING = ("bulk", "fault")
-_DEVICE_KEYS = ("name", "mem_bytes", "mem_peak_bps", "decode_efficiency", "flash_read_bps", "page_in_latency_s",
-                "memcpy_bps", "step_overhead_s")
-_MODEL_KEYS = ("name", "n_layer", "n_expert", "top_k", "n_shared_expert", "n_embd", "n_ff_expert", "total_params",
-               "default_quant", "bits_per_weight")
+_DEVICE_KEYS = (
+    "name",
+    "mem_bytes",
+    "mem_peak_bps",
+    "decode_efficiency",
+    "flash_read_bps",
+    "page_in_latency_s",
+    "memcpy_bps",
+    "step_overhead_s",
+)
+_MODEL_KEYS = (
+    "name",
+    "n_layer",
+    "n_expert",
+    "top_k",
+    "n_shared_expert",
+    "n_embd",
+    "n_ff_expert",
+    "total_params",
+    "default_quant",
+    "bits_per_weight",
+)
 
 
 @dataclass(frozen=True)
 class Device:
     """What the timing model needs of a machine (sim.py docstring: the model)."""
+
     name: str
-    mem_bytes: float           # fast memory the model may use: the default budget
-    mem_bps: float             # bandwidth decode achieves streaming weights from fast memory
-    flash_read_bps: float      # slow tier -> fast memory (SSD/UFS read, or PCIe from host RAM)
-    page_in_latency_s: float   # fixed cost of each expert load
-    memcpy_bps: float          # fast-memory copy (the balancer's slot moves)
-    step_overhead_s: float     # per forward pass: kernel launches, sampling, sync
+    mem_bytes: float  # fast memory the model may use: the default budget
+    mem_bps: float  # bandwidth decode achieves streaming weights from fast memory
+    flash_read_bps: float  # slow tier -> fast memory (SSD/UFS read, or PCIe from host RAM)
+    page_in_latency_s: float  # fixed cost of each expert load
+    memcpy_bps: float  # fast-memory copy (the balancer's slot moves)
+    step_overhead_s: float  # per forward pass: kernel launches, sampling, sync
     cpu_s_per_token_expert: float | None = None  # measured on `local`: decode time per expert use
-    calibrated_model: str | None = None          # the GGUF `local` was measured on
-    draft_token_s: float | None = None           # one pass of the draft model; None: step_overhead_s
-    fault_s_per_page: float | None = None        # one 4 KiB page fault in order; None: page_in_latency_s
-    io_overlap: float = 1.0                      # share of prefetch time hidden behind compute: 0 when
-                                                 # decode threads take every core (local, measured so)
+    calibrated_model: str | None = None  # the GGUF `local` was measured on
+    draft_token_s: float | None = None  # one pass of the draft model; None: step_overhead_s
+    fault_s_per_page: float | None = None  # one 4 KiB page fault in order; None: page_in_latency_s
+    io_overlap: float = 1.0  # share of prefetch time hidden behind compute: 0 when
+    # decode threads take every core (local, measured so)
 
     @property
     def draft_s(self) -> float:
@@ -66,20 +86,22 @@ class Device:
     def costs(self, expert_bytes: float) -> DeviceCosts:
         """The balancer's view of this device for experts of `expert_bytes`."""
         per_token = self.cpu_s_per_token_expert
-        return DeviceCosts(self.flash_read_bps, self.memcpy_bps,
-                           expert_bytes / self.mem_bps if per_token is None else per_token)
+        return DeviceCosts(
+            self.flash_read_bps, self.memcpy_bps, expert_bytes / self.mem_bps if per_token is None else per_token
+        )
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape and sizes of an MoE model: bytes per quant type of one routed expert and of the rest."""
+
     name: str
-    n_layer: int                    # MoE layers (the layers of its routing traces)
-    n_expert: int                   # routed experts per layer
+    n_layer: int  # MoE layers (the layers of its routing traces)
+    n_expert: int  # routed experts per layer
     top_k: int
-    n_shared_expert: int            # always-active experts, counted in other_bytes
+    n_shared_expert: int  # always-active experts, counted in other_bytes
     expert_bytes: dict[str, float]  # quant -> bytes of one routed expert (gate + up + down)
-    other_bytes: dict[str, float]   # quant -> all other weights (attention, embeddings, shared, dense)
+    other_bytes: dict[str, float]  # quant -> all other weights (attention, embeddings, shared, dense)
     default_quant: str
 
     def sizes(self, quant: str | None) -> tuple[str, float, float]:
@@ -100,8 +122,12 @@ def load_device(name: str, calibration: Path | None = None) -> Device:
     if name == "local":
         return _local_device(calibration)
     raw = _read_toml("devices", name, _DEVICE_KEYS)
-    return Device(raw["name"], float(raw["mem_bytes"]), float(raw["mem_peak_bps"]) * float(raw["decode_efficiency"]),
-                  *(float(raw[key]) for key in _DEVICE_KEYS[4:]))
+    return Device(
+        raw["name"],
+        float(raw["mem_bytes"]),
+        float(raw["mem_peak_bps"]) * float(raw["decode_efficiency"]),
+        *(float(raw[key]) for key in _DEVICE_KEYS[4:]),
+    )
 
 
 def load_model(name: str) -> ModelSpec:
@@ -115,9 +141,16 @@ def load_model(name: str) -> ModelSpec:
     bits = raw["bits_per_weight"]
     if raw["default_quant"] not in bits:
         raise MoespacError(f"model {name}: default_quant {raw['default_quant']!r} has no bits_per_weight")
-    return ModelSpec(raw["name"], raw["n_layer"], raw["n_expert"], raw["top_k"], raw["n_shared_expert"],
-                     {q: expert_params * b / 8 for q, b in bits.items()},
-                     {q: other_params * other_bits[q] / 8 for q in bits}, raw["default_quant"])
+    return ModelSpec(
+        raw["name"],
+        raw["n_layer"],
+        raw["n_expert"],
+        raw["top_k"],
+        raw["n_shared_expert"],
+        {q: expert_params * b / 8 for q, b in bits.items()},
+        {q: other_params * other_bits[q] / 8 for q in bits},
+        raw["default_quant"],
+    )
 
 
 def _read_toml(kind: str, name: str, required: tuple[str, ...]) -> dict:
@@ -135,9 +168,20 @@ def _read_toml(kind: str, name: str, required: tuple[str, ...]) -> dict:
 def _local_device(path: Path | None) -> Device:
     """This machine, as measured by `moespac calibrate` (residency.costs.read_calibration)."""
     c = read_calibration(path)
-    return Device("local", c["mem_bytes"], c["mem_bps"], c["flash_read_bps"], c["page_in_latency_s"],
-                  c["memcpy_bps"], c["step_overhead_s"], c["cpu_s_per_token_expert"], c["model"],
-                  c["draft_s_per_token"], c["fault_s_per_page"], c["io_overlap"])
+    return Device(
+        "local",
+        c["mem_bytes"],
+        c["mem_bps"],
+        c["flash_read_bps"],
+        c["page_in_latency_s"],
+        c["memcpy_bps"],
+        c["step_overhead_s"],
+        c["cpu_s_per_token_expert"],
+        c["model"],
+        c["draft_s_per_token"],
+        c["fault_s_per_page"],
+        c["io_overlap"],
+    )
 
 
 def _gguf_model(path: Path) -> ModelSpec:
@@ -146,5 +190,13 @@ def _gguf_model(path: Path) -> ModelSpec:
     if not layout.layers:
         raise MoespacError(f"{path} has no MoE layers")
     sizes = {"file": layout.mean_bytes_per_expert}
-    return ModelSpec(path.name, len(layout.layers), layout.n_expert, layout.n_expert_used, layout.n_shared_expert,
-                     sizes, {"file": float(layout.other_bytes)}, "file")
+    return ModelSpec(
+        path.name,
+        len(layout.layers),
+        layout.n_expert,
+        layout.n_expert_used,
+        layout.n_shared_expert,
+        sizes,
+        {"file": float(layout.other_bytes)},
+        "file",
+    )

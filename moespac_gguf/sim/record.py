@@ -7,6 +7,7 @@ to -n tokens are generated greedily one at a time (phase 1). Every token in
 the trace was decoded by the model, including the last generated one, so
 no row has -1 padding. Sequence ids are the prompt's index in the run.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,8 +24,15 @@ from ..llama.session import Session
 from .trace import DECODE, PROMPT, RoutingTrace
 
 
-def record(model: str | Path, prompts: list[dict], n_tokens: int, n_ctx: int = 2048,
-           n_threads: int | None = None, prompt_file: str = "", progress: bool = True) -> RoutingTrace:
+def record(
+    model: str | Path,
+    prompts: list[dict],
+    n_tokens: int,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    prompt_file: str = "",
+    progress: bool = True,
+) -> RoutingTrace:
     """Greedy generations of `prompts` with the routing tap on; see the module docstring."""
     model = Path(model)
     parts: dict[str, list] = {k: [] for k in ("experts", "weights", "tokens", "positions", "sequence", "phase")}
@@ -59,13 +67,30 @@ def record(model: str | Path, prompts: list[dict], n_tokens: int, n_ctx: int = 2
                 n_generated += 1
                 if s.is_eog(tok):
                     break
-    meta = {"model": model.name, "model_path": str(model.resolve()), "arch": arch,
-            "source": "moespac trace (llama.cpp routing tap, greedy)", "prompt_file": prompt_file,
-            "question_ids": [r["question_id"] for r in prompts], "categories": [r["category"] for r in prompts],
-            "n_tokens_max": n_tokens, "n_ctx": n_ctx, "n_generated": n_generated,
-            "chat_template": chat,
-            "recorded": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "model": model.name,
+        "model_path": str(model.resolve()),
+        "arch": arch,
+        "source": "moespac trace (llama.cpp routing tap, greedy)",
+        "prompt_file": prompt_file,
+        "question_ids": [r["question_id"] for r in prompts],
+        "categories": [r["category"] for r in prompts],
+        "n_tokens_max": n_tokens,
+        "n_ctx": n_ctx,
+        "n_generated": n_generated,
+        "chat_template": chat,
+        "recorded": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     cat = {k: np.concatenate(v, axis=1 if k in ("experts", "weights") else 0) for k, v in parts.items()}
-    return RoutingTrace(cat["experts"], cat["weights"], cat["tokens"], cat["positions"], cat["sequence"],
-                        cat["phase"], n_expert=n_expert, meta=meta)
+    return RoutingTrace(
+        cat["experts"],
+        cat["weights"],
+        cat["tokens"],
+        cat["positions"],
+        cat["sequence"],
+        cat["phase"],
+        n_expert=n_expert,
+        meta=meta,
+    )

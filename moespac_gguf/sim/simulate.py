@@ -34,6 +34,7 @@ and, with a profile trace, an uncounted warm-up pass over it (an earlier convers
 short trace is not dominated by cold misses; without a profile every cache starts cold (then warms on
 the first prompt's prefill, where the trace has one).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -56,11 +57,12 @@ MODEL_BY_ARCH = {"mixtral": "mixtral-8x7b"}  # default --model for imported trac
 @dataclass
 class Replay:
     """What a policy did on each window: all the device model needs."""
-    tokens: np.ndarray      # int [W]: tokens the window produced
-    needed: np.ndarray      # int [W]: distinct (layer, expert) it used
-    hits: np.ndarray        # int [W]: of those, served from fast memory
+
+    tokens: np.ndarray  # int [W]: tokens the window produced
+    needed: np.ndarray  # int [W]: distinct (layer, expert) it used
+    hits: np.ndarray  # int [W]: of those, served from fast memory
     prefetched: np.ndarray  # int [W]: experts loaded before it ran
-    preloaded: int          # experts resident when the counted windows start (preload, warm-up)
+    preloaded: int  # experts resident when the counted windows start (preload, warm-up)
 
     def bytes_per_token(self, expert_bytes: float) -> float:
         """Bytes moved per token produced: (misses + prefetches) x expert bytes."""
@@ -71,6 +73,7 @@ class Replay:
 @dataclass
 class SimResult:
     """One run, as `moespac sim --json` prints it (bytes in B, times in s)."""
+
     trace: str
     policy: str
     device: str
@@ -79,8 +82,8 @@ class SimResult:
     draft_k: float
     acceptance: float
     paging: str
-    pinned: bool          # misses stream through, not kept for free (the pinned engine)
-    stream_window: int    # experts the unlocked window beside a pinned policy keeps
+    pinned: bool  # misses stream through, not kept for free (the pinned engine)
+    stream_window: int  # experts the unlocked window beside a pinned policy keeps
     n_tokens: int
     n_windows: int
     capacity_experts: int
@@ -111,8 +114,10 @@ def make_windows(trace: RoutingTrace, draft_k: float, acceptance: float, seed: i
         raise MoespacError(f"need --draft-k >= 0 and 0 <= --acceptance <= 1, got {draft_k} and {acceptance}")
     rng = np.random.default_rng(seed)
     whole, frac = int(draft_k), draft_k - int(draft_k)
-    breaks = np.flatnonzero((np.diff(trace.sequence) != 0) | (np.diff(trace.positions) != 1)
-                            | (np.diff(trace.phase) != 0)) + 1
+    breaks = (
+        np.flatnonzero((np.diff(trace.sequence) != 0) | (np.diff(trace.positions) != 1) | (np.diff(trace.phase) != 0))
+        + 1
+    )
     windows = []
     for start, end in zip(np.r_[0, breaks], np.r_[breaks, trace.n_tokens]):
         if trace.phase[start] == PROMPT:
@@ -136,8 +141,15 @@ def window_needs(trace: RoutingTrace, windows) -> np.ndarray:
     return np.stack([used_experts(trace.experts[:, a:fed], trace.n_expert) for a, _, fed in windows])
 
 
-def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_bytes: float,
-                profile: RoutingTrace | None = None, pinned: bool = False) -> Policy:
+def make_policy(
+    name: str,
+    trace: RoutingTrace,
+    windows,
+    device: Device,
+    expert_bytes: float,
+    profile: RoutingTrace | None = None,
+    pinned: bool = False,
+) -> Policy:
     """A fresh policy; `static` needs the profile trace, `belady` the windows' future; `pinned`:
     moespac as the pinned engine runs it (a miss streams through and is not kept for free)."""
     if name == "static":
@@ -156,9 +168,15 @@ def make_policy(name: str, trace: RoutingTrace, windows, device: Device, expert_
     raise MoespacError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
 
 
-def replay(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
-           warmup: tuple[RoutingTrace, list] | None = None, stream_window: int = 0,
-           ahead: list[np.ndarray | None] | None = None) -> Replay:
+def replay(
+    trace: RoutingTrace,
+    windows,
+    policy: Policy,
+    capacity: Capacity,
+    warmup: tuple[RoutingTrace, list] | None = None,
+    stream_window: int = 0,
+    ahead: list[np.ndarray | None] | None = None,
+) -> Replay:
     """Run `policy` over the windows, after an uncounted pass over `warmup` (trace, windows) if given.
     Belady skips the warm-up: its free optimal preload already beats any warm state.
     `stream_window`: experts the unlocked window beside a pinned policy holds (StreamWindow).
@@ -202,8 +220,14 @@ class StreamWindow:
             self.order.popitem(last=False)
 
 
-def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
-         window: StreamWindow | None = None, ahead: list[np.ndarray | None] | None = None) -> np.ndarray:
+def _run(
+    trace: RoutingTrace,
+    windows,
+    policy: Policy,
+    capacity: Capacity,
+    window: StreamWindow | None = None,
+    ahead: list[np.ndarray | None] | None = None,
+) -> np.ndarray:
     """int [4, W]: tokens, needed, hits, prefetched per decode window (prefill windows run uncounted);
     checks the policy never holds more than it may nor keeps an expert it neither wanted nor used
     (that would be a free load). Hits and prefetches count what the stream window (if any) already
@@ -216,13 +240,18 @@ def _run(trace: RoutingTrace, windows, policy: Policy, capacity: Capacity,
         prefill = b == a  # produces no token
         drafted = tokens[:0] if prefill else tokens[1:]  # the rows after the last committed token
         in_window = window.holds(kept.shape)  # what the unlocked cache holds when the plan is made
-        want = policy.before_window(drafted if len(drafted) and (drafted >= 0).all() else None,
-                                    None if ahead is None else ahead[w])
+        want = policy.before_window(
+            drafted if len(drafted) and (drafted >= 0).all() else None, None if ahead is None else ahead[w]
+        )
         window.release(want)  # pinned now, it leaves the window's LRU (and its room) at once
         used = used_experts(experts, trace.n_expert)
         hits = policy.access(tokens, experts, prefill=prefill)
-        if (want.sum() > capacity.total or policy.resident.sum() > capacity.total
-                or (hits & ~(used & want)).any() or (policy.resident & ~(want | used)).any()):
+        if (
+            want.sum() > capacity.total
+            or policy.resident.sum() > capacity.total
+            or (hits & ~(used & want)).any()
+            or (policy.resident & ~(want | used)).any()
+        ):
             raise RuntimeError(f"policy {policy.name} broke the residency rules at window {w}")
         # what it wanted was a hit anyway, so the window as it was before the plan serves the rest
         counts[:, w] = b - a, used.sum(), (hits | (used & in_window)).sum(), (want & ~kept & ~in_window).sum()
@@ -248,8 +277,14 @@ def draft_decodes(windows, draft_k: float, acceptance: float, draft_ahead: int =
     return np.array(out, dtype=np.float64)
 
 
-def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float,
-           draft_decodes: float | np.ndarray, paging: str = "bulk") -> dict:
+def timing(
+    rep: Replay,
+    device: Device,
+    expert_bytes: float,
+    other_bytes: float,
+    draft_decodes: float | np.ndarray,
+    paging: str = "bulk",
+) -> dict:
     """Modeled seconds and bytes (module docstring) summed over the windows; `draft_decodes`: the
     draft's per window (draft_decodes())."""
     compute = device.pass_s(rep.needed, expert_bytes, other_bytes)
@@ -258,16 +293,24 @@ def timing(rep: Replay, device: Device, expert_bytes: float, other_bytes: float,
     misses = rep.needed - rep.hits
     stall = misses * load + np.maximum(0.0, rep.prefetched * load - device.io_overlap * (compute + draft))
     n_tokens = int(rep.tokens.sum())
-    return {"hit_rate": float(rep.hits.sum() / max(1, rep.needed.sum())),
-            "bytes_per_token": rep.bytes_per_token(expert_bytes),
-            "prefetch_bytes_per_token": float(rep.prefetched.sum() * expert_bytes / n_tokens),
-            "stall_s_per_token": float(stall.sum() / n_tokens),
-            "tokens_per_s": float(n_tokens / (compute + draft + stall).sum()),
-            "preload_bytes": float(rep.preloaded * expert_bytes)}
+    return {
+        "hit_rate": float(rep.hits.sum() / max(1, rep.needed.sum())),
+        "bytes_per_token": rep.bytes_per_token(expert_bytes),
+        "prefetch_bytes_per_token": float(rep.prefetched.sum() * expert_bytes / n_tokens),
+        "stall_s_per_token": float(stall.sum() / n_tokens),
+        "tokens_per_s": float(n_tokens / (compute + draft + stall).sum()),
+        "preload_bytes": float(rep.preloaded * expert_bytes),
+    }
 
 
-def capacity_for(model: ModelSpec, other_bytes: float, expert_bytes: float, device: Device,
-                 cache_per_layer: int | None, mem_budget: float | None) -> tuple[Capacity, float]:
+def capacity_for(
+    model: ModelSpec,
+    other_bytes: float,
+    expert_bytes: float,
+    device: Device,
+    cache_per_layer: int | None,
+    mem_budget: float | None,
+) -> tuple[Capacity, float]:
     """(capacity, budget bytes): N experts per layer, or what a byte budget (default: the device's
     memory) holds after the non-expert weights."""
     n_all = model.n_layer * model.n_expert
@@ -278,22 +321,40 @@ def capacity_for(model: ModelSpec, other_bytes: float, expert_bytes: float, devi
         return Capacity(n, cache_per_layer), other_bytes + n * expert_bytes
     budget = device.mem_bytes if mem_budget is None else float(mem_budget)
     if budget < other_bytes:
-        raise MoespacError(f"memory budget {format_size(budget)} is smaller than the {format_size(other_bytes)} "
-                           f"of {model.name}'s non-expert weights")
+        raise MoespacError(
+            f"memory budget {format_size(budget)} is smaller than the {format_size(other_bytes)} "
+            f"of {model.name}'s non-expert weights"
+        )
     return Capacity(min(n_all, int((budget - other_bytes) // expert_bytes))), budget
 
 
 def check_shape(model: ModelSpec, trace: RoutingTrace, path) -> None:
     if (model.n_layer, model.n_expert, model.top_k) != (trace.n_layer, trace.n_expert, trace.k):
-        raise MoespacError(f"{path} routes {trace.n_layer} layers x top-{trace.k} of {trace.n_expert} experts, "
-                           f"but {model.name} has {model.n_layer} x top-{model.top_k} of {model.n_expert}")
+        raise MoespacError(
+            f"{path} routes {trace.n_layer} layers x top-{trace.k} of {trace.n_expert} experts, "
+            f"but {model.name} has {model.n_layer} x top-{model.top_k} of {model.n_expert}"
+        )
 
 
-def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, model: ModelSpec,
-             quant: str | None = None, cache_per_layer: int | None = None, mem_budget: float | None = None,
-             draft_k: float = 0, acceptance: float = 0.7, profile: RoutingTrace | None = None,
-             seed: int = 0, paging: str = "bulk", pinned: bool = False, stream_window: int = 0,
-             draft_ahead: int = 0, self_draft: str | None = None) -> SimResult:
+def simulate(
+    trace: RoutingTrace,
+    trace_name: str,
+    policy: str,
+    device: Device,
+    model: ModelSpec,
+    quant: str | None = None,
+    cache_per_layer: int | None = None,
+    mem_budget: float | None = None,
+    draft_k: float = 0,
+    acceptance: float = 0.7,
+    profile: RoutingTrace | None = None,
+    seed: int = 0,
+    paging: str = "bulk",
+    pinned: bool = False,
+    stream_window: int = 0,
+    draft_ahead: int = 0,
+    self_draft: str | None = None,
+) -> SimResult:
     """One policy on one device: the numbers `moespac sim` prints. `draft_ahead` N: the runtime's
     `-md self --draft-ahead N`, the self-draft of the GGUF file `self_draft` running N rows ahead of
     every window (draft_replay, restricted to the capacity's most used experts), its rows the
@@ -304,8 +365,10 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
         raise MoespacError("--draft-ahead replays the model's self-draft: give the model as a .gguf file (--model)")
     check_shape(model, trace, trace_name)
     if device.calibrated_model and Path(device.calibrated_model).name != model.name:
-        raise MoespacError(f"device local was calibrated on {device.calibrated_model}: simulate that model "
-                           f"(--model {device.calibrated_model}) or calibrate on {model.name}")
+        raise MoespacError(
+            f"device local was calibrated on {device.calibrated_model}: simulate that model "
+            f"(--model {device.calibrated_model}) or calibrate on {model.name}"
+        )
     quant, expert_b, other_b = model.sizes(quant)
     capacity, budget = capacity_for(model, other_b, expert_b, device, cache_per_layer, mem_budget)
     windows = make_windows(trace, draft_k, acceptance, seed)
@@ -313,19 +376,42 @@ def simulate(trace: RoutingTrace, trace_name: str, policy: str, device: Device, 
     ahead = None
     if draft_ahead and policy == "moespac":  # the one policy that reads a lookahead; the rest are only timed
         from .draft_replay import self_draft_rows  # lazy: loads libllama, which only this replay needs
+
         ahead = self_draft_rows(trace, windows, self_draft, draft_ahead, restrict=capacity.total)
-    rep = replay(trace, windows, make_policy(policy, trace, windows, device, expert_b, profile, pinned), capacity,
-                 warmup_of(profile, draft_k, acceptance, seed), stream_window, ahead)
-    return SimResult(trace_name, policy, device.name, model.name, quant, draft_k, acceptance, paging, pinned,
-                     stream_window, int(rep.tokens.sum()), len(rep.tokens), capacity.total, cache_per_layer, budget,
-                     **timing(rep, device, expert_b, other_b, draft_decodes(windows, draft_k, acceptance, draft_ahead),
-                              paging))
+    rep = replay(
+        trace,
+        windows,
+        make_policy(policy, trace, windows, device, expert_b, profile, pinned),
+        capacity,
+        warmup_of(profile, draft_k, acceptance, seed),
+        stream_window,
+        ahead,
+    )
+    return SimResult(
+        trace_name,
+        policy,
+        device.name,
+        model.name,
+        quant,
+        draft_k,
+        acceptance,
+        paging,
+        pinned,
+        stream_window,
+        int(rep.tokens.sum()),
+        len(rep.tokens),
+        capacity.total,
+        cache_per_layer,
+        budget,
+        **timing(rep, device, expert_b, other_b, draft_decodes(windows, draft_k, acceptance, draft_ahead), paging),
+    )
 
 
 def default_model(trace: RoutingTrace, path: str) -> str:
     """The model spec of a trace's architecture (Mixtral traces carry no file of their own)."""
     name = MODEL_BY_ARCH.get(trace.meta.get("arch", ""))
     if name is None:
-        raise MoespacError(f"cannot tell the model of {path}: pass --model (one of {', '.join(names('models'))}, "
-                           f"or the .gguf file)")
+        raise MoespacError(
+            f"cannot tell the model of {path}: pass --model (one of {', '.join(names('models'))}, or the .gguf file)"
+        )
     return name

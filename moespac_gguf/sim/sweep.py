@@ -15,6 +15,7 @@ static profile). The other models replay SYNTHETIC routing of their shape (`synt
 marked as such in the table: their rows show what their sizes do on each device, not how
 predictable their real routing is.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,9 +67,16 @@ def synthetic_routing(model: ModelSpec, stream: int, seed: int = 0) -> RoutingTr
             np.put_along_axis(score, previous, kept, axis=1)
         experts[:, t] = np.argsort(-score, axis=1, kind="stable")[:, :k]
     tokens = np.arange(SYNTH_TOKENS)
-    return RoutingTrace(experts, np.zeros(experts.shape), np.full(SYNTH_TOKENS, -1), tokens % length,
-                        tokens // length, np.ones(SYNTH_TOKENS), E,
-                        {"model": model.name, "source": f"synthetic routing, stream {stream}"})
+    return RoutingTrace(
+        experts,
+        np.zeros(experts.shape),
+        np.full(SYNTH_TOKENS, -1),
+        tokens % length,
+        tokens // length,
+        np.ones(SYNTH_TOKENS),
+        E,
+        {"model": model.name, "source": f"synthetic routing, stream {stream}"},
+    )
 
 
 def _traces(name: str, model: ModelSpec) -> tuple[RoutingTrace, RoutingTrace, str]:
@@ -82,21 +90,32 @@ def _traces(name: str, model: ModelSpec) -> tuple[RoutingTrace, RoutingTrace, st
 
 
 def _table(results: list[dict], spec) -> str:
-    mode = (f"speculative windows of K={spec.draft_k:g} drafted tokens, acceptance {spec.acceptance}"
-            if spec.draft_k else "one token per window (no speculation)")
-    lines = [f"Cell: modeled tokens/s · hit rate · GB moved per token. {mode}; budget = the device's memory "
-             f"for the model; default quant of each model.", "",
-             "| model | trace | device | budget | " + " | ".join(POLICIES) + " |",
-             "|---|---|---|---|" + "---|" * len(POLICIES)]
+    mode = (
+        f"speculative windows of K={spec.draft_k:g} drafted tokens, acceptance {spec.acceptance}"
+        if spec.draft_k
+        else "one token per window (no speculation)"
+    )
+    lines = [
+        f"Cell: modeled tokens/s · hit rate · GB moved per token. {mode}; budget = the device's memory "
+        f"for the model; default quant of each model.",
+        "",
+        "| model | trace | device | budget | " + " | ".join(POLICIES) + " |",
+        "|---|---|---|---|" + "---|" * len(POLICIES),
+    ]
     rows: dict[tuple, dict] = {}
     for r in results:
         rows.setdefault((r["model"], r["quant"], r["trace_label"], r["device"], r["budget_bytes"]), {})[r["policy"]] = r
     for (model, quant, label, device, budget), cells in rows.items():
         fits = next(iter(cells.values()))["fits"]
-        cell = [f"{c['tokens_per_s']:.3g} · {c['hit_rate']:.0%} · {c['bytes_per_token'] / 1e9:.2f}"
-                for c in (cells[p] for p in POLICIES)]
-        lines.append(f"| {model} {quant} | {label} | {device} | {budget / 1e9:.1f} GB{' (fits)' if fits else ''} | "
-                     + " | ".join(cell) + " |")
+        cell = [
+            f"{c['tokens_per_s']:.3g} · {c['hit_rate']:.0%} · {c['bytes_per_token'] / 1e9:.2f}"
+            for c in (cells[p] for p in POLICIES)
+        ]
+        lines.append(
+            f"| {model} {quant} | {label} | {device} | {budget / 1e9:.1f} GB{' (fits)' if fits else ''} | "
+            + " | ".join(cell)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -115,11 +134,27 @@ def _hit_rate_plot(trace, profile, model, device, spec, out: Path) -> None:
     sizes = range(1, model.n_expert + 1)
     fig, ax = _figure(1, 1, (7, 4.5))
     for name in POLICIES:
-        rates = [simulate(trace, "", name, device, model, cache_per_layer=n, draft_k=spec.draft_k,
-                          acceptance=spec.acceptance, profile=profile, seed=spec.seed).hit_rate for n in sizes]
+        rates = [
+            simulate(
+                trace,
+                "",
+                name,
+                device,
+                model,
+                cache_per_layer=n,
+                draft_k=spec.draft_k,
+                acceptance=spec.acceptance,
+                profile=profile,
+                seed=spec.seed,
+            ).hit_rate
+            for n in sizes
+        ]
         ax[0, 0].plot(list(sizes), rates, marker="o", label=name)
-    ax[0, 0].set(xlabel="experts cached per layer", ylabel="hit rate",
-                 title=f"{model.name}, GSM8K routing, {len(windows)} windows (K={spec.draft_k:g})")
+    ax[0, 0].set(
+        xlabel="experts cached per layer",
+        ylabel="hit rate",
+        title=f"{model.name}, GSM8K routing, {len(windows)} windows (K={spec.draft_k:g})",
+    )
     ax[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -142,7 +177,8 @@ def _budget_plot(trace, profile, model, devices, spec, out: Path) -> None:
             rep = replay(trace, windows, policy, capacity, warmup)
             for device in devices:
                 speeds.setdefault((name, device.name), []).append(
-                    timing(rep, device, expert_b, other_b, spec.draft_k)["tokens_per_s"])
+                    timing(rep, device, expert_b, other_b, spec.draft_k)["tokens_per_s"]
+                )
     for ax, device in zip(axes.flat, devices):
         for name in POLICIES:
             ax.plot([b / 1e9 for b in budgets], speeds[name, device.name], marker=".", label=name)
@@ -168,8 +204,17 @@ def sweep(spec: SweepSpec, out: Path) -> None:
         for device in devices:
             fits = model.n_layer * model.n_expert * expert_b + other_b <= device.mem_bytes
             for policy in POLICIES:
-                r = simulate(trace, label, policy, device, model, draft_k=spec.draft_k,
-                             acceptance=spec.acceptance, profile=profile, seed=spec.seed)
+                r = simulate(
+                    trace,
+                    label,
+                    policy,
+                    device,
+                    model,
+                    draft_k=spec.draft_k,
+                    acceptance=spec.acceptance,
+                    profile=profile,
+                    seed=spec.seed,
+                )
                 results.append({**asdict(r), "trace_label": label, "fits": fits})
             print(f"{model.name} on {device.name}: done", flush=True)
     stem = f"sim_k{spec.draft_k:g}"

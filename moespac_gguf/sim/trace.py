@@ -12,6 +12,7 @@ and drop the other rows, so every kept token has a complete routing in all
 layers and no -1 padding appears. The dropped row count is reported and
 stored in meta.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,25 +30,34 @@ from ..core.routing import routing_counts
 
 FORMAT = "moespac-routing-trace-v1"
 MIXTRAL_N_EXPERT = 8
-ALIGNMENT = ("per problem, keep only the token indices every layer logged "
-             "(intersection over layers); rows of other tokens are dropped")
+ALIGNMENT = (
+    "per problem, keep only the token indices every layer logged "
+    "(intersection over layers); rows of other tokens are dropped"
+)
 PROMPT, DECODE = 0, 1  # phase of a row: prefilled with its prompt, or generated
 _ARRAYS = ("experts", "weights", "tokens", "positions", "sequence", "phase")
-_DTYPES = {"experts": np.int16, "weights": np.float32, "tokens": np.int32,
-           "positions": np.int32, "sequence": np.int32, "phase": np.uint8}
+_DTYPES = {
+    "experts": np.int16,
+    "weights": np.float32,
+    "tokens": np.int32,
+    "positions": np.int32,
+    "sequence": np.int32,
+    "phase": np.uint8,
+}
 
 
 @dataclass(eq=False)
 class RoutingTrace:
     """Per-token, per-layer expert routing of one or more generations."""
-    experts: np.ndarray    # int16 [n_layer, n_tokens, k]; -1 where a layer has no routing for that token
-    weights: np.ndarray    # float32 [n_layer, n_tokens, k]; 0 where experts == -1
-    tokens: np.ndarray     # int32 [n_tokens]; -1 when unknown (imported traces)
+
+    experts: np.ndarray  # int16 [n_layer, n_tokens, k]; -1 where a layer has no routing for that token
+    weights: np.ndarray  # float32 [n_layer, n_tokens, k]; 0 where experts == -1
+    tokens: np.ndarray  # int32 [n_tokens]; -1 when unknown (imported traces)
     positions: np.ndarray  # int32 [n_tokens]; position in its sequence
-    sequence: np.ndarray   # int32 [n_tokens]; which prompt/generation each token belongs to
-    phase: np.ndarray      # uint8 [n_tokens]; PROMPT (prefill) or DECODE
+    sequence: np.ndarray  # int32 [n_tokens]; which prompt/generation each token belongs to
+    phase: np.ndarray  # uint8 [n_tokens]; PROMPT (prefill) or DECODE
     n_expert: int
-    meta: dict             # JSON-able: model name/arch, source, prompt file, dates...
+    meta: dict  # JSON-able: model name/arch, source, prompt file, dates...
 
     def __post_init__(self):
         # Coerce and check once here, so every consumer (and load) can trust the shapes.
@@ -55,12 +65,13 @@ class RoutingTrace:
             setattr(self, name, np.asarray(getattr(self, name), dtype=_DTYPES[name]))
         self.n_expert = int(self.n_expert)
         if self.experts.ndim != 3 or self.weights.shape != self.experts.shape:
-            raise MoespacError(f"trace experts/weights must share a [n_layer, n_tokens, k] shape, "
-                               f"got {self.experts.shape} and {self.weights.shape}")
+            raise MoespacError(
+                f"trace experts/weights must share a [n_layer, n_tokens, k] shape, "
+                f"got {self.experts.shape} and {self.weights.shape}"
+            )
         for name in _ARRAYS[2:]:
             if getattr(self, name).shape != (self.n_tokens,):
-                raise MoespacError(f"trace {name} must have shape ({self.n_tokens},), "
-                                   f"got {getattr(self, name).shape}")
+                raise MoespacError(f"trace {name} must have shape ({self.n_tokens},), got {getattr(self, name).shape}")
         if self.experts.size and not -1 <= self.experts.min() <= self.experts.max() < self.n_expert:
             raise MoespacError(f"trace expert ids must lie in -1..{self.n_expert - 1}")
 
@@ -79,9 +90,13 @@ class RoutingTrace:
     def save(self, path) -> None:
         """Write one compressed .npz at exactly `path` (np.savez would append .npz to a name)."""
         with open(path, "wb") as f:
-            np.savez_compressed(f, format=np.array(FORMAT), n_expert=np.array(self.n_expert),
-                                meta=np.array(json.dumps(self.meta)),
-                                **{name: getattr(self, name) for name in _ARRAYS})
+            np.savez_compressed(
+                f,
+                format=np.array(FORMAT),
+                n_expert=np.array(self.n_expert),
+                meta=np.array(json.dumps(self.meta)),
+                **{name: getattr(self, name) for name in _ARRAYS},
+            )
 
     @classmethod
     def load(cls, path) -> RoutingTrace:
@@ -93,17 +108,24 @@ class RoutingTrace:
             with np.load(path, allow_pickle=False) as npz:
                 if "format" not in npz.files or str(npz["format"]) != FORMAT:
                     raise not_a_trace
-                return cls(**{name: npz[name] for name in _ARRAYS},
-                           n_expert=int(npz["n_expert"]), meta=json.loads(str(npz["meta"])))
+                return cls(
+                    **{name: npz[name] for name in _ARRAYS},
+                    n_expert=int(npz["n_expert"]),
+                    meta=json.loads(str(npz["meta"])),
+                )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             raise not_a_trace from None
 
     def select(self, mask) -> RoutingTrace:
         """The tokens picked by a boolean mask or index array over tokens, in that order."""
         mask = np.asarray(mask)
-        return RoutingTrace(self.experts[:, mask], self.weights[:, mask],
-                            *(getattr(self, name)[mask] for name in _ARRAYS[2:]),
-                            n_expert=self.n_expert, meta=dict(self.meta))
+        return RoutingTrace(
+            self.experts[:, mask],
+            self.weights[:, mask],
+            *(getattr(self, name)[mask] for name in _ARRAYS[2:]),
+            n_expert=self.n_expert,
+            meta=dict(self.meta),
+        )
 
     def usage_counts(self) -> np.ndarray:
         """int64 [n_layer, n_expert]: how many routings each expert received in each layer."""
@@ -119,21 +141,28 @@ class RoutingTrace:
         if len(shape) > 1:
             raise MoespacError(f"cannot concatenate traces of different (n_layer, k, n_expert): {sorted(shape)}")
         offsets = np.cumsum([0] + [int(t.sequence.max()) + 1 if t.n_tokens else 0 for t in traces[:-1]])
-        return cls(np.concatenate([t.experts for t in traces], axis=1),
-                   np.concatenate([t.weights for t in traces], axis=1),
-                   np.concatenate([t.tokens for t in traces]),
-                   np.concatenate([t.positions for t in traces]),
-                   np.concatenate([t.sequence + off for t, off in zip(traces, offsets)]),
-                   np.concatenate([t.phase for t in traces]),
-                   n_expert=traces[0].n_expert, meta={"parts": [t.meta for t in traces]})
+        return cls(
+            np.concatenate([t.experts for t in traces], axis=1),
+            np.concatenate([t.weights for t in traces], axis=1),
+            np.concatenate([t.tokens for t in traces]),
+            np.concatenate([t.positions for t in traces]),
+            np.concatenate([t.sequence + off for t, off in zip(traces, offsets)]),
+            np.concatenate([t.phase for t in traces]),
+            n_expert=traces[0].n_expert,
+            meta={"parts": [t.meta for t in traces]},
+        )
 
 
 def _read_mixtral_rows(path: Path, progress: bool) -> dict:
     """{(dataset, problem_id): {layer: {token_idx: (experts, probs)}}}, streamed line by line."""
     problems: dict = defaultdict(lambda: defaultdict(dict))
     k = 0
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                     desc=f"reading {path.name}", disable=not progress) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}", disable=not progress
+        ) as bar,
+    ):
         for lineno, line in enumerate(f, 1):
             bar.update(len(line))
             if not line.strip():
@@ -180,15 +209,29 @@ def import_mixtral_jsonl(path, progress: bool = False) -> RoutingTrace:
     if not kept_ids:
         raise MoespacError(f"{path}: no problem has a token logged in all {n_layer} layers")
     n_tokens = sum(map(len, positions))
-    meta = {"model": "Mixtral-8x7B-Instruct", "arch": "mixtral", "source": "vLLM FP8 greedy, decode tokens",
-            "source_file": str(path.resolve()), "dataset": ",".join(sorted({d for d, _ in kept_ids})),
-            "problem_ids": [pid for _, pid in kept_ids], "alignment": ALIGNMENT,
-            "rows_read": n_rows, "rows_dropped": n_rows - n_kept,
-            "problems_dropped": len(problems) - len(kept_ids),
-            "imported": datetime.datetime.now().isoformat(timespec="seconds")}
-    return RoutingTrace(np.concatenate(experts, axis=1), np.concatenate(weights, axis=1),
-                        np.full(n_tokens, -1), np.concatenate(positions), np.concatenate(sequence),
-                        np.ones(n_tokens), n_expert=MIXTRAL_N_EXPERT, meta=meta)
+    meta = {
+        "model": "Mixtral-8x7B-Instruct",
+        "arch": "mixtral",
+        "source": "vLLM FP8 greedy, decode tokens",
+        "source_file": str(path.resolve()),
+        "dataset": ",".join(sorted({d for d, _ in kept_ids})),
+        "problem_ids": [pid for _, pid in kept_ids],
+        "alignment": ALIGNMENT,
+        "rows_read": n_rows,
+        "rows_dropped": n_rows - n_kept,
+        "problems_dropped": len(problems) - len(kept_ids),
+        "imported": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    return RoutingTrace(
+        np.concatenate(experts, axis=1),
+        np.concatenate(weights, axis=1),
+        np.full(n_tokens, -1),
+        np.concatenate(positions),
+        np.concatenate(sequence),
+        np.ones(n_tokens),
+        n_expert=MIXTRAL_N_EXPERT,
+        meta=meta,
+    )
 
 
 def open_trace(path) -> RoutingTrace:

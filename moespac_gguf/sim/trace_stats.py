@@ -10,6 +10,7 @@ order and, within a token, in stored rank order (rank 0 first); an access hits
 when its expert is cached, then that expert becomes most recent. Nothing is reset
 between sequences: the cache carries over from one prompt/generation to the next.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,7 +60,7 @@ def _stack_distances(stream: np.ndarray, n_expert: int) -> np.ndarray:
     last = np.full(n_expert, -1, dtype=np.int32)  # index of each expert's latest access so far
     out = []
     for start in range(0, len(stream), chunk):
-        acc = stream[start:start + chunk]
+        acc = stream[start : start + chunk]
         n = len(acc)
         seen = np.full((n + 1, n_expert), -1, dtype=np.int32)
         seen[0] = last
@@ -81,7 +82,7 @@ def lru_curve(trace: RoutingTrace, sizes) -> dict[int, float]:
     total = hist.sum()
     if total == 0:
         raise MoespacError("trace has no routings to replay")
-    return {int(size): float(hist[:min(int(size), trace.n_expert)].sum() / total) for size in sizes}
+    return {int(size): float(hist[: min(int(size), trace.n_expert)].sum() / total) for size in sizes}
 
 
 def lru_hit_rate(trace: RoutingTrace, cache_per_layer: int) -> float:

@@ -15,6 +15,7 @@ model files' pages are dropped before each start). Contenders:
 
 The parent checks that every contender's greedy output equals plain llama.cpp's.
 """
+
 from __future__ import annotations
 
 import json
@@ -121,9 +122,16 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     managed = name.startswith("moespac")
     draft = cfg.sd if name == "llama.cpp+sd" else cfg.model_draft if managed else None
     budget = cfg.mem_cap if managed and cfg.mem_cap else None
-    m = MoeSpac(cfg.model, draft, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, draft_max=cfg.draft_max,
-                mem_budget=budget, gate=cfg.gate if name == "moespac+gate" else None,
-                draft_ahead=cfg.draft_ahead if managed else None)
+    m = MoeSpac(
+        cfg.model,
+        draft,
+        n_ctx=cfg.n_ctx,
+        n_threads=cfg.n_threads,
+        draft_max=cfg.draft_max,
+        mem_budget=budget,
+        gate=cfg.gate if name == "moespac+gate" else None,
+        draft_ahead=cfg.draft_ahead if managed else None,
+    )
     filler = None
     if name == "moespac+slots":
         if budget is None:
@@ -149,22 +157,42 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     elapsed = time.perf_counter() - t0
     read1, faults1 = _io_counters()
     pooled = DecodeStats.pooled(stats)
-    result = {"name": name, "draft": draft, "draft_ahead": m.decoder.draft_ahead,  # the rows it ran ahead, in effect
-              "tokens_per_s": n_tokens / elapsed, "n_tokens": n_tokens, "seconds": elapsed,
-              "bytes_read": read1 - read0, "major_faults": faults1 - faults0,
-              "acceptance_rate": pooled.acceptance_rate, "outputs": outputs,
-              "rss_anon_bytes": status_bytes("RssAnon"),  # not page cache: what the cap leaves the model
-              # the same run without its prompt prefills (every prefill reads most experts once)
-              "decode": {"tokens_per_s": pooled.tokens_per_s, "bytes_read": read1 - read0 - meter.bytes_read,
-                         "seconds": pooled.t_total - pooled.t_prompt, "n_steps": pooled.n_steps,
-                         "n_drafted": pooled.n_drafted, "draft_s": pooled.t_draft, "verify_s": pooled.t_verify,
-                         "n_prompt": pooled.n_prompt, "prefill_s": pooled.t_prompt,
-                         "prefill_bytes_read": meter.bytes_read}}
+    result = {
+        "name": name,
+        "draft": draft,
+        "draft_ahead": m.decoder.draft_ahead,  # the rows it ran ahead, in effect
+        "tokens_per_s": n_tokens / elapsed,
+        "n_tokens": n_tokens,
+        "seconds": elapsed,
+        "bytes_read": read1 - read0,
+        "major_faults": faults1 - faults0,
+        "acceptance_rate": pooled.acceptance_rate,
+        "outputs": outputs,
+        "rss_anon_bytes": status_bytes("RssAnon"),  # not page cache: what the cap leaves the model
+        # the same run without its prompt prefills (every prefill reads most experts once)
+        "decode": {
+            "tokens_per_s": pooled.tokens_per_s,
+            "bytes_read": read1 - read0 - meter.bytes_read,
+            "seconds": pooled.t_total - pooled.t_prompt,
+            "n_steps": pooled.n_steps,
+            "n_drafted": pooled.n_drafted,
+            "draft_s": pooled.t_draft,
+            "verify_s": pooled.t_verify,
+            "n_prompt": pooled.n_prompt,
+            "prefill_s": pooled.t_prompt,
+            "prefill_bytes_read": meter.bytes_read,
+        },
+    }
     if m.residency is not None:
         st = m.residency.engine.stats
-        result["engine"] = {"prefetched_bytes": st.prefetched_bytes, "evicted_bytes": st.evicted_bytes,
-                            "plans": st.plans, "budget_bytes": m.residency.budget_bytes,
-                            "pinned": m.residency.pin, "engine_budget_bytes": m.residency.engine.budget}
+        result["engine"] = {
+            "prefetched_bytes": st.prefetched_bytes,
+            "evicted_bytes": st.evicted_bytes,
+            "plans": st.plans,
+            "budget_bytes": m.residency.budget_bytes,
+            "pinned": m.residency.pin,
+            "engine_budget_bytes": m.residency.engine.budget,
+        }
     if m.draft is not None and m.draft.tap is not None:  # a self-draft under a budget
         result["draft_tap"] = {"rerouted": m.draft.tap.rerouted, "demand_paged_bytes": m.draft.tap.demand_paged_bytes}
     if m.gate_tap is not None:
@@ -193,8 +221,9 @@ def run_capped(name: str, cfg: BenchConfig) -> dict:
         peak = 0
     else:
         with MemoryCap(cfg.mem_cap, name.replace("+", "-").replace(".", "")) as cap:
-            proc = subprocess.run(child_argv(name, cfg), capture_output=True, text=True,
-                                  preexec_fn=cap.preexec, cwd=REPO_ROOT)
+            proc = subprocess.run(
+                child_argv(name, cfg), capture_output=True, text=True, preexec_fn=cap.preexec, cwd=REPO_ROOT
+            )
             peak = cap.peak_bytes()
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -228,9 +257,11 @@ def check(cfg: BenchConfig) -> None:
     for f in cfg.files:
         pids = mapped_by_others(f)
         if pids:
-            raise MoespacError(f"{f} is mapped by other processes (pids {', '.join(map(str, pids))}): their "
-                               "pages would be shared with every contender and not charged to the cap; "
-                               "stop them or benchmark a private copy")
+            raise MoespacError(
+                f"{f} is mapped by other processes (pids {', '.join(map(str, pids))}): their "
+                "pages would be shared with every contender and not charged to the cap; "
+                "stop them or benchmark a private copy"
+            )
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -242,30 +273,52 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results.append(run_capped(name, cfg))
     # plain llama.cpp's greedy output; +random decodes the same way (only paging differs)
-    reference = next((r["outputs"] for name in ("llama.cpp", "llama.cpp+random") for r in results
-                      if r["name"] == name and "outputs" in r), None)
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "model": cfg.model, "draft": cfg.model_draft, "sd_draft": cfg.sd, "mem_cap": cfg.mem_cap,
-            "prompts": str(cfg.prompts), "limit": cfg.limit, "n_predict": cfg.n_predict,
-            "results": [{k: v for k, v in r.items() if k != "outputs"} | (
-                {"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
-                        for r in results]}
+    reference = next(
+        (
+            r["outputs"]
+            for name in ("llama.cpp", "llama.cpp+random")
+            for r in results
+            if r["name"] == name and "outputs" in r
+        ),
+        None,
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "model": cfg.model,
+        "draft": cfg.model_draft,
+        "sd_draft": cfg.sd,
+        "mem_cap": cfg.mem_cap,
+        "prompts": str(cfg.prompts),
+        "limit": cfg.limit,
+        "n_predict": cfg.n_predict,
+        "results": [
+            {k: v for k, v in r.items() if k != "outputs"}
+            | ({"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
+            for r in results
+        ],
+    }
 
 
 def markdown(results: list[dict], cfg: BenchConfig) -> str:
     """The report's rows as a table (rows carry `same_output`, not the outputs)."""
     base = {r["name"]: r for r in results if "error" not in r}
-    lines = [f"model `{Path(cfg.model).name}` ({format_size(os.path.getsize(cfg.model))}), draft "
-             f"`{Path(cfg.model_draft).name if cfg.model_draft else '-'}`"
-             f"{f' (llama.cpp+sd: `{Path(cfg.sd_draft).name}`)' if cfg.sd_draft else ''}, "
-             f"cap {format_size(cfg.mem_cap) if cfg.mem_cap else 'none'}, "
-             f"{cfg.limit} prompts x {cfg.n_predict} tokens; decode: the same run without the prompt prefills",
-             "",
-             "| contender | tok/s | vs llama.cpp+random | vs llama.cpp+sd | bytes read | vs +random | decode tok/s "
-             "| decode MiB/token | vs +random | major faults | acceptance | same output |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-    measures = {"tok/s": lambda r: r["tokens_per_s"], "bytes": lambda r: r["bytes_read"],
-                "decode": lambda r: r["decode"]["bytes_read"] / r["n_tokens"]}
+    lines = [
+        f"model `{Path(cfg.model).name}` ({format_size(os.path.getsize(cfg.model))}), draft "
+        f"`{Path(cfg.model_draft).name if cfg.model_draft else '-'}`"
+        f"{f' (llama.cpp+sd: `{Path(cfg.sd_draft).name}`)' if cfg.sd_draft else ''}, "
+        f"cap {format_size(cfg.mem_cap) if cfg.mem_cap else 'none'}, "
+        f"{cfg.limit} prompts x {cfg.n_predict} tokens; decode: the same run without the prompt prefills",
+        "",
+        "| contender | tok/s | vs llama.cpp+random | vs llama.cpp+sd | bytes read | vs +random | decode tok/s "
+        "| decode MiB/token | vs +random | major faults | acceptance | same output |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    measures = {
+        "tok/s": lambda r: r["tokens_per_s"],
+        "bytes": lambda r: r["bytes_read"],
+        "decode": lambda r: r["decode"]["bytes_read"] / r["n_tokens"],
+    }
     for r in results:
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error']} |||||||||||")
@@ -277,9 +330,11 @@ def markdown(results: list[dict], cfg: BenchConfig) -> str:
 
         acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         same = {True: "yes", False: "NO"}.get(r.get("same_output"), "-")
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.2f} | {ratio('tok/s', 'llama.cpp+random')} | "
-                     f"{ratio('tok/s', 'llama.cpp+sd')} | {format_size(r['bytes_read'])} | "
-                     f"{ratio('bytes', 'llama.cpp+random')} | {r['decode']['tokens_per_s']:.2f} | "
-                     f"{measures['decode'](r) / 2**20:.1f} | {ratio('decode', 'llama.cpp+random')} | "
-                     f"{r['major_faults']} | {acc} | {same} |")
+        lines.append(
+            f"| {r['name']} | {r['tokens_per_s']:.2f} | {ratio('tok/s', 'llama.cpp+random')} | "
+            f"{ratio('tok/s', 'llama.cpp+sd')} | {format_size(r['bytes_read'])} | "
+            f"{ratio('bytes', 'llama.cpp+random')} | {r['decode']['tokens_per_s']:.2f} | "
+            f"{measures['decode'](r) / 2**20:.1f} | {ratio('decode', 'llama.cpp+random')} | "
+            f"{r['major_faults']} | {acc} | {same} |"
+        )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ expert matmuls a token runs, cpu_s_per_token_expert (an upper bound: it includes
 attention), the rest of a one-token step, step_overhead_s, and with -md the
 draft's time per token, draft_s_per_token.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,7 @@ def fault_s_per_page(path: str, total: int = 384 << 20) -> float:
     drop_file_cache(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset) as m:
         m.madvise(mmap.MADV_RANDOM)
-        touch = np.frombuffer(m, dtype=np.uint8)[::mmap.PAGESIZE]
+        touch = np.frombuffer(m, dtype=np.uint8)[:: mmap.PAGESIZE]
         t = time.perf_counter()
         int(touch.sum())  # one read per page, in order: one fault each
         elapsed = time.perf_counter() - t
@@ -97,8 +98,12 @@ def read_costs(path: str, chunk: int, under_pressure: bool) -> dict:
         return read_costs_here(path, chunk)
     # the child must not parse the GGUF: its metadata (the vocabulary) alone would fill the cgroup
     with MemoryCap(PRESSURE_CAP, "calibrate") as cap:
-        proc = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "calibrate", "--read-costs-child", str(chunk),
-                               "-m", path], capture_output=True, text=True, preexec_fn=cap.preexec)
+        proc = subprocess.run(
+            [sys.executable, "-m", "moespac_gguf.cli", "calibrate", "--read-costs-child", str(chunk), "-m", path],
+            capture_output=True,
+            text=True,
+            preexec_fn=cap.preexec,
+        )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise MoespacError(f"read costs under memory pressure failed: {tail}")
@@ -142,8 +147,10 @@ def decode_costs(layout, threads: int | None = None, repeat: int = 16) -> dict:
         _decode_s(s, [tok] * 9, 2)  # warm-up
         one, nine = _decode_s(s, [tok], repeat), _decode_s(s, [tok] * 9, repeat)
     marginal = max(nine - one, 0.0) / 8
-    return {"cpu_s_per_token_expert": marginal / (len(layout.layers) * layout.n_expert_used),
-            "step_overhead_s": max(one - marginal, 0.0)}
+    return {
+        "cpu_s_per_token_expert": marginal / (len(layout.layers) * layout.n_expert_used),
+        "step_overhead_s": max(one - marginal, 0.0),
+    }
 
 
 def draft_s_per_token(draft: str, layout, threads: int | None = None, repeat: int = 16) -> float:

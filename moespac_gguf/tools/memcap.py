@@ -5,6 +5,7 @@ really pages from disk: the flash tier of a 16 GB MacBook or an 8 GB phone. We
 only ever create, use and remove our own child group (v2 where this process's
 cgroup has a memory controller, else v1), never touch others.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,10 @@ def _own_cgroup() -> tuple[str, Path]:
         hier, controllers, rel = line.split(":", 2)
         if "memory" in controllers.split(","):
             return "v1", _V1_ROOT / rel.lstrip("/")
-    raise MoespacError("no writable memory cgroup (neither v2 with a memory controller nor v1 'memory') "
-                       "— the memory-capped benchmark needs one (run as root on Linux)")
+    raise MoespacError(
+        "no writable memory cgroup (neither v2 with a memory controller nor v1 'memory') "
+        "— the memory-capped benchmark needs one (run as root on Linux)"
+    )
 
 
 class MemoryCap:

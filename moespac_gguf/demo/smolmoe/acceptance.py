@@ -14,8 +14,15 @@ from ...llama.chat import format_prompt
 from ...llama.session import Session
 
 
-def draft_acceptance(target: Path, draft: Path, prompts: list[str], n_tokens: int = 64, draft_max: int = 4,
-                     n_ctx: int = 1024, progress: bool = True) -> dict:
+def draft_acceptance(
+    target: Path,
+    draft: Path,
+    prompts: list[str],
+    n_tokens: int = 64,
+    draft_max: int = 4,
+    n_ctx: int = 1024,
+    progress: bool = True,
+) -> dict:
     """Greedy speculative decoding of `prompts` (chat-formatted): acceptance of `draft` against `target`."""
     drafted = accepted = generated = steps = 0
     with Session(target, n_ctx=n_ctx, tap=False) as t, Session(draft, n_ctx=n_ctx, tap=False) as d:
@@ -27,13 +34,20 @@ def draft_acceptance(target: Path, draft: Path, prompts: list[str], n_tokens: in
             st = dec.stats
             drafted, accepted = drafted + st.n_drafted, accepted + st.n_accepted
             generated, steps = generated + st.n_generated, steps + st.n_steps
-    return {"acceptance_rate": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
-            "tokens_per_step": generated / steps if steps else None, "draft_max": draft_max,
-            "n_prompts": len(prompts), "n_tokens": n_tokens}
+    return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "drafted": drafted,
+        "accepted": accepted,
+        "tokens_per_step": generated / steps if steps else None,
+        "draft_max": draft_max,
+        "n_prompts": len(prompts),
+        "n_tokens": n_tokens,
+    }
 
 
-def greedy_acceptance_from_trace(draft: Path, trace, draft_max: int = 4, n_ctx: int = 2048,
-                                 progress: bool = True) -> dict:
+def greedy_acceptance_from_trace(
+    draft: Path, trace, draft_max: int = 4, n_ctx: int = 2048, progress: bool = True
+) -> dict:
     """Greedy speculative acceptance of `draft`, replayed on a target's recorded greedy generations.
 
     Exact for greedy decoding and far cheaper than running the loop: the
@@ -59,7 +73,7 @@ def greedy_acceptance_from_trace(draft: Path, trace, draft_max: int = 4, n_ctx: 
             gen = np.arange(n_prompt, len(toks) - 1)
             agree = pred[gen] == np.asarray(toks)[gen + 1]
             agree_all.append(agree)
-            t, n = 0, len(agree)          # the target's first generated token comes from the prefill
+            t, n = 0, len(agree)  # the target's first generated token comes from the prefill
             generated += 1
             while t < n:
                 k = min(draft_max, n - t)
@@ -71,7 +85,13 @@ def greedy_acceptance_from_trace(draft: Path, trace, draft_max: int = 4, n_ctx: 
                 generated += step
                 t += step
     agree = np.concatenate(agree_all) if agree_all else np.zeros(0, bool)
-    return {"acceptance_rate": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
-            "tokens_per_step": generated / steps if steps else None, "draft_max": draft_max,
-            "token_agreement": float(agree.mean()) if agree.size else None, "n_sequences": len(agree_all),
-            "method": "greedy replay on the target's recorded generations"}
+    return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "drafted": drafted,
+        "accepted": accepted,
+        "tokens_per_step": generated / steps if steps else None,
+        "draft_max": draft_max,
+        "token_agreement": float(agree.mean()) if agree.size else None,
+        "n_sequences": len(agree_all),
+        "method": "greedy replay on the target's recorded generations",
+    }

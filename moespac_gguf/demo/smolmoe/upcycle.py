@@ -96,8 +96,15 @@ def _finish(writer: gguf.GGUFWriter) -> None:
     writer.write_ti_data_to_file()
 
 
-def write_moe(src: Path, out: Path, routers: list[np.ndarray], cfg: UpcycleConfig, name: str | None = None,
-              extra_meta: dict | None = None, progress: bool = True) -> Path:
+def write_moe(
+    src: Path,
+    out: Path,
+    routers: list[np.ndarray],
+    cfg: UpcycleConfig,
+    name: str | None = None,
+    extra_meta: dict | None = None,
+    progress: bool = True,
+) -> Path:
     """Write the upcycled MoE of `src` with the given per-layer router weights [E, n_embd]."""
     src, out = Path(src), Path(out)
     reader = gguf.GGUFReader(src)
@@ -113,17 +120,24 @@ def write_moe(src: Path, out: Path, routers: list[np.ndarray], cfg: UpcycleConfi
     base_name = reader.fields.get("general.name")
     label = name or f"SmolMoE {cfg.n_expert}x" + (f" ({base_name.contents()})" if base_name else "")
     meta = {"config": asdict(cfg), "source": file_id(src), **(extra_meta or {})}
-    _copy_metadata(reader, writer, {
-        "general.name": (label, V.STRING),
-        "general.file_type": (int(_DTYPES[cfg.dtype][1]), V.UINT32),
-        "llama.expert_count": (cfg.n_expert, V.UINT32),
-        "llama.expert_used_count": (cfg.top_k, V.UINT32),
-        "moespac.smolmoe.builder_version": (BUILDER_VERSION, V.UINT32),
-        "moespac.smolmoe.method": ("sparse upcycling (dense FFN + seeded Gaussian noise per expert); router: "
-                                   "balanced k-means of captured ffn_norm states in whitened PCA space, "
-                                   "bias folded into a constant direction", V.STRING),
-        "moespac.smolmoe.build": (json.dumps(meta, sort_keys=True), V.STRING),
-    })
+    _copy_metadata(
+        reader,
+        writer,
+        {
+            "general.name": (label, V.STRING),
+            "general.file_type": (int(_DTYPES[cfg.dtype][1]), V.UINT32),
+            "llama.expert_count": (cfg.n_expert, V.UINT32),
+            "llama.expert_used_count": (cfg.top_k, V.UINT32),
+            "moespac.smolmoe.builder_version": (BUILDER_VERSION, V.UINT32),
+            "moespac.smolmoe.method": (
+                "sparse upcycling (dense FFN + seeded Gaussian noise per expert); router: "
+                "balanced k-means of captured ffn_norm states in whitened PCA space, "
+                "bias folded into a constant direction",
+                V.STRING,
+            ),
+            "moespac.smolmoe.build": (json.dumps(meta, sort_keys=True), V.STRING),
+        },
+    )
 
     # the plan: (name, numpy shape, numpy dtype, nbytes, raw ggml type, producer)
     plan: list[tuple[str, tuple, np.dtype, int, object, Callable[[], np.ndarray]]] = []
@@ -133,14 +147,23 @@ def write_moe(src: Path, out: Path, routers: list[np.ndarray], cfg: UpcycleConfi
             layer, proj = int(parts[1]), _FFN.index(parts[2])
             if proj == 0:  # router before the experts of the layer
                 router = np.ascontiguousarray(routers[layer], dtype=np.float32)
-                plan.append((f"blk.{layer}.ffn_gate_inp.weight", router.shape, router.dtype, router.nbytes,
-                             gguf.GGMLQuantizationType.F32, lambda r=router: r))
+                plan.append(
+                    (
+                        f"blk.{layer}.ffn_gate_inp.weight",
+                        router.shape,
+                        router.dtype,
+                        router.nbytes,
+                        gguf.GGMLQuantizationType.F32,
+                        lambda r=router: r,
+                    )
+                )
             dense_shape = tuple(int(s) for s in reversed(t.shape))  # numpy order
             shape, npd, nbytes = _encoded_info((cfg.n_expert, *dense_shape), cfg.dtype)
 
             def produce(t=t, layer=layer, proj=proj):
                 dense = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
                 return _encode(_expert_stack(dense, cfg, layer, proj), cfg.dtype)
+
             plan.append((f"blk.{layer}.{parts[2]}_exps.weight", shape, npd, nbytes, _DTYPES[cfg.dtype][0], produce))
         else:
             plan.append((t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type, lambda t=t: t.data))
@@ -168,8 +191,9 @@ def write_moe(src: Path, out: Path, routers: list[np.ndarray], cfg: UpcycleConfi
 def truncated_blocks(n_layer: int, keep_first: int, keep_last: int = 0) -> list[int]:
     """Block indices of a layer-truncated draft: the first `keep_first` and the last `keep_last` blocks."""
     if keep_first < 1 or keep_last < 0 or keep_first + keep_last > n_layer:
-        raise MoespacError(f"truncated draft: need 1 <= first ({keep_first}) and first + last ({keep_last}) "
-                           f"<= {n_layer} layers")
+        raise MoespacError(
+            f"truncated draft: need 1 <= first ({keep_first}) and first + last ({keep_last}) <= {n_layer} layers"
+        )
     return list(range(keep_first)) + list(range(n_layer - keep_last, n_layer))
 
 
@@ -197,12 +221,16 @@ def write_truncated(src: Path, out: Path, keep_first: int, keep_last: int = 0, n
     base_name = reader.fields.get("general.name")
     which = f"first {keep_first}" + (f" + last {keep_last}" if keep_last else "")
     label = name or f"{base_name.contents() if base_name else src.stem} ({which} of {n_layer} layers)"
-    _copy_metadata(reader, writer, {
-        "general.name": (label, V.STRING),
-        f"{arch}.block_count": (len(blocks), V.UINT32),
-        "moespac.smolmoe.builder_version": (BUILDER_VERSION, V.UINT32),
-        "moespac.smolmoe.build": (json.dumps({"truncated_from": file_id(src), "blocks": blocks}), V.STRING),
-    })
+    _copy_metadata(
+        reader,
+        writer,
+        {
+            "general.name": (label, V.STRING),
+            f"{arch}.block_count": (len(blocks), V.UINT32),
+            "moespac.smolmoe.builder_version": (BUILDER_VERSION, V.UINT32),
+            "moespac.smolmoe.build": (json.dumps({"truncated_from": file_id(src), "blocks": blocks}), V.STRING),
+        },
+    )
     for new_name, t in keep:
         writer.add_tensor_info(new_name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
     try:
@@ -223,12 +251,26 @@ def copy_dense(src: Path, out: Path) -> Path:
     return out
 
 
-def build_upcycled(out: Path, cfg: UpcycleConfig, src: Path | None = None, fitter: RouterFitter | None = None,
-                   cache_dir: Path | None = None, progress: bool = True, name: str | None = None) -> Path:
+def build_upcycled(
+    out: Path,
+    cfg: UpcycleConfig,
+    src: Path | None = None,
+    fitter: RouterFitter | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> Path:
     """Capture (or reuse) router inputs, fit routers and write the MoE GGUF to `out`."""
     src = Path(src) if src else smollm2_path()
     fitter = fitter or RouterFitter(src, cache_dir or CACHE_DIR / "routers", progress)
     t0 = time.perf_counter()
     routers = fitter.routers(cfg)
-    return write_moe(src, out, routers, cfg, name=name, progress=progress,
-                     extra_meta={"router_fit_s": round(time.perf_counter() - t0, 1)})
+    return write_moe(
+        src,
+        out,
+        routers,
+        cfg,
+        name=name,
+        progress=progress,
+        extra_meta={"router_fit_s": round(time.perf_counter() - t0, 1)},
+    )

@@ -36,13 +36,12 @@ DRAFT_BATCH = 64  # a draft's batch under a memory budget (batch_sizes)
 def batch_sizes(n_batch: int | None, n_ctx: int, budgeted: bool) -> tuple[int, int]:
     """(target, draft) batch sizes. Without a budget both are llama.cpp's 512 (or `n_batch`).
     Under a budget the target prefills in batches of up to PREFILL_BATCH tokens (within `n_ctx`):
-    every batch routes to nearly every expert, so each batch reads every unheld one again (the
-    bench's prompts, one of 682 tokens: prefill bytes 3.20 -> 2.92 GB from 512 to 1024). The
-    bound is memory: without flash attention a batch's attention scores take n_ctx x batch x
-    heads x 4 bytes of compute buffer. The draft's batches shrink to DRAFT_BATCH, because its
-    reads cost nothing (a self-draft computes with held experts only; a separate draft's file is
-    pinned) and a compute buffer is memory the experts could use (measured on smolmoe-16x, a
-    682-token prefill: target 512 -> 1024 +21 MiB, self-draft 512 -> 64 -26 MiB)."""
+    every batch routes to nearly every expert, so each batch reads every unheld one again, and
+    fewer batches read less. The bound is memory: without flash attention a batch's attention
+    scores take n_ctx x batch x heads x 4 bytes of compute buffer. The draft's batches shrink to
+    DRAFT_BATCH, because its reads cost nothing (a self-draft computes with held experts only; a
+    separate draft's file is pinned) and a compute buffer is memory the experts could use
+    (docs/design.md, "The page tier", has the measured sizes)."""
     if not budgeted:
         return (n_batch or 512,) * 2
     target = n_batch or min(n_ctx, PREFILL_BATCH)

@@ -31,7 +31,7 @@ help on a synthetic model.
 The gate lives in a sidecar .npz bound to its model by `model_fingerprint` (checked at load).
 Router weights are not stored: they are read from the model (`blk.N.ffn_gate_inp`).
 
-CLI: `moespac train-gate` and `moespac eval-gate` (`main_train`, `main_eval`).
+CLI: `moespac train-gate` and `moespac eval-gate` (cli.train_gate, cli.eval_gate).
 """
 
 from __future__ import annotations

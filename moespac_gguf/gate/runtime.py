@@ -13,9 +13,9 @@ l+1.. are still to be computed, so a prefetch started by the sink overlaps their
 the gate's expected routings of the rows being decoded (same unit, better informed: conditioned
 on this pass's hidden states). The held set stays the controller's plan, re-made once per
 step; the gate's predicted experts of the layers in reach that are not held are read ahead into
-the stream window (`engine.hint`), nearest layer first (their deadline is soonest). Measured:
-re-planning the held set after every layer instead made the engine swap 10.8 GB of experts
-in 96 tokens under a 435 MiB cap (0.79 vs 1.09 tok/s without the gate).
+the stream window (`engine.hint`), nearest layer first (their deadline is soonest). Re-planning
+the held set after every layer instead makes the engine swap experts in and out at every layer
+(docs/design.md, "The lookahead gate").
 
 Cost: the tap's C-side name filter keeps Python out of every other node (~50 us per Python
 call, NOTES.md); what remains is reading each layer's rows and running the gate.
@@ -74,7 +74,7 @@ class GateTap:
 
 
 class GatedResidency:
-    """Observer + gate sink around a `ResidencyController` (engine.py): one utility space.
+    """Observer + gate sink around a `ResidencyController` (residency.controller): one utility space.
 
         tap = GateTap(gate)                              # before the target session ...
         target = Session(model, capture=tap)             # ... chained behind the routing tap

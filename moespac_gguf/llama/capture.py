@@ -88,8 +88,7 @@ class RouterCapture(TensorCapture):
     """Every layer's router logits ("ffn_moe_logits-<il>") as a draft decodes. A self-draft runs
     the target's own routers, so its ranking of each row it decodes, taken before a restriction
     to held experts rewrites its picks, predicts the target's routing of the rows it drafts ahead
-    (smolmoe-16x, restricted to 197 experts: 96% of the target's top-2 picks for the committed
-    token, 89% one row on, 70% five rows on; bench/results/lookahead.md)."""
+    (less well the further ahead: docs/design.md, "Self-draft lookahead")."""
 
     def __init__(self):
         super().__init__("ffn_moe_logits")

@@ -202,10 +202,9 @@ class Session:
         self.n_past = 0
 
     def copy_kv_from(self, other: Session) -> None:
-        """Replace this KV cache with `other`'s (the same model file: a self-draft takes the
-        target's prompt instead of prefilling it again; measured on smolmoe-16x, 682 tokens:
-        8.7 s of draft prefill for a 16 MB copy, and the draft then attends to the target's own
-        keys and values)."""
+        """Replace this KV cache with `other`'s (the same model file): a self-draft takes the
+        target's prompt instead of prefilling it again, a copy of megabytes instead of seconds of
+        compute, and then attends to the target's own keys and values."""
         if other.path != self.path:
             raise ValueError("KV caches can be shared only between sessions of the same model file")
         size = L.llama_state_seq_get_size(other.ctx, 0)

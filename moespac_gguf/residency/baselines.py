@@ -29,7 +29,7 @@ class Lru(Policy):
     it evenly, total // n_layer per layer. `lru-global` is one LRU over every layer's experts: what
     the kernel's page cache does to llama.cpp's mmapped GGUF (readahead aside).
 
-    Replay rule, as `trace_stats.lru_hit_rate`: a window's distinct experts are accessed layer by
+    Replay rule, as `sim.trace_stats.lru_hit_rate`: a window's distinct experts are accessed layer by
     layer, each in first-use order (token order, then rank order); an access hits if the expert is
     resident at that moment; a miss evicts the least recent expert (of its layer, when per layer)
     and takes its place. With one token per window this is exactly trace_stats' replay.

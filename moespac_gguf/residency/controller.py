@@ -74,7 +74,7 @@ class ResidencyController:
     those rows route to), and on_verify only learns. On CPU-only machines with
     equal-size experts the balancer's ILP is a knapsack that its greedy plan
     solves exactly (tests/test_plan.py), so no solver runs on the decode path;
-    a GPU slot tier would make the ILP (plan.BackgroundBalancer) worth its cost.
+    a GPU slot tier would make the ILP (ilp.BackgroundBalancer) worth its cost.
     """
 
     layout: MoeLayout
@@ -100,7 +100,7 @@ class ResidencyController:
         self.engine = ResidencyEngine(self.map, budget, pin=self.pin)
         expert_bytes = self.layout.mean_bytes_per_expert
         # pinned, a streamed expert is dropped with the window after its layer: keeping it is a
-        # re-read (measured: every new held expert had been a just-used one, 5.9 GB in 59 steps)
+        # re-read, not free (docs/design.md, "What was tried and not kept")
         self.policy = MoeSpacPolicy(self.costs, expert_bytes, keep_used=not self.pin)
         self.policy.reset(
             self.layout.n_layer, self.layout.n_expert, Capacity(total=max(1, int(budget // expert_bytes)))

@@ -133,14 +133,11 @@ class MoeSpacPolicy(Policy):
 
     How long the utility remembers (the EWMA's per-token `alpha`) depends on what a decision costs.
     With free keeps (`keep_used`, a page cache) the choice after each window is which just-used
-    experts stay, and recency answers it: alpha 0.3 (~3 tokens). Mixtral GSM8K K=4 on the M2:
-    2.91 GB/token against 3.19 with 0.02; synthetic Qwen3 on the Jetson 0.58 against 0.82. Pinned
-    (the engine under a cap: misses stream through and are dropped), every admission is a paid
-    fetch, worth it only for an expert used often over the steps it is held: alpha 0.02 (~50
-    tokens) with a fetch amortized over 8 windows. That moved 2-26% fewer bytes than 0.3 (at its
-    best horizon, 2) and was within 2% of the best of the grid on three SmolMoE traces, K 0.57
-    and 1.5, 25-52% capacity (bench/results/utility_memory.md); Mixtral M2 3.14 against 3.33
-    GB/token, Qwen3 Jetson 0.89 against 1.00.
+    experts stay, and recency answers it: alpha 0.3 (~3 tokens). Pinned (the engine under a cap:
+    misses stream through and are dropped), every admission is a paid fetch, worth it only for an
+    expert used often over the steps it is held: alpha 0.02 (~50 tokens) with a fetch amortized
+    over 8 windows. The figures behind both choices are in docs/design.md ("The utility estimator
+    and how long it remembers").
     """
 
     name = "moespac"
@@ -184,9 +181,8 @@ class MoeSpacPolicy(Policy):
         """Belady's rule with the draft's lookahead for the future: of the experts held or used by
         the last window (still in memory, so keeping one reads nothing), hold those the draft's
         rows route to, soonest first, then the highest utility. No fetch for a prediction: a wrong
-        one would be bytes read for nothing, a right one is read on use anyway. Measured under
-        the 840 MiB cap, smolmoe-16x, a self-draft 6 rows ahead: 43.6 MiB/token against 53.9-54.6
-        without (bench/results/memcap_16x_self_run6.md)."""
+        one would be bytes read for nothing, a right one is read on use anyway (docs/design.md,
+        "Self-draft lookahead")."""
         if self.after_prefill:  # the runtime plans from a prompt's routing as soon as it is prefilled
             self.resident = self._want(draft_tokens)
         score = lookahead_score(self.estimator.predict_over(self.horizon_steps, draft_tokens), ahead)

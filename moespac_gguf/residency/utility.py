@@ -226,8 +226,7 @@ class UtilityEstimator:
         """Mean expected tokens per (layer, expert) per step over the next `steps` steps: the first
         predicted from its drafted ids (if given), the others at the estimate's rate. What a plan
         that holds experts for `steps` steps weighs: the drafted ids say nothing about later steps
-        (letting them stand for all 8 steps of the pinned plan read 17-32% more bytes on the traces
-        and capacities of bench/results/utility_memory.md, measured before this blend)."""
+        (letting them stand for all of them reads more bytes: docs/design.md)."""
         first = self.predict(draft_tokens)
         if draft_tokens is None or len(draft_tokens) == 0 or steps <= 1:
             return first

@@ -26,7 +26,7 @@ from .trace import RoutingTrace
 def self_draft_rows(
     trace: RoutingTrace, windows, model: str, n_rows: int, restrict: int | None = None
 ) -> list[np.ndarray | None]:
-    """Per window (sim.make_windows): int [L, n_rows, k], the self-draft's top-k ranking of the rows
+    """Per window (simulate.make_windows): int [L, n_rows, k], the self-draft's top-k ranking of the rows
     it decodes from the window's first (committed) token on; None for a prefill window."""
     layout = read_layout(model)
     router = RouterCapture()

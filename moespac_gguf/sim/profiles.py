@@ -45,7 +45,7 @@ _MODEL_KEYS = (
 
 @dataclass(frozen=True)
 class Device:
-    """What the timing model needs of a machine (sim.py docstring: the model)."""
+    """What the timing model needs of a machine (simulate.py's docstring: the model)."""
 
     name: str
     mem_bytes: float  # fast memory the model may use: the default budget

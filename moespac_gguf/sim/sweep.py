@@ -4,7 +4,7 @@ Writes to --out-dir, named by the draft length K: sim_k{K}_table.md (model x dev
 tokens/s · hit rate · GB moved per token cell per policy, budget = the device's memory),
 sim_k{K}.json (every result), sim_k{K}_hit_rate.png (hit rate vs experts cached per layer, Mixtral
 GSM8K) and sim_k{K}_tokens_per_s.png (tokens/s vs memory budget, Mixtral Q4_K_M, one panel per
-device). Every policy is warmed up on the profile trace first (sim.py docstring).
+device). Every policy is warmed up on the profile trace first (simulate.py's docstring).
 
 The budget plot replays each (policy, budget) once and times it on every device: the replay does
 not depend on the device, moespac's included (with one expert size, the balancer's saving per byte

@@ -30,7 +30,7 @@ from moespac_gguf.residency.costs import DeviceCosts  # noqa: E402
 from moespac_gguf.residency.ilp import DEFAULT_SOLVER, _build_model, solve  # noqa: E402
 from moespac_gguf.residency.plan import FLASH, Plan, PlanProblem, greedy, tier_costs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "BALANCER_JSON"
+RESULTS = Path(__file__).resolve().parent / "results" / "balancer.json"
 BITS_PER_WEIGHT = 4.5  # about Q4_K_M
 ROWS_PER_STEP = 5  # K = 4 drafted tokens + 1
 # name: (MoE layers, routed experts, experts per token, n_embd, expert FFN width)

@@ -136,9 +136,10 @@ def main() -> int:
 
 
 def _counts(alpha: dict) -> dict:
+    """How many (l, d) pairs chose each shrinkage; the gate stores the unaligned one as "inf"."""
     out: dict = {}
     for v in alpha.values():
-        key = "inf (unaligned)" if v == float("inf") else f"{v:g}"
+        key = "inf (unaligned)" if v in ("inf", float("inf")) else f"{v:g}"
         out[key] = out.get(key, 0) + 1
     return out
 

@@ -173,8 +173,23 @@ class MoeSpac:
                 yield delta, None
         yield text.flush(), self.stats.finish_reason
 
-    def _sampler(self, temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampler:
-        return Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
+    def _request(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        stop: str | list[str] | None,
+        seed: int | None,
+        kind: str,
+    ) -> tuple[Iterator, dict]:
+        """One request's (text delta, finish_reason) stream and the id, created and model fields of
+        its responses (`kind`: the id's prefix)."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        sampler = Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
+        meta = {"id": f"{kind}-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+        return self._stream(tokens, max_tokens, sampler, stops), meta
 
     def create_completion(
         self,
@@ -189,9 +204,7 @@ class MoeSpac:
     ) -> Completion | Iterator[CompletionChunk]:
         """Complete `prompt`; greedy by default (temperature 0)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        chunks = self._stream(tokens, max_tokens, self._sampler(temperature, top_p, top_k, seed), stops)
-        meta = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, "cmpl")
         if stream:
             return (
                 {
@@ -231,9 +244,7 @@ class MoeSpac:
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """Answer `messages` ({"role", "content"} dicts) with the model's chat template; greedy by default."""
         tokens = self.chat_prompt(messages)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        chunks = self._stream(tokens, max_tokens, self._sampler(temperature, top_p, top_k, seed), stops)
-        meta = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, "chatcmpl")
         if stream:
 
             def gen():

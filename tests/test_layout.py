@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moespac_gguf import MoespacError
+from moespac_gguf.core.gguf import read_header
 from moespac_gguf.core.layout import read_layout
 from moespac_gguf.demo.synthetic import SUPPORTED_ARCHS, SyntheticSpec, write_synthetic_moe
 
@@ -144,3 +145,24 @@ def test_unknown_arch(tmp_path):
     w.close()
     with pytest.raises(MoespacError, match="unsupported architecture 'frobnicator'"):
         read_layout(tmp_path / "odd.gguf")
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_header_reader_agrees_with_gguf_py(models, arch):
+    """core.gguf parses the header itself (gguf.GGUFReader is slow on big vocabularies): every scalar
+    and string it keeps, and every tensor's type, shape, offset and size, equal gguf-py's."""
+    path = models[arch]
+    header = read_header(path)
+    reader = gguf.GGUFReader(path)
+    scalars = {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if not key.startswith("GGUF.") and field.types[0] != gguf.GGUFValueType.ARRAY
+    }
+    assert header.metadata == scalars
+    got = [(t.name, t.type, t.shape, t.offset, t.nbytes) for t in header.tensors]
+    want = [
+        (t.name, t.tensor_type, tuple(int(x) for x in t.shape), int(t.data_offset), int(t.n_bytes))
+        for t in reader.tensors
+    ]
+    assert got == want

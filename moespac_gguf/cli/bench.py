@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from ..api.options import ModelOptions
@@ -59,22 +60,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON here, and the table beside it (.md)")
     args = p.parse_args(argv)
-    cfg = BenchConfig(
-        args.model,
-        args.model_draft,
-        args.sd_draft,
-        args.mem_cap,
-        args.prompts,
-        args.limit,
-        args.n_predict,
-        args.n_ctx,
-        args.n_threads,
-        args.draft_max,
-        args.draft_ahead,
-        args.gate,
-        tuple(args.contenders.split(",")),
-        args.slot_fraction,
-    )
+    # every BenchConfig field is a flag of the same name, contenders as one comma-separated string
+    values = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
+    cfg = BenchConfig(**{**values, "contenders": tuple(args.contenders.split(","))})
     report = run(cfg, progress=not args.json)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ def add_options(p: argparse.ArgumentParser, declaration, only: tuple[str, ...] |
 
 
 def option_values(args: argparse.Namespace, declaration) -> dict:
-    """The parsed values of a declaration's fields that the parser has."""
-    return {f.name: getattr(args, f.name) for f in fields(declaration) if hasattr(args, f.name)}
+    """The parsed values of a declaration's fields (add_options added them all)."""
+    return {f.name: getattr(args, f.name) for f in fields(declaration)}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 # Two commands matter (see README): `make demo` and `make test`. CI (.ci/run) runs `make lint` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint format clean-venv
+.PHONY: setup demo test test-cpu test-gpu lint format clean-venv
 
 setup:
 	bash scripts/setup.sh
@@ -9,8 +9,14 @@ setup:
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+# the CPU suite, then the GPU suite on the Vulkan build (lavapipe where there is no GPU)
+test: test-cpu test-gpu
+
+test-cpu: setup
 	$(PY) -m pytest -q
+
+test-gpu:
+	bash scripts/test_gpu.sh
 
 lint: setup
 	.venv/bin/ruff format --check .
@@ -21,4 +27,4 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 clean-venv:
-	rm -rf .venv
+	rm -rf .venv .venv-vulkan

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from moespac_gguf.demo.synthetic import SyntheticSpec, write_synthetic_moe
+from moespac_gguf.llama.devices import gpu_devices
+
+# The CPU suite sees no GPU even on a GPU build (llama.cpp would offload to it); the GPU job of
+# `make test` (MOESPAC_REQUIRE_GPU=1) runs the tests marked gpu with the device visible.
+if os.environ.get("MOESPAC_REQUIRE_GPU") != "1":
+    os.environ["MOESPAC_NO_GPU"] = "1"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need a ggml GPU device: skipped without one, failed instead when
+    MOESPAC_REQUIRE_GPU=1 (the GPU job of `make test`, which must not pass by skipping)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items or gpu_devices():
+        return
+    if os.environ.get("MOESPAC_REQUIRE_GPU") == "1":
+        raise pytest.UsageError("MOESPAC_REQUIRE_GPU=1 but this llama.cpp build shows no GPU device")
+    skip = pytest.mark.skip(reason="no ggml GPU device (a GPU build, e.g. make test's Vulkan job, runs these)")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

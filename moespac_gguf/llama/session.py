@@ -18,9 +18,19 @@ from ..core.errors import MoespacError
 from ..core.gguf import check_gguf
 from ..core.routing import Routing
 from .abi import last_log_line, llama_cpp
+from .devices import cpu_buffer_type, pick_gpu
 from .tap import RoutingTap
 
 L = llama_cpp  # the low-level bindings (llama_cpp.llama_cpp re-exported by the package)
+
+# llama.cpp's --cpu-moe pattern: every routed expert tensor (and its bias)
+EXPERT_TENSORS = rb"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama_model_tensor_buft_override: tensors whose name matches `pattern` go to `buft`."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
 class Session:
@@ -37,11 +47,24 @@ class Session:
         use_mmap: bool = True,
         capture=None,
         overrides: dict[str, int] | None = None,
+        n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        n_cpu_moe: int | None = None,
+        op_offload: bool = True,
     ):
         """`capture`: an eval callback chained behind the routing tap, with `callback` and
         `name_prefixes` (llama.capture.TensorCapture, the gate's GateTap).
         `overrides`: integer metadata llama.cpp reads in place of the file's (kv_overrides),
         e.g. `{"llama.expert_used_count": 1}` for the target as its own draft.
+
+        Devices are chosen explicitly: with `n_gpu_layers` 0 the model sees no GPU at all (so a
+        GPU build computes exactly as a CPU-only one: llama.cpp would otherwise offload large
+        batches' host-weight ops to any GPU it finds); otherwise GPU `main_gpu` holds that many
+        layers (-1: all, as llama.cpp's -ngl), with the expert tensors of the first `n_cpu_moe`
+        layers kept in host memory (None: every layer's, as llama.cpp's --cpu-moe, the placement
+        where the residency engine manages the experts and GPU slots copy from them; N: as
+        --n-cpu-moe N). `op_offload`: llama.cpp's offload of large batches' host-weight ops to
+        the GPU; off for a context that gets expert slots.
 
         Flash attention is off: its CPU kernel tiles a multi-token batch differently
         from a single token (measured: 1e-3 in attention output, 0.9 in logits after
@@ -53,6 +76,15 @@ class Session:
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.use_mmap = use_mmap
+        self.gpu = pick_gpu(main_gpu) if n_gpu_layers else None
+        self._devices = (ctypes.c_void_p * 2)(self.gpu.handle if self.gpu else None, None)
+        mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        mparams.n_gpu_layers = n_gpu_layers
+        if self.gpu is not None and n_cpu_moe != 0:
+            layers = rb"" if n_cpu_moe is None else rb"blk\.(" + b"|".join(b"%d" % i for i in range(n_cpu_moe)) + rb")"
+            self._pattern = layers + EXPERT_TENSORS
+            self._buft_overrides = (_BuftOverride * 2)(_BuftOverride(self._pattern, cpu_buffer_type()))
+            mparams.tensor_buft_overrides = ctypes.cast(self._buft_overrides, ctypes.c_void_p)
         if overrides:
             self._overrides = (L.llama_model_kv_override * (len(overrides) + 1))()
             for slot, (key, value) in zip(self._overrides, overrides.items()):
@@ -78,6 +110,7 @@ class Session:
         threads = n_threads or os.cpu_count() or 1
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.op_offload = op_offload
         if self.tap is not None:
             cparams.cb_eval = self.tap.callback
             cparams.cb_eval_user_data = self.tap.user_data

@@ -2,8 +2,8 @@
 
 Per MoE layer, `SlotCache` holds S_l slots, each able to hold one expert (all of
 its projections, in the model's own quant type), in a buffer llama.cpp
-allocates: host RAM on this CPU-only build (anonymous memory the kernel does
-not evict like the mmapped file), VRAM/Metal on a GPU build. An expert
+allocates: host RAM without a GPU (anonymous memory the kernel does not
+evict like the mmapped file), the GPU's memory when the session has one. An expert
 *assigned* to a slot is computed from the slot from the next decode on; the
 others from the model's tensors, and the logits do not change.
 
@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..core.errors import MoespacError
+from ..core.layout import read_layout
+from ..core.units import format_size
 from .abi import last_log_line, lib
 
 ASSIGN_UNCHECKED = 1  # tests only: map an expert to a slot that holds another one
@@ -33,6 +35,8 @@ class SlotCache:
     """The slot cache of one Session; close() (or the session's close) releases it."""
 
     def __init__(self, session, slots_per_layer: int | Sequence[int]):
+        """Slots live on the session's GPU when it has one (the GPU tier: the GPU computes the
+        experts they hold), else in host RAM. A GPU session needs op_offload off (Session)."""
         n_layer = session.n_layer
         if isinstance(slots_per_layer, (int, np.integer)):
             counts = [int(slots_per_layer)] * n_layer
@@ -45,9 +49,20 @@ class SlotCache:
         if not session.ctx:
             raise MoespacError("the session is closed")
         arr = (ctypes.c_int32 * n_layer)(*counts)
-        self.handle = lib.llama_moespac_slots_new(session.model, arr, n_layer, None)
+        gpu = session.gpu
+        where = ""
+        if gpu is not None:  # checked first: some drivers (lavapipe) overcommit instead of failing
+            free = gpu.memory()[0]
+            where = f" in GPU memory ({format_size(free)} free on {gpu.name})"
+            # + 1: a GPU layer's spare all-zero slot (patches/0006)
+            need = sum(
+                (counts[l.index] + 1) * l.bytes_per_expert for l in read_layout(session.path).layers if counts[l.index]
+            )
+            if need > free:
+                raise MoespacError(f"cannot create expert slots{where}: they need {format_size(need)}")
+        self.handle = lib.llama_moespac_slots_new(session.model, arr, n_layer, gpu and gpu.buffer_type)
         if not self.handle:
-            raise MoespacError(f"cannot create expert slots: {last_log_line() or 'unknown error'}")
+            raise MoespacError(f"cannot create expert slots{where}: {last_log_line() or 'unknown error'}")
         self.session = session
         self._check(lib.llama_moespac_slots_attach(session.ctx, self.handle))
         self.n_layer = n_layer

@@ -153,3 +153,34 @@ def test_gpu_too_small_for_the_slots_is_one_line(tiny_moe):
         with pytest.raises(MoespacError, match="cannot create expert slots in GPU memory") as err:
             SlotCache(s, [too_many] * s.n_layer)
         assert "\n" not in str(err.value)
+
+
+# -- the runtime: MoeSpac and the CLI with a GPU tier -----------------------------------
+
+
+@pytest.mark.parametrize("draft", ["self", "file"])
+def test_moespac_gpu_tier_same_greedy_output(tiny_moe, draft):
+    """MoeSpac(..., n_gpu_layers=-1, gpu_budget=...) with a self-draft and with a draft model
+    gives the greedy output of the same run without slots, while its slots are used."""
+    from moespac_gguf.api.moespac import MoeSpac
+
+    path = tiny_moe(n_layer=3)
+    md = "self" if draft == "self" else str(tiny_moe(n_layer=2, seed=1))
+    prompt = "hello world, the expert slots live on the GPU now"
+    runs = {}
+    for budget in (0, 200 << 10):  # 200 KiB: 5 slots of 24 KiB experts over 3 layers + 3 zero slots
+        with MoeSpac(path, md, n_ctx=256, n_gpu_layers=-1, gpu_budget=budget) as m:
+            out = m.create_completion(prompt, max_tokens=48)
+            runs[budget] = (m.completion_tokens, out["moespac"])
+    (ref, ref_stats), (got, stats) = runs[0], runs[200 << 10]
+    assert "slots" not in ref_stats
+    assert got == ref
+    slots = stats["slots"]
+    assert slots["on_gpu"] and slots["slots"] == 5 and slots["copies"] > 0 and slots["hit_rate"] > 0
+
+
+def test_moespac_without_a_gpu_budget_left_runs_without_slots(tiny_moe):
+    from moespac_gguf.api.moespac import MoeSpac
+
+    with pytest.raises(MoespacError, match="holds no expert slot"):
+        MoeSpac(tiny_moe(n_layer=3), n_ctx=256, n_gpu_layers=-1, gpu_budget=1000)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..core.errors import MoespacError
 from ..core.layout import read_layout
-from ..core.units import parse_size
+from ..core.units import format_size, parse_size
 from ..decode.draft import SELF_DRAFT, DraftSource, draft_source
 from ..decode.sampling import Sampler
 from ..decode.speculative import SpeculativeDecoder
@@ -23,12 +23,18 @@ from ..gate.runtime import GatedResidency, GateTap
 from ..llama.abi import set_verbose
 from ..llama.capture import RouterCapture
 from ..llama.chat import chat_tokens
+from ..llama.devices import gpu_devices
 from ..llama.session import Session
+from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
+from ..residency.costs import load_costs
+from ..residency.ilp import BackgroundBalancer
+from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
-from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Usage
+from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, MoespacStats, Usage
 
+GPU_HEADROOM = 256 << 20  # GPU memory left free beyond 5% of the device (driver, allocator, growth)
 PREFILL_BATCH = 1024  # the target's batch under a memory budget (batch_sizes)
 DRAFT_BATCH = 64  # a draft's batch under a memory budget (batch_sizes)
 
@@ -87,10 +93,19 @@ class MoeSpac:
         lookahead_gate = LookaheadGate.load(opt.gate, model_path) if opt.gate is not None else None
         self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
+        n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() else 0
+        gpu_slots = n_gpu_layers != 0 and opt.gpu_budget not in (0, "0")
+        devices = {"n_gpu_layers": n_gpu_layers, "main_gpu": opt.main_gpu}
         self.target = Session(
-            model_path, n_ctx=opt.n_ctx, n_threads=opt.n_threads, n_batch=n_batch, capture=self.gate_tap
+            model_path,
+            n_ctx=opt.n_ctx,
+            n_threads=opt.n_threads,
+            n_batch=n_batch,
+            capture=self.gate_tap,
+            op_offload=not gpu_slots,  # the split's -1 ids must stay on the CPU (patches/0012)
+            **devices,
         )
-        self.draft = None
+        self.draft = self.slots = None
         router = RouterCapture() if draft_ahead else None
         try:
             if source is not None:  # a self-draft's tap, with a budget, restricts its routing (below)
@@ -101,6 +116,7 @@ class MoeSpac:
                     n_batch=draft_batch,
                     tap=self_draft and budgeted,
                     capture=router,
+                    **devices,
                 )
             self.decoder = SpeculativeDecoder(
                 self.target,
@@ -134,10 +150,50 @@ class MoeSpac:
                     # nothing to choose between: running ahead, reading the routing, only cost time
                     self.decoder.stop_running_ahead()
                     self.draft.tap.chain(None)
+            if gpu_slots and self.target.gpu is not None:
+                self.slots = self._gpu_tier(opt.gpu_budget)
         except Exception:
             self.close()
             raise
         self.seed = opt.seed
+
+    def _gpu_tier(self, gpu_budget: int | str | None) -> SlotFiller | None:
+        """Expert slots in the GPU's memory, filled by the balancer from the speculative utility
+        (residency.slots.SlotFiller); None when the automatic budget holds no slot."""
+        free, total = self.target.gpu.memory()
+        if gpu_budget is None:  # the contexts' KV and compute buffers are allocated by now
+            budget = free - GPU_HEADROOM - total // 20
+        else:
+            budget = parse_size(gpu_budget) if isinstance(gpu_budget, str) else int(gpu_budget)
+        counts = slot_counts(self.layout, max(budget, 0), 1.0, self.target.n_layer, spare=1)
+        if not any(counts):
+            if gpu_budget is None:
+                return None
+            one = format_size(2 * int(self.layout.mean_bytes_per_expert))
+            raise MoespacError(
+                f"--gpu-budget {format_size(budget)} holds no expert slot: a layer's first slot and its zero "
+                f"slot take {one}"
+            )
+        costs = load_costs(gpu=True)
+        r = self.residency
+        filler = SlotFiller(
+            SlotCache(self.target, counts),
+            self.layout,
+            costs,
+            on_gpu=True,
+            estimator=r.policy.estimator if r is not None else None,
+            engine=r.engine if r is not None else None,
+            planner=BackgroundBalancer(),
+        )
+        self.decoder.subscribe(filler)
+        return filler
+
+    def stats_dict(self) -> MoespacStats:
+        """The last request's stats, with the GPU tier's under "slots" when there is one."""
+        out = self.stats.as_dict()
+        if self.slots is not None:
+            out["slots"] = self.slots.stats()
+        return out
 
     # -- tokens -------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -222,7 +278,7 @@ class MoeSpac:
                 {"text": "".join(t for t, _ in parts), "index": 0, "logprobs": None, "finish_reason": parts[-1][1]}
             ],
             "usage": self._usage(tokens),
-            "moespac": self.stats.as_dict(),
+            "moespac": self.stats_dict(),
         }
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
@@ -273,7 +329,7 @@ class MoeSpac:
                 }
             ],
             "usage": self._usage(tokens),
-            "moespac": self.stats.as_dict(),
+            "moespac": self.stats_dict(),
         }
 
     def _usage(self, prompt_tokens: list[int]) -> Usage:
@@ -281,6 +337,9 @@ class MoeSpac:
         return {"prompt_tokens": len(prompt_tokens), "completion_tokens": n, "total_tokens": len(prompt_tokens) + n}
 
     def close(self) -> None:
+        if getattr(self, "slots", None) is not None:
+            self.slots.close()
+            self.slots = None
         if getattr(self, "residency", None) is not None:
             self.residency.close()
             self.residency = None

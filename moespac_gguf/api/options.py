@@ -68,6 +68,24 @@ class ModelOptions:
         metavar="SIZE",
         help="memory for the model, e.g. 8G: moespac keeps the most useful experts resident within it",
     )
+    n_gpu_layers: int | None = option(
+        None,
+        "-ngl",
+        "--n-gpu-layers",
+        "--gpu-layers",
+        type=int,
+        metavar="N",
+        help="layers on the GPU, their expert tensors kept in host memory (llama.cpp's --cpu-moe) for the expert "
+        "slots to serve (default: all where this build has a GPU device, else 0; -1: all)",
+    )
+    gpu_budget: int | str | None = option(
+        None,
+        "--gpu-budget",
+        metavar="SIZE",
+        help="GPU memory for expert slots, e.g. 4G, that the balancer fills with the most useful experts; 0: none "
+        "(default: the GPU's free memory once the model is loaded, less headroom)",
+    )
+    main_gpu: int = option(0, "-mg", "--main-gpu", type=int, metavar="I", help="the GPU to use (default 0)")
     gate: str | None = option(
         None,
         "--gate",

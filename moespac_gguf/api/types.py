@@ -1,16 +1,23 @@
 """The shapes MoeSpac returns: OpenAI / llama-cpp-python completion objects, as TypedDicts.
 
 Each response also carries a `moespac` entry with the run's decode statistics
-(decode.stats.DecodeStats.as_dict).
+(decode.stats.DecodeStats.as_dict) and, with a GPU tier, its slot statistics.
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from ..decode.stats import StatsDict
+from ..residency.slots import SlotStats
 
 FinishReason = Literal["stop", "length", "context"]
+
+
+class MoespacStats(StatsDict):
+    """A response's `moespac` entry."""
+
+    slots: NotRequired[SlotStats]  # the GPU tier's expert slots, when there is one
 
 
 class Usage(TypedDict):
@@ -33,7 +40,7 @@ class Completion(TypedDict):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
-    moespac: StatsDict
+    moespac: MoespacStats
 
 
 class CompletionChunk(TypedDict):
@@ -62,7 +69,7 @@ class ChatCompletion(TypedDict):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    moespac: StatsDict
+    moespac: MoespacStats
 
 
 class ChatDelta(TypedDict, total=False):

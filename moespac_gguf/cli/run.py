@@ -6,7 +6,19 @@ import argparse
 import json
 import sys
 
+from ..core.units import format_size
+from ..residency.slots import SlotStats
 from .options import add_model_args, open_model, sampling
+
+
+def slots_summary(st: SlotStats) -> str:
+    """One line for a terminal: the slot tier's size, hit rate and copies."""
+    where = "GPU" if st["on_gpu"] else "host RAM"
+    hits = "n/a" if st["hit_rate"] is None else f"{st['hit_rate']:.0%}"
+    return (
+        f"[{where} expert slots: {st['slots']} ({format_size(st['buffer_bytes'])}), hit rate {hits}, "
+        f"{st['copies']} copies ({format_size(st['copied_bytes'])}), {st['planned_steps']} steps planned by the balancer]"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +42,7 @@ def main(argv: list[str]) -> int:
                         "n_tokens": st.n_generated,
                         "tokens_per_s": st.tokens_per_s,
                         "acceptance_rate": st.acceptance_rate,
-                        "stats": st.as_dict(),
+                        "stats": m.stats_dict(),
                     }
                 )
             )
@@ -40,6 +52,8 @@ def main(argv: list[str]) -> int:
             sys.stdout.flush()
         print()
         print(m.stats.summary())
+        if m.slots is not None:
+            print(slots_summary(m.slots.stats()))
         if m.stats.finish_reason == "context":
             print(f"moespac run: stopped: the context of {m.target.n_ctx} tokens is full (raise -c)", file=sys.stderr)
     return 0

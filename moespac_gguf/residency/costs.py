@@ -8,7 +8,7 @@ so a damaged file is the same one-line error everywhere.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -21,12 +21,17 @@ CALIBRATION_KEYS = ("flash_read_bps", "memcpy_bps", "mem_bps", "cpu_s_per_token_
 
 @dataclass
 class DeviceCosts:
-    """Measured speeds of one machine; gpu_s_per_token_expert is None on CPU-only machines."""
+    """Measured speeds of one machine; gpu_s_per_token_expert is None on CPU-only machines.
+
+    `memcpy_bps` is what moving an expert into a slot costs: a host memcpy without a GPU, the
+    host->device copy with one (and on unified memory, where a slot is a copy in the same DRAM,
+    the measured copy there too). `unified_memory` says which: the README says what differs."""
 
     flash_read_bps: float
     memcpy_bps: float
     cpu_s_per_token_expert: float
     gpu_s_per_token_expert: float | None = None
+    unified_memory: bool = False
 
     def __post_init__(self):
         if min(self.flash_read_bps, self.memcpy_bps) <= 0:
@@ -41,14 +46,20 @@ class DeviceCosts:
 
 # Used until `moespac calibrate` has measured this machine.
 DEFAULT_COSTS = DeviceCosts(flash_read_bps=1.0e9, memcpy_bps=8.0e9, cpu_s_per_token_expert=2e-4)
+# With a GPU not yet calibrated: a discrete GPU computes an expert ~10x faster than the CPU's
+# threads and takes it over PCIe at ~10 GB/s (moespac calibrate measures both).
+DEFAULT_GPU_S_PER_TOKEN_EXPERT = DEFAULT_COSTS.cpu_s_per_token_expert / 10
+DEFAULT_H2D_BPS = 1.0e10
 
 
 def read_calibration(path: Path | None = None) -> dict:
     """The calibration at `path` (default CALIBRATION_PATH): the CALIBRATION_KEYS as floats, and the
     optional step_overhead_s (default 0), draft_s_per_token (default: step_overhead_s),
     fault_s_per_page (None: page_in_latency_s stands in), io_overlap (default 1), mem_bytes
-    (default: physical RAM) and model (the GGUF it was measured on, or None). MoespacError if it
-    is missing or damaged."""
+    (default: physical RAM), model (the GGUF it was measured on, or None) and the GPU tier's
+    gpu (None without one, else a dict of GPU_KEYS: device name, per-token expert seconds at batch
+    1 and per token at a verification batch, host->device bytes/s, unified memory). MoespacError
+    if it is missing or damaged."""
     path = CALIBRATION_PATH if path is None else path
     if not path.is_file():
         raise MoespacError(f"no calibration for device 'local' at {path}: run `moespac calibrate` first")
@@ -63,6 +74,7 @@ def read_calibration(path: Path | None = None) -> dict:
             fault_s_per_page=float(raw["fault_s_per_page"]) if "fault_s_per_page" in raw else None,
             io_overlap=float(raw.get("io_overlap", 1.0)),
             model=raw.get("model"),
+            gpu=_gpu_profile(raw["gpu"]) if raw.get("gpu") else None,
         )
     except (ValueError, TypeError, KeyError) as e:
         raise MoespacError(
@@ -73,9 +85,33 @@ def read_calibration(path: Path | None = None) -> dict:
     return values
 
 
-def load_costs() -> DeviceCosts:
-    """This machine's costs as `moespac calibrate` measured them, else DEFAULT_COSTS."""
-    if not CALIBRATION_PATH.exists():
-        return DEFAULT_COSTS
-    c = read_calibration()
-    return DeviceCosts(c["flash_read_bps"], c["memcpy_bps"], c["cpu_s_per_token_expert"])
+GPU_KEYS = ("device", "gpu_s_per_token_expert", "gpu_s_per_token_expert_batch", "h2d_bps", "unified_memory")
+
+
+def _gpu_profile(raw: dict) -> dict:
+    out = {"device": str(raw["device"]), "unified_memory": bool(raw["unified_memory"])}
+    out.update({key: float(raw[key]) for key in GPU_KEYS[1:4]})
+    if min(out[key] for key in GPU_KEYS[1:4]) <= 0:
+        raise ValueError("GPU costs must be positive")
+    return out
+
+
+def load_costs(gpu: bool = False) -> DeviceCosts:
+    """This machine's costs as `moespac calibrate` measured them, else DEFAULT_COSTS. With `gpu`
+    (a GPU tier is running) the GPU's measured costs, else DEFAULT_GPU_S_PER_TOKEN_EXPERT and
+    DEFAULT_H2D_BPS until the GPU is calibrated."""
+    c = read_calibration() if CALIBRATION_PATH.exists() else None
+    costs = (
+        DEFAULT_COSTS if c is None else DeviceCosts(c["flash_read_bps"], c["memcpy_bps"], c["cpu_s_per_token_expert"])
+    )
+    if not gpu:
+        return costs
+    g = (c or {}).get("gpu")
+    if g is None:
+        return replace(costs, gpu_s_per_token_expert=DEFAULT_GPU_S_PER_TOKEN_EXPERT, memcpy_bps=DEFAULT_H2D_BPS)
+    return replace(
+        costs,
+        gpu_s_per_token_expert=g["gpu_s_per_token_expert"],
+        memcpy_bps=g["h2d_bps"],
+        unified_memory=g["unified_memory"],
+    )

@@ -97,6 +97,8 @@ class ResidencyEngine:
         self.fd = os.open(experts.layout.path, os.O_RDONLY)
         # pinned: "resident" means locked (unlocked pages are the kernel's to reclaim)
         self.resident = np.zeros((experts.n_layer, experts.n_expert), bool) if pin else experts.resident()
+        # held by another tier (expert slots): computed from there, so never fetched or kept here
+        self.elsewhere = np.zeros((experts.n_layer, experts.n_expert), bool)
         self._populate = True  # MADV_POPULATE_READ (Linux 5.14+); else pread the bytes
         self._target: tuple[np.ndarray, np.ndarray] | None = None
         self._cv = threading.Condition()
@@ -109,7 +111,7 @@ class ResidencyEngine:
     def apply(self, want: np.ndarray, priority: np.ndarray) -> None:
         """Make `want` (bool [L,E]) resident, most `priority` first; the newest target wins."""
         with self._cv:
-            self._target = (want.copy(), priority.copy())
+            self._target = (want & ~self.elsewhere, priority.copy())
             self._idle.clear()
             self._cv.notify()
 
@@ -130,7 +132,7 @@ class ResidencyEngine:
         if self.pin:
             return  # unlocked pages: the kernel reclaims them first, which is what we want
         with self._cv:
-            self.resident |= used
+            self.resident |= used & ~self.elsewhere
 
     def refresh(self) -> None:
         """Re-read residency from the kernel (mincore): corrects drift after kernel reclaim."""

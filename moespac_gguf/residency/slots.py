@@ -1,17 +1,21 @@
-"""The slot tier's filler: each MoE layer's highest-utility experts live in its expert slots.
+"""The slot tier: what each MoE layer's expert slots hold, decided from the speculative utility.
 
-The slots themselves are llama.SlotCache (memory llama.cpp allocates: host RAM on a CPU build,
-VRAM/Metal on a GPU one); this module only decides what they hold, so it talks to them through
-the small `SlotStore` interface and never imports the llama layer.
+The slots themselves are llama.SlotCache (memory llama.cpp allocates: the GPU's when there is
+one, which makes them the GPU tier, else host RAM); this module only decides what they hold, so
+it talks to them through the small `SlotStore` interface and never imports the llama layer.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import numpy as np
 
+from ..core.events import VerificationEvent
 from ..core.layout import MoeLayout
+from .costs import DeviceCosts
+from .plan import FLASH, RESIDENT, SLOT, Plan, PlanProblem
+from .utility import UtilityEstimator
 
 
 class SlotStore(Protocol):
@@ -32,73 +36,165 @@ class SlotStore(Protocol):
     def close(self) -> None: ...
 
 
-def slot_counts(layout: MoeLayout, budget_bytes: int, fraction: float, n_layer: int) -> list[int]:
-    """Slots per layer (all `n_layer` layers of the model) for `fraction` of an expert budget,
-    spread evenly over the MoE layers; when there are fewer slots than layers the last layers get
-    them (their routing is the least balanced, so one slot catches the most)."""
+class Planner(Protocol):
+    """The balancer behind the decode loop (ilp.BackgroundBalancer): never blocks it."""
+
+    def submit(self, problem: PlanProblem) -> None: ...
+    def latest(self) -> Plan | None: ...
+    def close(self) -> None: ...
+
+
+class SlotStats(TypedDict):
+    """SlotFiller.stats: a completion's `moespac["slots"]`."""
+
+    on_gpu: bool
+    slots: int  # over all layers
+    buffer_bytes: int
+    copies: int
+    copied_bytes: int  # host -> device bytes with GPU slots
+    hit_rate: float | None  # share of routed (row, expert) uses served from a slot
+    planned_steps: int  # steps whose target was the balancer's plan (0: utility ranking only)
+
+
+def slot_counts(layout: MoeLayout, budget_bytes: int, fraction: float, n_layer: int, spare: int = 0) -> list[int]:
+    """Slots per layer (all `n_layer` layers of the model) for `fraction` of a byte budget, spread
+    evenly over the MoE layers that get any; when there are fewer slots than layers the last
+    layers get them (their routing is the least balanced, so one slot catches the most). `spare`:
+    slots a layer with slots allocates beyond its count (GPU slots keep one all-zero slot per
+    layer), paid from the same budget: a small budget gives one slot each to fewer layers
+    rather than spares to all. At most every expert of a layer; all 0 when not even one fits."""
     layers = [l.index for l in layout.layers]
-    total = int(fraction * budget_bytes // layout.mean_bytes_per_expert)
-    total = max(1, min(total, len(layers) * layout.n_expert))
+    room = int(fraction * budget_bytes // layout.mean_bytes_per_expert)
+    n_with = min(len(layers), room // (1 + spare))
+    total = min(room - spare * n_with, n_with * layout.n_expert)
     counts = [0] * n_layer
     for i in range(total):
-        counts[layers[len(layers) - 1 - i % len(layers)]] += 1
+        counts[layers[len(layers) - 1 - i % n_with]] += 1
     return counts
 
 
 class SlotFiller:
-    """Speculative-loop observer: each layer's highest-utility experts live in its slots.
+    """Speculative-loop observer: each layer's slots hold the experts the balancer puts there.
 
-    After each verification the residency controller's utility estimate (the one
-    ranking the page-cache engine also follows) picks the top-S_l experts of every
-    MoE layer; those not in a slot yet are copied into slots whose experts dropped
-    out, on the native worker while the draft model runs, and assigned at the next
-    draft/verify boundary. Experts in slots never touch their file pages, so the
-    page-cache engine is told to leave them out (the pages a copy read are paged
-    out again), and its byte budget shrinks by the slot buffer: the total stays
-    under the same memory budget.
+    After each verification the utility estimate (the residency controller's, which the page
+    engine also follows, or the filler's own when there is no memory budget) ranks experts;
+    every `plan_every` steps the balancer (a `Planner`, off the decode thread) is asked where
+    each expert should live given the costs, and its SLOT set becomes the target; until a plan
+    arrives, each layer's top-S experts by utility are. Experts missing from a slot are copied,
+    on the native worker while the draft runs, into slots whose occupants dropped out (an
+    occupant is replaced only by an expert with (1 + margin)x its utility: copies cost bytes,
+    churn buys nothing), at most `max_copies` per step, and assigned at the next draft/verify
+    boundary: never into a slot the running graph reads (SlotCache refuses that).
+
+    Experts in slots never touch their file pages, so the page engine (if any) leaves them out;
+    host-RAM slots (no GPU, or unified memory) also shrink its byte budget by the slot buffer.
     """
 
-    def __init__(self, cache: SlotStore, residency, margin: float = 1.0, max_copies: int = 4):
-        """`margin`: a slot's expert is replaced only by one with (1 + margin)x its utility
-        (each copy reads the expert from the file: churn costs I/O); `max_copies` per step."""
-        self.cache, self.residency = cache, residency
+    def __init__(
+        self,
+        cache: SlotStore,
+        layout: MoeLayout,
+        costs: DeviceCosts,
+        *,
+        on_gpu: bool,
+        estimator: UtilityEstimator | None = None,
+        engine=None,
+        planner: Planner | None = None,
+        plan_every: int = 16,
+        margin: float = 1.0,
+        max_copies: int = 4,
+    ):
+        """`estimator`: a utility estimator someone else updates (the residency controller's);
+        None: the filler keeps its own from the verifications it hears. `engine`: the page tier's
+        ResidencyEngine, or None when every expert stays in RAM."""
+        self.cache, self.layout, self.costs, self.on_gpu = cache, layout, costs, on_gpu
+        self.own_estimator = estimator is None
+        self.estimator = estimator or UtilityEstimator(cache.n_layer, cache.n_expert)
+        self.engine, self.planner, self.plan_every = engine, planner, plan_every
         self.margin, self.max_copies = margin, max_copies
         self.in_slot = np.zeros((cache.n_layer, cache.n_expert), dtype=bool)
         self.pending: list[tuple[int, int, int]] = []
-        self.copies = 0
-        engine = residency.engine
-        engine.budget = max(0, engine.budget - cache.buffer_bytes)
-        apply, note_used = engine.apply, engine.note_used
-        engine.apply = lambda want, priority: apply(want & ~self.in_slot, priority)
-        engine.note_used = lambda used: note_used(used & ~self.in_slot)
+        self.copies = self.steps = self.planned_steps = 0
+        self.hits = self.uses = 0
+        self.bytes = np.array([[l.bytes_per_expert] for l in layout.layers], dtype=np.float64)
+        self.layers = np.array([l.index for l in layout.layers])
+        if engine is not None:
+            engine.elsewhere = self.in_slot  # the engine reads the live mask
+            if not on_gpu or costs.unified_memory:
+                engine.budget = max(0, engine.budget - cache.buffer_bytes)
 
     def _commit(self) -> None:
         for layer, e, slot in self.pending:
             self.cache.assign(layer, e, slot)  # waits for its copy
             self.in_slot[layer, e] = True
-            # the copy read the expert's file pages; the slot holds it now: give them back
-            self.residency.engine.release((layer, e))
+            if self.engine is not None:  # the copy read the file pages; the slot holds it now
+                self.engine.release((layer, e))
         self.pending = []
 
     def on_draft(self, draft: list[int], ahead=None) -> None:
         self._commit()
 
-    def on_verify(self, event) -> None:
+    def on_verify(self, event: VerificationEvent) -> None:
+        if event.routing is not None:
+            counts = event.routing.counts(self.cache.n_expert)
+            self.hits += int(counts[self.in_slot].sum())
+            self.uses += int(counts[self.layers].sum())
+            if self.own_estimator:
+                self.estimator.observe_verification(
+                    np.asarray(event.batch), event.routing.experts, prefill=event.phase == "prefill"
+                )
         self._commit()
-        utility = self.residency.policy.estimator.predict()
+        utility = self.estimator.predict()
+        if self.planner is not None:
+            if self.steps % self.plan_every == 0:
+                self.planner.submit(self._problem(utility))
+            self.steps += 1
+        self._move(utility, self._target(utility))
+
+    def _problem(self, utility: np.ndarray) -> PlanProblem:
+        """Where should each expert live for the next `plan_every` steps (layers with experts)."""
+        rows = self.layers
+        current = np.where(self.in_slot[rows], SLOT, RESIDENT)
+        budget = float((self.bytes * self.cache.n_expert).sum())  # no page budget: all in RAM
+        if self.engine is not None:
+            current = np.where(self.in_slot[rows] | self.engine.resident[rows], current, FLASH)
+            budget = float(self.engine.budget)
+        slot_bytes = float((self.cache.n_slots[rows] * self.bytes[:, 0]).sum())
+        return PlanProblem(
+            utility=utility[rows],
+            expert_bytes=self.bytes[:, 0],
+            current=current,
+            slot_capacity=self.cache.n_slots[rows],
+            resident_budget_bytes=budget + slot_bytes,  # slots have their own memory
+            costs=self.costs,
+            horizon_steps=float(self.plan_every),
+        )
+
+    def _target(self, utility: np.ndarray) -> np.ndarray:
+        """bool [n_layer, n_expert]: the balancer's SLOT set, else each layer's top-S by utility."""
+        plan = self.planner.latest() if self.planner is not None else None
+        want = np.zeros_like(self.in_slot)
+        if plan is not None:
+            self.planned_steps += 1
+            want[self.layers] = plan.tier == SLOT
+            return want
+        for layer in self.cache.moe_layers:
+            u = utility[layer]
+            top = np.argsort(-u, kind="stable")[: int(self.cache.n_slots[layer])]
+            want[layer, top[u[top] > 0]] = True
+        return want
+
+    def _move(self, utility: np.ndarray, want: np.ndarray) -> None:
         cache = self.cache
         assignment = cache.assignment()
-        # the most useful candidates first, across layers, under a per-step copy budget
-        moves = []
+        moves = []  # the most useful candidates first, across layers, under a per-step copy budget
         for layer in cache.moe_layers:
             u = utility[layer]
-            n = int(cache.n_slots[layer])
             held = {int(e): int(s) for e, s in enumerate(assignment[layer]) if s >= 0}
-            free = [s for s in range(n) if s not in held.values()]
-            victims = sorted(held, key=lambda e: u[e])  # weakest occupant first
-            for e in np.argsort(-u, kind="stable")[:n].tolist():
-                if e in held or u[e] <= 0:
-                    continue
+            free = [s for s in range(int(cache.n_slots[layer])) if s not in held.values()]
+            victims = sorted((e for e in held if not want[layer, e]), key=lambda e: u[e])  # weakest first
+            missing = np.flatnonzero(want[layer] & ~self.in_slot[layer])
+            for e in missing[np.argsort(-u[missing], kind="stable")].tolist():
                 if free:
                     moves.append((u[e], layer, e, None, free.pop(0)))
                 elif victims and u[e] > (1 + self.margin) * u[victims[0]]:
@@ -106,26 +202,30 @@ class SlotFiller:
                     moves.append((u[e], layer, e, v, held[v]))
         copies = 0
         for _, layer, e, victim, s in sorted(moves, key=lambda m: -m[0]):
-            if cache.expert_in(layer, s) != e:
-                if copies >= self.max_copies:
-                    continue
-                copies += 1
+            needs_copy = cache.expert_in(layer, s) != e
+            if needs_copy and copies >= self.max_copies:
+                continue
             if victim is not None:
                 cache.evict(layer, victim)
                 self.in_slot[layer, victim] = False
-            if cache.expert_in(layer, s) != e:
+            if needs_copy:
                 cache.copy_async(layer, e, s)
+                copies += 1
                 self.copies += 1
             self.pending.append((layer, e, s))
 
-    def stats(self) -> dict:
+    def stats(self) -> SlotStats:
         return {
-            "slots_per_layer": int(self.cache.n_slots.max()),
+            "on_gpu": self.on_gpu,
+            "slots": int(self.cache.n_slots.sum()),
             "buffer_bytes": self.cache.buffer_bytes,
-            "copied_bytes": self.cache.copied_bytes,
             "copies": self.copies,
-            "engine_budget_bytes": self.residency.engine.budget,
+            "copied_bytes": self.cache.copied_bytes,
+            "hit_rate": self.hits / self.uses if self.uses else None,
+            "planned_steps": self.planned_steps,
         }
 
     def close(self) -> None:
+        if self.planner is not None:
+            self.planner.close()
         self.cache.close()

@@ -137,7 +137,10 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
         if budget is None:
             raise MoespacError("moespac+slots needs a memory cap (it sizes the slots)")
         counts = slot_counts(m.layout, m.residency.budget_bytes, cfg.slot_fraction, m.target.n_layer)
-        filler = SlotFiller(SlotCache(m.target, counts), m.residency)
+        r = m.residency
+        filler = SlotFiller(
+            SlotCache(m.target, counts), m.layout, r.costs, on_gpu=False, estimator=r.policy.estimator, engine=r.engine
+        )
         m.decoder.subscribe(filler)
     if name == "llama.cpp+random":
         mp = find_mapping(cfg.model)

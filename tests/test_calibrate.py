@@ -3,7 +3,9 @@ on cold pages, in this process or inside a small memory cgroup."""
 
 import json
 
-from moespac_gguf import cli
+import pytest
+
+from moespac_gguf import MoespacError, cli
 from moespac_gguf.core.layout import read_layout
 from moespac_gguf.sim.profiles import load_device
 from moespac_gguf.tools.calibrate import _cold_window, read_costs
@@ -39,3 +41,28 @@ def test_calibrate_writes_a_profile_sim_can_read(tiny_moe, tmp_path, capsys):
     assert "fault in order" in capsys.readouterr().out
     device = load_device("local", out)
     assert (device.fault_s_per_page, device.io_overlap) == (profile["fault_s_per_page"], profile["io_overlap"])
+
+
+def test_costs_with_a_gpu_come_from_the_profile_else_defaults(tmp_path, monkeypatch):
+    from moespac_gguf.residency import costs as costs_mod
+
+    path = tmp_path / "calibration.json"
+    monkeypatch.setattr(costs_mod, "CALIBRATION_PATH", path)
+    assert costs_mod.load_costs(gpu=False) == costs_mod.DEFAULT_COSTS
+    default = costs_mod.load_costs(gpu=True)  # not calibrated: a discrete GPU's rough figures
+    assert default.has_gpu and default.memcpy_bps == costs_mod.DEFAULT_H2D_BPS and not default.unified_memory
+    base = dict(flash_read_bps=1e9, memcpy_bps=5e9, mem_bps=9e9, cpu_s_per_token_expert=3e-4, page_in_latency_s=1e-4)
+    gpu = dict(
+        device="Vulkan0",
+        gpu_s_per_token_expert=2e-5,
+        gpu_s_per_token_expert_batch=4e-6,
+        h2d_bps=2e10,
+        unified_memory=True,
+    )
+    path.write_text(json.dumps({**base, "gpu": gpu}))
+    measured = costs_mod.load_costs(gpu=True)
+    assert (measured.gpu_s_per_token_expert, measured.memcpy_bps, measured.unified_memory) == (2e-5, 2e10, True)
+    assert costs_mod.load_costs(gpu=False).memcpy_bps == 5e9 and not costs_mod.load_costs().has_gpu
+    path.write_text(json.dumps({**base, "gpu": {**gpu, "h2d_bps": -1}}))
+    with pytest.raises(MoespacError, match="is not a calibration profile"):
+        costs_mod.load_costs(gpu=True)

@@ -184,3 +184,20 @@ def test_moespac_without_a_gpu_budget_left_runs_without_slots(tiny_moe):
 
     with pytest.raises(MoespacError, match="holds no expert slot"):
         MoeSpac(tiny_moe(n_layer=3), n_ctx=256, n_gpu_layers=-1, gpu_budget=1000)
+
+
+def test_calibrate_measures_the_gpu_tier(tiny_moe, tmp_path, monkeypatch):
+    """moespac calibrate on a GPU build stores the GPU tier's costs, and the runtime reads them."""
+    import json
+
+    from moespac_gguf import cli
+    from moespac_gguf.residency import costs as costs_mod
+
+    out = tmp_path / "calibration.json"
+    assert cli.main(["calibrate", "-m", str(tiny_moe(n_layer=2)), "--out", str(out)]) == 0
+    gpu = json.loads(out.read_text())["gpu"]
+    assert gpu["device"] and gpu["unified_memory"] in (True, False)
+    assert gpu["gpu_s_per_token_expert"] > 0 and gpu["gpu_s_per_token_expert_batch"] > 0 and gpu["h2d_bps"] > 0
+    monkeypatch.setattr(costs_mod, "CALIBRATION_PATH", out)
+    costs = costs_mod.load_costs(gpu=True)
+    assert costs.gpu_s_per_token_expert == gpu["gpu_s_per_token_expert"] and costs.memcpy_bps == gpu["h2d_bps"]

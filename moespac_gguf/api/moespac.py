@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from ..core.errors import MoespacError
@@ -103,6 +104,7 @@ class MoeSpac:
             n_batch=n_batch,
             capture=self.gate_tap,
             op_offload=not gpu_slots,  # the split's -1 ids must stay on the CPU (patches/0012)
+            n_cpu_moe=opt.n_cpu_moe,
             **devices,
         )
         self.draft = self.slots = None
@@ -151,21 +153,27 @@ class MoeSpac:
                     self.decoder.stop_running_ahead()
                     self.draft.tap.chain(None)
             if gpu_slots and self.target.gpu is not None:
-                self.slots = self._gpu_tier(opt.gpu_budget)
+                self.slots = self._gpu_tier(opt.gpu_budget, opt.n_cpu_moe)
         except Exception:
             self.close()
             raise
         self.seed = opt.seed
 
-    def _gpu_tier(self, gpu_budget: int | str | None) -> SlotFiller | None:
-        """Expert slots in the GPU's memory, filled by the balancer from the speculative utility
+    def _gpu_tier(self, gpu_budget: int | str | None, n_cpu_moe: int | None) -> SlotFiller | None:
+        """Expert slots in the GPU's memory for the layers whose experts are kept in host memory
+        (the first `n_cpu_moe`, default all), filled by the balancer from the speculative utility
         (residency.slots.SlotFiller); None when the automatic budget holds no slot."""
         free, total = self.target.gpu.memory()
         if gpu_budget is None:  # the contexts' KV and compute buffers are allocated by now
             budget = free - GPU_HEADROOM - total // 20
         else:
             budget = parse_size(gpu_budget) if isinstance(gpu_budget, str) else int(gpu_budget)
-        counts = slot_counts(self.layout, max(budget, 0), 1.0, self.target.n_layer, spare=1)
+        host = self.layout
+        if n_cpu_moe is not None:
+            host = replace(host, layers=[l for l in host.layers if l.index < n_cpu_moe])
+        if not host.layers:
+            return None  # every layer's experts are on the GPU already
+        counts = slot_counts(host, max(budget, 0), 1.0, self.target.n_layer, spare=1)
         if not any(counts):
             if gpu_budget is None:
                 return None

@@ -85,6 +85,14 @@ class ModelOptions:
         help="GPU memory for expert slots, e.g. 4G, that the balancer fills with the most useful experts; 0: none "
         "(default: the GPU's free memory once the model is loaded, less headroom)",
     )
+    n_cpu_moe: int | None = option(
+        None,
+        "--n-cpu-moe",
+        type=int,
+        metavar="N",
+        help="with -ngl, keep only the first N layers' expert tensors in host memory (the slots serve those) and "
+        "put the others' on the GPU, as llama.cpp's --n-cpu-moe (default: every layer's, as --cpu-moe)",
+    )
     main_gpu: int = option(0, "-mg", "--main-gpu", type=int, metavar="I", help="the GPU to use (default 0)")
     gate: str | None = option(
         None,

@@ -45,7 +45,15 @@ def main(argv: list[str]) -> int:
         f"{profile['fault_s_per_page'] * 1e6:.0f} us per 4 KiB fault in order\n"
         f"memcpy         {format_size(profile['memcpy_bps'])}/s\nmemory read    {format_size(profile['mem_bps'])}/s\n"
         f"expert matmul  {profile['cpu_s_per_token_expert'] * 1e6:.1f} us per token (upper bound)\n"
-        f"step overhead  {profile['step_overhead_s'] * 1e3:.2f} ms\n"
-        f"saved to {args.out}"
+        f"step overhead  {profile['step_overhead_s'] * 1e3:.2f} ms"
     )
+    if "gpu" in profile:
+        g = profile["gpu"]
+        print(
+            f"GPU            {g['device']}{' (unified memory)' if g['unified_memory'] else ''}\n"
+            f"GPU expert     {g['gpu_s_per_token_expert'] * 1e6:.1f} us per token, "
+            f"{g['gpu_s_per_token_expert_batch'] * 1e6:.1f} us per token in a verification batch\n"
+            f"host -> GPU    {format_size(g['h2d_bps'])}/s"
+        )
+    print(f"saved to {args.out}")
     return 0

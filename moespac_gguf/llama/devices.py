@@ -17,7 +17,7 @@ from pathlib import Path
 from ..core.errors import MoespacError
 from .abi import llama_cpp
 
-GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU = 0, 1
+GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU = 0, 1, 2
 
 _ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
 _SIGS = {
@@ -46,6 +46,14 @@ class Device:
     name: str
     description: str
     handle: int
+    integrated: bool = False  # ggml's IGPU type: shares the host's DRAM
+
+    @property
+    def unified_memory(self) -> bool:
+        """The GPU computes from the host's DRAM: an integrated GPU (Jetson, laptop iGPUs), Apple
+        Silicon (Metal), or a Vulkan device on the CPU (lavapipe). A slot there is a second copy
+        in the same memory, not faster memory."""
+        return self.integrated or self.name.startswith("MTL") or "llvmpipe" in self.description
 
     def memory(self) -> tuple[int, int]:
         """(free, total) bytes as the backend reports them now."""
@@ -70,9 +78,11 @@ def gpu_devices() -> list[Device]:
     out = []
     for i in range(_ggml.ggml_backend_dev_count()):
         dev = _ggml.ggml_backend_dev_get(i)
-        if _ggml.ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU:
+        kind = _ggml.ggml_backend_dev_type(dev)
+        if kind in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
             name = _ggml.ggml_backend_dev_name(dev).decode()
-            out.append(Device(len(out), name, _ggml.ggml_backend_dev_description(dev).decode(), dev))
+            description = _ggml.ggml_backend_dev_description(dev).decode()
+            out.append(Device(len(out), name, description, dev, kind == GGML_BACKEND_DEVICE_TYPE_IGPU))
     return out
 
 

@@ -9,7 +9,8 @@ sum of a large array), mem_bytes (RAM), and from decodes with the model cached:
 the marginal cost of one more token in a batch (9 tokens vs 1) divided by the
 expert matmuls a token runs, cpu_s_per_token_expert (an upper bound: it includes
 attention), the rest of a one-token step, step_overhead_s, and with -md the
-draft's time per token, draft_s_per_token.
+draft's time per token, draft_s_per_token. Where the build has a GPU device, also the GPU tier's
+costs under "gpu" (gpu_costs).
 """
 
 from __future__ import annotations
@@ -163,6 +164,50 @@ def draft_s_per_token(draft: str, layout, threads: int | None = None, repeat: in
         return _decode_s(s, [s.bos], repeat)
 
 
+def gpu_costs(layout, cpu_s_per_token_expert: float, threads: int | None = None, verify_batch: int = 9) -> dict | None:
+    """The GPU tier's costs (residency.costs.GPU_KEYS) on GPU device 0, None without one:
+    - gpu_s_per_token_expert_batch: with every expert on the GPU, the marginal time of a token in
+      a verification batch of `verify_batch` (vs 1), per expert matmul it runs;
+    - gpu_s_per_token_expert (one token): the experts moved from the CPU side (llama.cpp's
+      --cpu-moe, everything else on the GPU) to the GPU save (t_cpu_moe - t_gpu) per token over
+      L x k expert matmuls, so a GPU expert costs cpu_s_per_token_expert less that share (floored
+      at a tenth of the batch figure: the difference also holds the activations' round trips);
+    - h2d_bps: expert copies into GPU slots, the path the slot tier takes (bytes / wall time);
+    - unified_memory: whether the GPU computes from the host's DRAM (llama.devices)."""
+    from ..llama.devices import gpu_devices  # lazy: libllama stays out of the 128 MiB read-costs child
+    from ..llama.session import Session
+    from ..llama.slots import SlotCache
+
+    gpus = gpu_devices()
+    if not gpus:
+        return None
+    ops = len(layout.layers) * layout.n_expert_used
+    times = {}
+    for name, n_cpu_moe in (("gpu", 0), ("cpu_moe", None)):
+        with Session(layout.path, n_ctx=256, n_threads=threads, tap=False, n_gpu_layers=-1, n_cpu_moe=n_cpu_moe) as s:
+            s.decode(s.tokenize("warm up the page cache, the threads and the shaders"))
+            tok = s.bos
+            _decode_s(s, [tok] * verify_batch, 2)  # warm-up
+            times[name] = _decode_s(s, [tok], 8), _decode_s(s, [tok] * verify_batch, 8)
+    batch = max(times["gpu"][1] - times["gpu"][0], 0.0) / (verify_batch - 1) / ops
+    saved = (times["cpu_moe"][0] - times["gpu"][0]) / ops
+    with Session(layout.path, n_ctx=64, n_threads=threads, tap=False, n_gpu_layers=-1, op_offload=False) as s:
+        with SlotCache(s, [min(4, layout.n_expert)] * s.n_layer) as cache:
+            t = time.perf_counter()
+            for layer in cache.moe_layers:
+                for slot in range(int(cache.n_slots[layer])):
+                    cache.copy_async(layer, slot, slot)
+            cache.wait()
+            h2d = cache.copied_bytes / (time.perf_counter() - t)
+    return {
+        "device": f"{gpus[0].name} ({gpus[0].description})",
+        "gpu_s_per_token_expert": max(cpu_s_per_token_expert - saved, batch / 10, 1e-9),
+        "gpu_s_per_token_expert_batch": max(batch, 1e-9),
+        "h2d_bps": h2d,
+        "unified_memory": gpus[0].unified_memory,
+    }
+
+
 def calibrate(model: str, draft: str | None = None, threads: int | None = None, under_pressure: bool = False) -> dict:
     """Every measurement of the module docstring, as the calibration file stores it."""
     layout = read_layout(model)  # one-line errors for bad models
@@ -182,4 +227,7 @@ def calibrate(model: str, draft: str | None = None, threads: int | None = None, 
     }
     if draft:
         profile["draft_s_per_token"] = draft_s_per_token(draft, layout, threads=threads)
+    gpu = gpu_costs(layout, profile["cpu_s_per_token_expert"], threads=threads)
+    if gpu is not None:
+        profile["gpu"] = gpu
     return profile

@@ -37,3 +37,27 @@ def test_gpu_flags_are_the_llama_cpp_ones():
     r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", "--help"], capture_output=True, text=True)
     for flag in ("-ngl", "--n-gpu-layers", "--gpu-budget", "--main-gpu"):
         assert flag in r.stdout
+
+
+def test_bad_gpu_options_are_one_line_errors(tiny_moe):
+    path = str(tiny_moe(n_layer=2))
+    for flags, message in (
+        (["--gpu-budget", "12QQ"], "as a size"),
+        (["--gpu-budget=-5"], "as a size"),
+        (["--n-cpu-moe", "-2"], "--n-cpu-moe must be 0 or more"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", path, "-p", "hi", "-n", "2", *flags],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (flags, r.stderr)
+
+
+def test_a_negative_gpu_budget_in_the_api_is_refused(tiny_moe):
+    import pytest
+
+    from moespac_gguf import MoespacError
+
+    with pytest.raises(MoespacError, match="--gpu-budget must be 0 or more"):
+        MoeSpac(tiny_moe(n_layer=2), gpu_budget=-5)

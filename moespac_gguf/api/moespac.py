@@ -95,7 +95,12 @@ class MoeSpac:
         self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
         n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() else 0
-        gpu_slots = n_gpu_layers != 0 and opt.gpu_budget not in (0, "0")
+        gpu_budget = opt.gpu_budget
+        if gpu_budget is not None:
+            gpu_budget = parse_size(gpu_budget) if isinstance(gpu_budget, str) else int(gpu_budget)
+            if gpu_budget < 0:
+                raise MoespacError(f"--gpu-budget must be 0 or more, got {gpu_budget}")
+        gpu_slots = n_gpu_layers != 0 and gpu_budget != 0
         devices = {"n_gpu_layers": n_gpu_layers, "main_gpu": opt.main_gpu}
         self.target = Session(
             model_path,
@@ -153,21 +158,19 @@ class MoeSpac:
                     self.decoder.stop_running_ahead()
                     self.draft.tap.chain(None)
             if gpu_slots and self.target.gpu is not None:
-                self.slots = self._gpu_tier(opt.gpu_budget, opt.n_cpu_moe)
+                self.slots = self._gpu_tier(gpu_budget, opt.n_cpu_moe)
         except Exception:
             self.close()
             raise
         self.seed = opt.seed
 
-    def _gpu_tier(self, gpu_budget: int | str | None, n_cpu_moe: int | None) -> SlotFiller | None:
+    def _gpu_tier(self, gpu_budget: int | None, n_cpu_moe: int | None) -> SlotFiller | None:
         """Expert slots in the GPU's memory for the layers whose experts are kept in host memory
         (the first `n_cpu_moe`, default all), filled by the balancer from the speculative utility
         (residency.slots.SlotFiller); None when the automatic budget holds no slot."""
         free, total = self.target.gpu.memory()
-        if gpu_budget is None:  # the contexts' KV and compute buffers are allocated by now
-            budget = free - GPU_HEADROOM - total // 20
-        else:
-            budget = parse_size(gpu_budget) if isinstance(gpu_budget, str) else int(gpu_budget)
+        # by default what is free once the contexts' KV and compute buffers are allocated
+        budget = free - GPU_HEADROOM - total // 20 if gpu_budget is None else gpu_budget
         host = self.layout
         if n_cpu_moe is not None:
             host = replace(host, layers=[l for l in host.layers if l.index < n_cpu_moe])

@@ -73,6 +73,8 @@ class Session:
         single-token decoding bit for bit.
         """
         self.path = check_gguf(path)
+        if n_cpu_moe is not None and n_cpu_moe < 0:
+            raise MoespacError(f"--n-cpu-moe must be 0 or more, got {n_cpu_moe}")
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.use_mmap = use_mmap

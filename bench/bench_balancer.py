@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moespac_gguf.residency.costs import DeviceCosts  # noqa: E402
-from moespac_gguf.residency.ilp import DEFAULT_SOLVER, _build_model, solve  # noqa: E402
+from moespac_gguf.residency.ilp import DEFAULT_SOLVER, _build_model, solve_mip  # noqa: E402
 from moespac_gguf.residency.plan import FLASH, Plan, PlanProblem, greedy, tier_costs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "balancer.json"
@@ -89,7 +89,7 @@ def build_seconds(problem: PlanProblem) -> float:
 def run(method: str, problem: PlanProblem, time_limit: float) -> Plan:
     if method == "greedy":
         return greedy(problem)
-    return solve(problem, solver=method, time_limit=time_limit)
+    return solve_mip(problem, solver=method, time_limit=time_limit)
 
 
 def measure(shape: str, device_name: str, seeds: int, time_limit: float) -> list[dict]:

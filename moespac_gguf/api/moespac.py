@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from ..core.errors import MoespacError
@@ -29,7 +30,7 @@ from ..llama.session import Session
 from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
 from ..residency.costs import load_costs
-from ..residency.ilp import BackgroundBalancer
+from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
 from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
@@ -194,7 +195,7 @@ class MoeSpac:
             on_gpu=True,
             estimator=r.policy.estimator if r is not None else None,
             engine=r.engine if r is not None else None,
-            planner=BackgroundBalancer(),
+            planner=BackgroundBalancer(partial(solve, gap=RUNTIME_GAP)),
         )
         self.decoder.subscribe(filler)
         return filler

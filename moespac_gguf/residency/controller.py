@@ -71,10 +71,10 @@ class ResidencyController:
     verification's routing updates the estimator. When a self-draft runs ahead
     (--draft-ahead), its routing of the next rows decides on_draft instead
     (MoeSpacPolicy._want_ahead: keep, among what is held or was just used, what
-    those rows route to), and on_verify only learns. On CPU-only machines with
-    equal-size experts the balancer's ILP is a knapsack that its greedy plan
-    solves exactly (tests/test_plan.py), so no solver runs on the decode path;
-    a GPU slot tier would make the ILP (ilp.BackgroundBalancer) worth its cost.
+    those rows route to), and on_verify only learns. For the page tier alone the
+    balancer's ILP is a knapsack that its greedy plan solves exactly with
+    equal-size experts (tests/test_plan.py), so no solver runs here; the GPU
+    tier's slots (residency.slots) ask the ILP, on its own thread.
     """
 
     layout: MoeLayout

@@ -1,5 +1,7 @@
-"""The balancer's integer program (plan.py's docstring states it), solved by HiGHS or CBC through
-PuLP, and a background thread that keeps the decode loop from ever waiting for it.
+"""The balancer's integer program (plan.py's docstring states it): `solve` answers from the
+Lagrangian bound when it proves a plan within the gap and runs HiGHS (in process, highspy) or CBC
+(a subprocess, through PuLP) from the best plan known otherwise; a background thread keeps the
+decode loop from ever waiting for it.
 
 The only module that imports pulp and highspy: the decode path plans with `plan.greedy`, which
 is exact on CPU-only machines with equal expert sizes, and importing the solvers costs start-up
@@ -12,16 +14,32 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import highspy
 import numpy as np
 import pulp
 
 from ..core.errors import MoespacError
-from .plan import FLASH, RESIDENT, SLOT, Plan, PlanProblem, feasible, greedy, make_plan, step_time, tier_costs
+from .lagrangian import lagrangian
+from .plan import (
+    FLASH,
+    RESIDENT,
+    SLOT,
+    Plan,
+    PlanProblem,
+    feasible,
+    greedy,
+    make_plan,
+    step_time,
+    tier_costs,
+)
 
 SOLVERS = ("highs", "cbc")
 DEFAULT_SOLVER = "highs"  # faster than CBC on every benchmark shape but one tie: bench/results/balancer.json
+# The GPU tier's re-plans at run time: the Lagrangian bound proves 1-token-a-step re-plans within 1%
+# in 5-13 ms at 48x128, where 0.5% runs HiGHS for 0.3-0.5 s (bench/results/balancer_gpu.md).
+RUNTIME_GAP = 0.01
 _MS = 1e3  # the ILP counts milliseconds so solver tolerances stay far below real costs
 
 
@@ -32,24 +50,32 @@ def solve(
     gap: float = 0.005,
     warm_start: Plan | None = None,
 ) -> Plan:
-    """The ILP's plan, started from the better of greedy and `warm_start` (if still feasible), so a
-    time-limited answer is never worse than either."""
-    if solver not in SOLVERS:
-        raise MoespacError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    """A plan within `gap` of the optimum (status "optimal") or, once `time_limit` seconds are
+    spent, the best one found, never worse than greedy's or `warm_start`'s (if still feasible).
+    The Lagrangian bound (lagrangian.lagrangian) proves 48x128 re-plans of 5 tokens a step within 0.5% in
+    10-30 ms, where HiGHS takes 0.3-0.7 s (bench/results/balancer_gpu.md); only where it cannot
+    does the solver run, from the best plan (1-token steps need 0.3-0.5 s at 0.5%, 10 ms at 1%)."""
+    _check_solver(solver)
     t0 = time.perf_counter()
-    starts = [greedy(problem)] + ([warm_start] if warm_start is not None and feasible(problem, warm_start.tier) else [])
-    start = min(starts, key=lambda plan: step_time(problem, plan.tier))
-    costs = tier_costs(problem)
-    lp, slot, resident, branch = _build_model(problem, costs)
-    _set_start(problem, costs, start.tier, slot, resident, branch)
-    lp.solve(_solver(solver, time_limit, gap))
-    tier, status = start.tier, "time_limit"
-    if lp.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        found = _read_tiers(problem, slot, resident)
-        status = "optimal" if lp.sol_status == pulp.LpSolutionOptimal else "time_limit"
-        if step_time(problem, found) <= step_time(problem, start.tier):
-            tier = found
-    return make_plan(problem, tier, solver, time.perf_counter() - t0, status)
+    relaxed, bound = lagrangian(problem)
+    start, start_s = _best_start(problem, warm_start, relaxed)
+    if start_s - bound <= gap * start_s:
+        return make_plan(problem, start, "lagrangian", time.perf_counter() - t0, "optimal")
+    time_left = max(0.0, time_limit - (time.perf_counter() - t0))
+    return _branch_and_bound(problem, solver, start, start_s, time_left, gap, t0)
+
+
+def solve_mip(
+    problem: PlanProblem,
+    solver: str = DEFAULT_SOLVER,
+    time_limit: float = 2.0,
+    gap: float = 0.005,
+    warm_start: Plan | None = None,
+) -> Plan:
+    """`solve` without the Lagrangian: the solver alone, started from greedy or `warm_start`."""
+    _check_solver(solver)
+    t0 = time.perf_counter()
+    return _branch_and_bound(problem, solver, *_best_start(problem, warm_start), time_limit, gap, t0)
 
 
 class BackgroundBalancer:
@@ -115,41 +141,170 @@ class BackgroundBalancer:
                 self._plan, self._fallback = plan, None
 
 
-def _build_model(problem: PlanProblem, costs: np.ndarray):
-    """The ILP of the module docstring, without dominated variables; returns
-    (lp, slot vars, resident vars, per-layer z vars), the first two keyed by (layer, expert)."""
+def _check_solver(solver: str) -> None:
+    if solver not in SOLVERS:
+        raise MoespacError(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+
+
+def _best_start(problem: PlanProblem, warm_start: Plan | None, *plans: Plan) -> tuple[np.ndarray, float]:
+    """The tier of the fastest of greedy's plan, `plans` (made for `problem`) and `warm_start` (if
+    still feasible; re-timed, as its own predicted_step_s was for the problem it solved), and its
+    step time on `problem`."""
+    starts = [(plan.tier, plan.predicted_step_s) for plan in (greedy(problem), *plans)]
+    if warm_start is not None and feasible(problem, warm_start.tier):
+        starts.append((warm_start.tier, step_time(problem, warm_start.tier)))
+    return min(starts, key=lambda start: start[1])
+
+
+def _branch_and_bound(
+    problem: PlanProblem, solver: str, start: np.ndarray, start_s: float, time_limit: float, gap: float, t0: float
+) -> Plan:
+    """The solver's plan, or the tier `start` (step time `start_s`) where the solver found none
+    faster; status "optimal" when the solver proved its plan within `gap` (so is `start` then, if
+    faster), else "time_limit"."""
+    costs = tier_costs(problem)
+    model = _build_model(problem, costs)
+    if solver == "highs":
+        values, optimal = _run_highs(model, time_limit, gap)
+    else:
+        values, optimal = _run_cbc(model, model.values(costs, start), time_limit, gap)
+    tier = start
+    if values is not None:
+        found = model.tiers(values, problem.utility.shape)
+        if feasible(problem, found) and step_time(problem, found) <= start_s:
+            tier = found
+    return make_plan(problem, tier, solver, time.perf_counter() - t0, "optimal" if optimal else "time_limit")
+
+
+@dataclass
+class _Model:
+    """The ILP as arrays, for either solver: binary columns r (one per flat index in `resident`), then
+    s (`slot`), then one continuous z per layer with a GPU; CSR rows, each one-sided or an equality."""
+
+    resident: np.ndarray
+    slot: np.ndarray
+    n_layer: int  # z columns: n_layer with a GPU, else 0
+    cost: np.ndarray
+    offset: float
+    lower: np.ndarray
+    upper: np.ndarray
+    start: np.ndarray
+    index: np.ndarray
+    value: np.ndarray
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+
+    @property
+    def n_binary(self) -> int:
+        return len(self.resident) + len(self.slot)
+
+    def values(self, costs: np.ndarray, tier: np.ndarray) -> np.ndarray:
+        """`tier` as column values (CBC's first incumbent). A choice the model has no column for is
+        dominated: a SLOT reads as RESIDENT, a RESIDENT as FLASH, each costing no more."""
+        flat = tier.ravel()
+        held = flat[self.resident]
+        resident = (held == RESIDENT) | ((held == SLOT) & ~np.isin(self.resident, self.slot))
+        values = np.concatenate([resident, flat[self.slot] == SLOT]).astype(np.float64)
+        if not self.n_layer:
+            return values
+        chosen = np.take_along_axis(costs, np.asarray(tier, dtype=np.intp)[None], 0)[0] * _MS
+        on_slot = tier == SLOT
+        slower = np.maximum(np.where(on_slot, chosen, 0).sum(1), np.where(on_slot, 0, chosen).sum(1))
+        return np.concatenate([values, slower])
+
+    def tiers(self, values: np.ndarray, shape: tuple) -> np.ndarray:
+        on = values[: self.n_binary] > 0.5
+        tier = np.full(shape, FLASH, dtype=np.int8)
+        tier.flat[self.resident[on[: len(self.resident)]]] = RESIDENT
+        tier.flat[self.slot[on[len(self.resident) :]]] = SLOT
+        return tier
+
+
+def _build_model(problem: PlanProblem, costs: np.ndarray) -> _Model:
+    """The ILP of plan.py's docstring without dominated variables, built from arrays (no per-term
+    Python objects: 3-20 ms at 48x128 where PuLP took 0.3 s)."""
     ms = costs * _MS
-    has_gpu = problem.costs.has_gpu
+    n_layer, n_expert = problem.utility.shape
     may_reside, may_slot = _free_choices(problem, costs)
-    resident = {(l, e): pulp.LpVariable(f"r_{l}_{e}", cat=pulp.LpBinary) for l, e in zip(*np.nonzero(may_reside))}
-    slot = {(l, e): pulp.LpVariable(f"s_{l}_{e}", cat=pulp.LpBinary) for l, e in zip(*np.nonzero(may_slot))}
-    branch = [pulp.LpVariable(f"z_{l}", lowBound=0) for l in range(problem.utility.shape[0])] if has_gpu else []
-    cpu = [pulp.LpAffineExpression(constant=float(total)) for total in ms[FLASH].sum(1)]
-    gpu = [pulp.LpAffineExpression() for _ in cpu]
-    for (l, e), v in resident.items():
-        cpu[l].addterm(v, ms[RESIDENT, l, e] - ms[FLASH, l, e])
-    for (l, e), v in slot.items():
-        cpu[l].addterm(v, -ms[FLASH, l, e])
-        (gpu if has_gpu else cpu)[l].addterm(v, ms[SLOT, l, e])
-    lp = pulp.LpProblem("balancer", pulp.LpMinimize)
-    lp += pulp.lpSum(branch) if has_gpu else pulp.lpSum(cpu)
-    for l, z in enumerate(branch):
-        lp += z >= gpu[l], f"gpu_{l}"
-        lp += z >= cpu[l], f"cpu_{l}"
-    for l, capacity in enumerate(problem.slot_capacity):
-        in_layer = [slot[l, e] for e in np.flatnonzero(may_slot[l])]
-        if len(in_layer) > capacity:
-            lp += pulp.lpSum(in_layer) <= int(capacity), f"slots_{l}"
-    for l, e in zip(*np.nonzero(may_reside | may_slot)):
-        placed = pulp.lpSum(v for v in (resident.get((l, e)), slot.get((l, e))) if v is not None)
-        if problem.must_have[l, e]:
-            lp += placed == 1, f"one_{l}_{e}"
-        elif (l, e) in resident and (l, e) in slot:
-            lp += placed <= 1, f"one_{l}_{e}"
+    resident, slot = np.flatnonzero(may_reside), np.flatnonzero(may_slot)
+    r_col, s_col = np.arange(len(resident)), len(resident) + np.arange(len(slot))
+    r_layer, s_layer = resident // n_expert, slot // n_expert
+    n_binary = len(resident) + len(slot)
+    flash = ms[FLASH].ravel()
+    held = ms[RESIDENT].ravel()[resident] - flash[resident]  # what r adds to its CPU branch
+    rows = _Rows()
+    if problem.costs.has_gpu:
+        z_col = n_binary + np.arange(n_layer)
+        cost, offset = np.concatenate([np.zeros(n_binary), np.ones(n_layer)]), 0.0
+        ones, zeros = np.ones(n_layer), np.zeros(n_layer)
+        # z_l >= GPU branch; z_l >= CPU branch = (all on flash) + sum r*held - sum s*flash
+        rows.add(np.r_[np.arange(n_layer), s_layer], np.r_[z_col, s_col], np.r_[ones, -ms[SLOT].ravel()[slot]], zeros)
+        rows.add(
+            np.r_[np.arange(n_layer), r_layer, s_layer],
+            np.r_[z_col, r_col, s_col],
+            np.r_[ones, -held, flash[slot]],
+            ms[FLASH].sum(1),
+        )
+    else:
+        cost = np.concatenate([held, ms[SLOT].ravel()[slot] - flash[slot]])
+        offset = float(flash.sum())
+    full = np.flatnonzero(np.bincount(s_layer, minlength=n_layer) > problem.slot_capacity)
+    in_full = np.isin(s_layer, full)
+    row_of = np.searchsorted(full, s_layer[in_full])
+    rows.add(row_of, s_col[in_full], np.ones(in_full.sum()), np.full(len(full), -np.inf), problem.slot_capacity[full])
+    must = problem.must_have.ravel()
+    both = np.intersect1d(resident, slot)  # r + s <= 1, = 1 if must_have
+    rows.add(
+        np.r_[np.arange(len(both)), np.arange(len(both))],
+        np.r_[np.searchsorted(resident, both), len(resident) + np.searchsorted(slot, both)],
+        np.ones(2 * len(both)),
+        np.where(must[both], 1.0, -np.inf),
+        np.ones(len(both)),
+    )
     units, capacity = _budget_units(problem)
-    in_memory = [(v, units[key]) for variables in (resident, slot) for key, v in variables.items()]
-    lp += pulp.LpAffineExpression(in_memory) <= capacity, "budget"
-    return lp, slot, resident, branch
+    units = units.ravel()
+    rows.add(
+        np.zeros(n_binary, dtype=np.intp),
+        np.arange(n_binary),
+        np.r_[units[resident], units[slot]],
+        [-np.inf],
+        [capacity],
+    )
+    lower = np.zeros(n_binary + (n_layer if problem.costs.has_gpu else 0))
+    lower[r_col[must[resident] & ~np.isin(resident, both)]] = 1.0  # must_have with one way to stay
+    upper = np.r_[np.ones(n_binary), np.full(len(lower) - n_binary, np.inf)]
+    return _Model(resident, slot, len(lower) - n_binary, cost, offset, lower, upper, *rows.csr(), *rows.bounds())
+
+
+class _Rows:
+    """Sparse rows gathered block by block: (row, column, value) entries and each row's bounds."""
+
+    def __init__(self):
+        self.row, self.column, self.value, self.lower, self.upper = [], [], [], [], []
+        self.count = 0
+
+    def add(self, row, column, value, lower, upper=None) -> None:
+        """One row per entry of `lower` (`upper` default +inf); `row` numbers them from 0 in this block."""
+        lower = np.asarray(lower, dtype=np.float64)
+        self.row.append(self.count + np.asarray(row, dtype=np.intp))
+        self.column.append(np.asarray(column, dtype=np.intp))
+        self.value.append(np.asarray(value, dtype=np.float64))
+        self.lower.append(lower)
+        self.upper.append(np.full(len(lower), np.inf) if upper is None else np.asarray(upper, dtype=np.float64))
+        self.count += len(lower)
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row = np.concatenate(self.row)
+        order = np.argsort(row, kind="stable")
+        start = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=self.count))])
+        return (
+            start.astype(np.int32),
+            np.concatenate(self.column)[order].astype(np.int32),
+            np.concatenate(self.value)[order],
+        )
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.lower), np.concatenate(self.upper)
 
 
 def _free_choices(problem: PlanProblem, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,51 +330,61 @@ def _budget_units(problem: PlanProblem) -> tuple[np.ndarray, float]:
     return units, cap
 
 
-def _set_start(problem: PlanProblem, costs: np.ndarray, tier: np.ndarray, slot, resident, branch) -> None:
-    """Give every variable its value in `tier`: the solver's first incumbent."""
-    for (l, e), v in resident.items():
-        v.setInitialValue(int(tier[l, e] == RESIDENT))
-    for (l, e), v in slot.items():
-        v.setInitialValue(int(tier[l, e] == SLOT))
-    chosen = np.take_along_axis(costs, np.asarray(tier, dtype=np.intp)[None], 0)[0] * _MS
-    on_slot = tier == SLOT
-    for l, z in enumerate(branch):
-        z.setInitialValue(max(float(chosen[l][on_slot[l]].sum()), float(chosen[l][~on_slot[l]].sum())))
+def _run_highs(model: _Model, time_limit: float, gap: float) -> tuple[np.ndarray | None, bool]:
+    """HiGHS in process on one thread (the planner shares the cores with llama.cpp's decode): the
+    best columns found (None if none) and whether they are proved within `gap`. Presolve is off: at
+    48x128 it took 0.2-0.4 s of 0.5 s and the solve without it was never slower (0.25 s). No start:
+    HiGHS 1.16 with presolve returned a start's own values with the objective of a better solution
+    (2 of 240 small models), and `_branch_and_bound` keeps the start when HiGHS finds nothing faster."""
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = len(model.cost), len(model.row_lower)
+    lp.col_cost_, lp.col_lower_, lp.col_upper_, lp.offset_ = model.cost, model.lower, model.upper, model.offset
+    lp.row_lower_, lp.row_upper_ = model.row_lower, model.row_upper
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = model.start, model.index, model.value
+    integer, continuous = highspy.HighsVarType.kInteger, highspy.HighsVarType.kContinuous
+    lp.integrality_ = [integer] * model.n_binary + [continuous] * model.n_layer
+    highs = highspy.Highs()
+    options = dict(output_flag=False, threads=1, presolve="off", time_limit=float(time_limit), mip_rel_gap=gap)
+    for option, value in options.items():
+        highs.setOptionValue(option, value)
+    highs.passModel(lp)
+    highs.run()
+    if highs.getInfo().primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
+        return None, False
+    return np.asarray(highs.getSolution().col_value), highs.getModelStatus() == highspy.HighsModelStatus.kOptimal
 
 
-def _read_tiers(problem: PlanProblem, slot, resident) -> np.ndarray:
-    tier = np.full(problem.utility.shape, FLASH, dtype=np.int8)
-    for value, variables in ((RESIDENT, resident), (SLOT, slot)):
-        for key, v in variables.items():
-            if (v.varValue or 0.0) > 0.5:
-                tier[key] = value
-    return tier
-
-
-class _Highs(pulp.HiGHS):
-    """pulp.HiGHS with two changes: integrality is set in one call (pulp sets it column by column at
-    ~60 us each: 0.6 s on a 48x128 model), and the variables' initial values become HiGHS's first
-    incumbent (pulp.HiGHS ignores them)."""
-
-    def __init__(self, **options):
-        super().__init__(mip=False, **options)  # keeps pulp's per-column integrality calls off
-
-    def buildSolverModel(self, lp):
-        super().buildSolverModel(lp)
-        integer = np.array([v.index for v in lp.variables() if v.cat == pulp.LpInteger], dtype=np.int32)
-        kinds = np.full(len(integer), int(highspy.HighsVarType.kInteger), dtype=np.uint8)
-        lp.solverModel.changeColsIntegrality(len(integer), integer, kinds)
-
-    def callSolver(self, lp):
-        variables = lp.variables()
-        index = np.array([v.index for v in variables], dtype=np.int32)
-        value = np.array([v.varValue or 0.0 for v in variables], dtype=np.float64)
-        lp.solverModel.setSolution(len(variables), index, value)
-        super().callSolver(lp)
-
-
-def _solver(name: str, time_limit: float, gap: float):
-    """One thread: the planner shares the cores with llama.cpp's decode."""
-    if name == "highs":
-        return _Highs(msg=False, timeLimit=time_limit, gapRel=gap, threads=1)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, threads=1, warmStart=True, timeMode="elapsed")
+def _run_cbc(model: _Model, start: np.ndarray, time_limit: float, gap: float) -> tuple[np.ndarray | None, bool]:
+    """CBC through PuLP (a subprocess), one thread, from the column values `start`: as `_run_highs`."""
+    columns = [
+        pulp.LpVariable(
+            f"x{j}",
+            lowBound=float(model.lower[j]),
+            upBound=None if math.isinf(model.upper[j]) else float(model.upper[j]),
+            cat=pulp.LpInteger if j < model.n_binary else pulp.LpContinuous,
+        )
+        for j in range(len(model.cost))
+    ]
+    lp = pulp.LpProblem("balancer", pulp.LpMinimize)
+    lp += pulp.LpAffineExpression(
+        [(columns[j], model.cost[j]) for j in np.flatnonzero(model.cost)], constant=model.offset
+    )
+    for i, (lower, upper) in enumerate(zip(model.row_lower, model.row_upper)):
+        terms = range(model.start[i], model.start[i + 1])
+        row = pulp.LpAffineExpression([(columns[model.index[k]], model.value[k]) for k in terms])
+        if lower == upper:
+            lp += row == upper, f"r{i}"
+            continue
+        if lower > -np.inf:
+            lp += row >= lower, f"r{i}"
+        if upper < np.inf:
+            lp += row <= upper, f"r{i}u"
+    for column, value in zip(columns, start):
+        column.setInitialValue(float(value))
+    lp.solve(
+        pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, threads=1, warmStart=True, timeMode="elapsed")
+    )
+    if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None, False
+    return np.array([column.varValue or 0.0 for column in columns]), lp.sol_status == pulp.LpSolutionOptimal

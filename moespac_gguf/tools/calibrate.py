@@ -175,8 +175,8 @@ def gpu_costs(layout, cpu_s_per_token_expert: float, threads: int | None = None,
     - h2d_bps: expert copies into GPU slots, the path the slot tier takes (bytes / wall time);
     - unified_memory: whether the GPU computes from the host's DRAM (llama.devices)."""
     from ..llama.devices import gpu_devices  # lazy: libllama stays out of the 128 MiB read-costs child
-    from ..llama.session import Session
-    from ..llama.slots import SlotCache
+    from ..llama.session import Session  # lazy: as above
+    from ..llama.slots import SlotCache  # lazy: as above
 
     gpus = gpu_devices()
     if not gpus:

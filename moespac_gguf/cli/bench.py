@@ -1,5 +1,7 @@
 """`moespac bench`: tokens/s and bytes read under a real memory cap, every contender side by side
-(tools.bench), each in its own child process and memory cgroup."""
+(tools.bench), each in its own child process and memory cgroup; with `--gpu-budget SIZE`, the GPU
+mode: tokens/s, host->device bytes and slot hit rates with the same GPU memory for experts
+(tools.bench_gpu), each contender in its own child process."""
 
 from __future__ import annotations
 
@@ -11,30 +13,53 @@ from pathlib import Path
 from ..api.options import ModelOptions
 from ..core.units import parse_size
 from ..decode.draft import SELF_DRAFT
+from ..demo.catalog import resolve_model
+from ..tools import bench_gpu
 from ..tools.bench import CONTENDERS, DEFAULT_CONTENDERS, SLOT_FRACTION, BenchConfig, markdown, run, run_contender
-from .options import MODEL_HELP, add_options
+from .options import MODEL_HELP, add_options, resolve_draft
 
 BENCH_OPTIONS = ("n_ctx", "n_threads", "draft_max", "draft_ahead", "gate")
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--child"]:  # one contender inside its cgroup: `--child NAME CONFIG_JSON` (tools.bench)
+    if argv[:1] == ["--child"]:  # one contender (in its cgroup, CPU mode): `--child NAME CONFIG_JSON` (tools.bench*)
         name, config = argv[1:3]
-        print(json.dumps(run_contender(name, BenchConfig(**json.loads(config)))))
+        cfg = BenchConfig(**json.loads(config))
+        child = bench_gpu.run_contender if cfg.gpu_budget is not None else run_contender
+        print(json.dumps(child(name, cfg)))
         return 0
     p = argparse.ArgumentParser(
         prog="moespac bench",
         description="Tokens/s and bytes read under a real memory "
         "cap, every contender side by side (llama.cpp, +MADV_RANDOM, +speculative "
-        "decoding, moespac).",
+        "decoding, moespac). With --gpu-budget SIZE, the GPU mode: tokens/s, host->device bytes and "
+        "slot hit rates with the same GPU memory for experts (llama.cpp --n-cpu-moe N, the same + "
+        "speculative decoding, an LRU expert cache, moespac).",
     )
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
-    p.add_argument("-md", "--model-draft", help=f"draft GGUF, or '{SELF_DRAFT}' (the target routing fewer experts)")
+    p.add_argument(
+        "-md",
+        "--model-draft",
+        help=f"draft GGUF, a demo model's name, or '{SELF_DRAFT}' (the target routing fewer experts)",
+    )
     p.add_argument(
         "--mem-cap",
-        required=True,
         type=parse_size,
-        help="memory cap for each contender, e.g. 1.5G (0: no cap, the model fits)",
+        help="memory cap for each contender, e.g. 1.5G (0: no cap, the model fits); required without --gpu-budget",
+    )
+    p.add_argument(
+        "--gpu-budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="the GPU mode: GPU memory for expert weights, the same for every contender, e.g. 4G "
+        f"(contenders {', '.join(bench_gpu.GPU_CONTENDERS)}; no memory cap)",
+    )
+    p.add_argument(
+        "-ngl",
+        "--n-gpu-layers",
+        type=int,
+        metavar="N",
+        help="GPU mode: layers on the GPU, as llama.cpp's -ngl (default -1: all)",
     )
     p.add_argument("--prompts", default=BenchConfig.prompts)
     p.add_argument("--limit", type=int, default=BenchConfig.limit)
@@ -48,8 +73,8 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument(
         "--contenders",
-        default=",".join(DEFAULT_CONTENDERS),
-        help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots)",
+        help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots); "
+        f"with --gpu-budget from {', '.join(bench_gpu.GPU_CONTENDERS)} (default: all)",
     )
     p.add_argument(
         "--slot-fraction",
@@ -60,13 +85,28 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON here, and the table beside it (.md)")
     args = p.parse_args(argv)
-    # every BenchConfig field is a flag of the same name, contenders as one comma-separated string
+    gpu = args.gpu_budget is not None
+    if not gpu and args.mem_cap is None:
+        p.error("--mem-cap is required (or --gpu-budget SIZE for the GPU mode)")
+    contenders = args.contenders or ",".join(bench_gpu.GPU_CONTENDERS if gpu else DEFAULT_CONTENDERS)
+    # every BenchConfig field is a flag of the same name, contenders as one comma-separated string;
+    # -m, -md and --sd-draft take a demo model's name too
     values = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
-    cfg = BenchConfig(**{**values, "contenders": tuple(args.contenders.split(","))})
-    report = run(cfg, progress=not args.json)
+    cfg = BenchConfig(
+        **{
+            **values,
+            "model": str(resolve_model(args.model)),
+            "model_draft": resolve_draft(args.model_draft),
+            "sd_draft": resolve_draft(args.sd_draft),
+            "mem_cap": args.mem_cap or 0,
+            "contenders": tuple(contenders.split(",")),
+        }
+    )
+    report = bench_gpu.run(cfg, progress=not args.json) if gpu else run(cfg, progress=not args.json)
+    table = bench_gpu.markdown(report, cfg) if gpu else markdown(report["results"], cfg)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-        Path(args.out).with_suffix(".md").write_text(markdown(report["results"], cfg) + "\n")
-    print(json.dumps(report) if args.json else markdown(report["results"], cfg))
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(json.dumps(report) if args.json else table)
     return 0

@@ -214,6 +214,20 @@ class SlotFiller:
                 self.copies += 1
             self.pending.append((layer, e, s))
 
+    def follow(
+        self, estimator, *, margin: float, planner: Planner | None = None, max_copies: int | None = None
+    ) -> None:
+        """From now on fill the slots from `estimator` (anything with UtilityEstimator's
+        observe_verification and predict, e.g. utility.RecencyEstimator: an LRU cache), which the
+        filler updates from the verifications it hears, with this `margin`, `planner` (None: each
+        layer's top-S, no balancer) and `max_copies` (None: unchanged); the old planner is closed."""
+        if self.planner is not None and self.planner is not planner:
+            self.planner.close()
+        self.estimator, self.own_estimator = estimator, True
+        self.planner, self.margin = planner, margin
+        if max_copies is not None:
+            self.max_copies = max_copies
+
     def stats(self) -> SlotStats:
         return {
             "on_gpu": self.on_gpu,

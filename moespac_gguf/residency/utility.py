@@ -251,3 +251,36 @@ def _check_shape(values, shape: tuple, what: str) -> np.ndarray:
     if arr.shape != tuple(shape):
         raise MoespacError(f"{what} must have shape {tuple(shape)}, got {arr.shape}")
     return arr
+
+
+class RecencyEstimator:
+    """Least-recently-used order in the utility's place: an LRU expert cache's policy.
+
+    Each (layer, expert)'s value is the stamp of the last routed row that used it (rows are
+    stamped 1, 2, ... in the order they are observed, a batch's rows in batch order; 0: never
+    used), so each layer's top-S experts by `predict()` are its S most recently used: what an LRU
+    cache of S slots per layer holds (llama.cpp PR #27861's GPU expert cache). The values rank
+    experts; they are not expected tokens. The same interface as UtilityEstimator, so the slot
+    filler can follow it (SlotFiller.follow); it ignores drafted ids.
+    """
+
+    def __init__(self, n_layer: int, n_expert: int):
+        self.n_layer, self.n_expert = n_layer, n_expert
+        self.last_used = np.zeros((n_layer, n_expert))
+        self.rows = 0  # rows observed so far: the last stamp given
+
+    def observe_verification(self, tokens, experts, prefill: bool = False) -> None:
+        """Stamp the experts a batch's rows used (`prefill` makes no difference: a prompt's rows
+        are uses like any other)."""
+        ids = check_experts(experts, self.n_expert, self.n_layer)
+        _check_tokens(tokens, ids.shape[1])
+        n_layer, n_rows, k = ids.shape
+        layer = np.broadcast_to(np.arange(n_layer)[:, None, None], ids.shape)
+        stamp = np.broadcast_to(self.rows + 1 + np.arange(n_rows)[None, :, None], ids.shape)
+        used = ids >= 0
+        np.maximum.at(self.last_used, (layer[used], ids[used]), stamp[used])
+        self.rows += n_rows
+
+    def predict(self, draft_tokens=None) -> np.ndarray:
+        """float [n_layer, n_expert]: the last row that used each expert (higher = more recent)."""
+        return self.last_used.copy()

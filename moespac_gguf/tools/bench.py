@@ -14,6 +14,9 @@ model files' pages are dropped before each start). Contenders:
                     gets the rest
 
 The parent checks that every contender's greedy output equals plain llama.cpp's.
+
+With a GPU budget (`--gpu-budget SIZE`, BenchConfig.gpu_budget) the benchmark is the GPU mode
+instead: tools.bench_gpu, with its own contenders and no memory cgroup.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class BenchConfig:
     gate: str | None = None
     contenders: tuple[str, ...] = DEFAULT_CONTENDERS
     slot_fraction: float = SLOT_FRACTION
+    gpu_budget: int | None = None  # bytes of GPU memory for experts: the GPU mode (tools.bench_gpu); None: CPU mode
+    n_gpu_layers: int | None = None  # the GPU mode's -ngl (None: all)
 
     @property
     def sd(self) -> str | None:
@@ -256,6 +261,8 @@ def check(cfg: BenchConfig) -> None:
         raise MoespacError(f"--slot-fraction must be between 0 and 1, got {cfg.slot_fraction}")
     if "moespac+slots" in names and not cfg.mem_cap:
         raise MoespacError("moespac+slots needs a memory cap (--mem-cap): it sizes the slots")
+    if cfg.n_gpu_layers is not None:
+        raise MoespacError("-ngl is for the GPU mode (--gpu-budget SIZE)")
     load_prompts(cfg.prompts, cfg.limit, select="spread")  # fail early on a bad prompt file
     for f in cfg.files:
         pids = mapped_by_others(f)

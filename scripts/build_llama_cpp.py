@@ -173,7 +173,7 @@ def build_wheel(src: Path, build_dir: Path, wheel_dir: Path, cmake_args: str) ->
 
 
 def main() -> None:
-    cmake_args = " ".join(filter(None, [DEFAULT_CMAKE_ARGS, os.environ.get("CMAKE_ARGS", "")]))
+    cmake_args = " ".join(f"{DEFAULT_CMAKE_ARGS} {os.environ.get('CMAKE_ARGS', '')}".split())  # one spelling, one key
     key = short_hash(
         VERSION.encode(),
         SDIST_SHA256.encode(),

@@ -107,7 +107,7 @@ class SlotFiller:
         """`estimator`: a utility estimator someone else updates (the residency controller's);
         None: the filler keeps its own from the verifications it hears. `engine`: the page tier's
         ResidencyEngine, or None when every expert stays in RAM."""
-        self.cache, self.layout, self.costs, self.on_gpu = cache, layout, costs, on_gpu
+        self.cache, self.costs, self.on_gpu = cache, costs, on_gpu
         self.own_estimator = estimator is None
         self.estimator = estimator or UtilityEstimator(cache.n_layer, cache.n_expert)
         self.engine, self.planner, self.plan_every = engine, planner, plan_every

@@ -122,6 +122,22 @@ class PrefillMeter:
         pass
 
 
+def generate_prompts(m: MoeSpac, cfg: BenchConfig, before_each=None) -> tuple[list[list[int]], int, float, DecodeStats]:
+    """Every prompt of `cfg`, greedily, `cfg.n_predict` tokens each, in the order `moespac trace
+    --select spread` records them (its trace replays the run): (outputs, tokens generated, wall
+    seconds, the pooled stats). `before_each` is called before each prompt."""
+    outputs, n_tokens, stats = [], 0, []
+    t0 = time.perf_counter()
+    for row in load_prompts(cfg.prompts, cfg.limit, select="spread"):
+        if before_each is not None:
+            before_each()
+        m.create_completion(format_prompt(m.target, row["text"]), max_tokens=cfg.n_predict)
+        outputs.append(m.completion_tokens)
+        n_tokens += len(m.completion_tokens)
+        stats.append(m.stats)
+    return outputs, n_tokens, time.perf_counter() - t0, DecodeStats.pooled(stats)
+
+
 def run_contender(name: str, cfg: BenchConfig) -> dict:
     """Run inside the capped child: load, generate every prompt, report one JSON object."""
     managed = name.startswith("moespac")
@@ -151,21 +167,11 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     if name == "llama.cpp+random":
         mp = find_mapping(cfg.model)
         madvise(mp.start, mp.end - mp.start, MADV_RANDOM)
-    prompts = load_prompts(cfg.prompts, cfg.limit, select="spread")
     meter = PrefillMeter()
     m.decoder.subscribe(meter)
     read0, faults0 = _io_counters()
-    outputs, n_tokens, stats = [], 0, []
-    t0 = time.perf_counter()
-    for row in prompts:  # as `moespac trace --select spread` records them: its trace replays this run
-        meter.begin()
-        m.create_completion(format_prompt(m.target, row["text"]), max_tokens=cfg.n_predict)
-        outputs.append(m.completion_tokens)
-        n_tokens += len(m.completion_tokens)
-        stats.append(m.stats)
-    elapsed = time.perf_counter() - t0
+    outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg, before_each=meter.begin)
     read1, faults1 = _io_counters()
-    pooled = DecodeStats.pooled(stats)
     result = {
         "name": name,
         "draft": draft,

@@ -40,11 +40,9 @@ from ..core.layout import MoeLayout, read_layout
 from ..core.paths import REPO_ROOT
 from ..core.prompts import load_prompts
 from ..core.units import format_size
-from ..decode.stats import DecodeStats
-from ..llama.chat import format_prompt
 from ..llama.devices import gpu_devices
 from ..residency.utility import RecencyEstimator
-from .bench import BenchConfig, child_argv
+from .bench import BenchConfig, child_argv, generate_prompts
 
 GPU_CONTENDERS = ("llama.cpp+ncmoe", "llama.cpp+ncmoe+sd", "lru", "moespac")
 LRU_INSERTS_PER_LAYER = 2  # uploads per slotted layer per step: PR #27861's measured setting
@@ -140,16 +138,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
                     planner=None,
                     max_copies=LRU_INSERTS_PER_LAYER * n_slotted,
                 )
-        prompts = load_prompts(cfg.prompts, cfg.limit, select="spread")
-        outputs, n_tokens, stats = [], 0, []
-        t0 = time.perf_counter()
-        for row in prompts:
-            m.create_completion(format_prompt(m.target, row["text"]), max_tokens=cfg.n_predict)
-            outputs.append(m.completion_tokens)
-            n_tokens += len(m.completion_tokens)
-            stats.append(m.stats)
-        elapsed = time.perf_counter() - t0
-        pooled = DecodeStats.pooled(stats)
+        outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg)
         slots = m.slots.stats() if m.slots is not None else None
         return {
             "name": name,

@@ -13,6 +13,11 @@ repeat runs cheap (all under $MOESPAC_CACHE, default ~/.cache/moespac-gguf):
 
 CMAKE_ARGS from the environment is honoured (e.g. -DGGML_METAL=ON on a Mac,
 -DGGML_CUDA=ON on a Jetson).
+
+`--stock TARGET` builds one of llama.cpp's own programs (e.g. llama-bench) from the same
+vendored source WITHOUT our patches and with llama.cpp's default options, into
+stock/<CMAKE_ARGS key>/ in the cache, and prints the binary's path: the unmodified
+llama.cpp that `moespac bench --no-cap` measures moespac against.
 """
 
 from __future__ import annotations
@@ -207,5 +212,36 @@ def main() -> None:
     say(f"installed patched llama-cpp-python {VERSION} (build {key})")
 
 
+def build_stock(target: str) -> Path:
+    """llama.cpp's own `target` built from the pristine vendored source (no patches, llama.cpp's
+    default CMake options plus CMAKE_ARGS), cached; returns the binary."""
+    cmake_args = os.environ.get("CMAKE_ARGS", "").split()
+    root = CACHE / "stock" / short_hash(VERSION.encode(), SDIST_SHA256.encode(), " ".join(cmake_args).encode())
+    binary = root / "build" / "bin" / target
+    if binary.exists():
+        return binary
+    src = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not src.exists():
+        with tarfile.open(fetch_sdist()) as tar:
+            tar.extractall(root, filter="data")
+    log = root / "build.log"
+    say(f"building stock llama.cpp {target} (unpatched, {' '.join(cmake_args) or 'default options'}); log: {log}")
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    with open(log, "w") as out:
+        for cmd in (
+            ["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF"]
+            + cmake_args,
+            ["cmake", "--build", str(root / "build"), "--target", target, "-j", jobs],
+        ):
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                die(f"stock {target} build failed; last lines of {log}:\n" + "".join(open(log).readlines()[-30:]))
+    return binary
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--stock"] and len(sys.argv) == 3:
+        print(build_stock(sys.argv[2]))
+    elif len(sys.argv) > 1:
+        die("usage: build_llama_cpp.py [--stock TARGET]")
+    else:
+        main()

@@ -16,7 +16,7 @@ from ..core.errors import MoespacError
 COMMANDS: dict[str, str] = {
     "run": "generate text (speculative with -md DRAFT)",
     "chat": "chat with the model's template (stdin line by line)",
-    "bench": "tokens/s and bytes read under a memory cap (or with a GPU budget), vs llama.cpp",
+    "bench": "tokens/s and bytes read under a memory cap (or with a GPU budget, or --no-cap), vs llama.cpp",
     "calibrate": "measure disk, memory and expert costs of this machine",
     "inspect": "show the expert layout of a GGUF MoE model",
     "synth": "write a tiny random-weight MoE GGUF (tests)",

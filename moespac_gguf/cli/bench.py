@@ -1,7 +1,9 @@
 """`moespac bench`: tokens/s and bytes read under a real memory cap, every contender side by side
 (tools.bench), each in its own child process and memory cgroup; with `--gpu-budget SIZE`, the GPU
 mode: tokens/s, host->device bytes and slot hit rates with the same GPU memory for experts
-(tools.bench_gpu), each contender in its own child process."""
+(tools.bench_gpu), each contender in its own child process; with `--no-cap`, the uncapped
+comparison: prompt and decode tokens/s of moespac against stock llama.cpp's llama-bench and
+llama-cpp-python where the model fits, in interleaved rounds (tools.bench_uncapped)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..api.options import ModelOptions
+from ..core.errors import MoespacError
 from ..core.units import parse_size
 from ..decode.draft import SELF_DRAFT
 from ..demo.catalog import resolve_model
-from ..tools import bench_gpu
+from ..tools import bench_gpu, bench_uncapped
 from ..tools.bench import CONTENDERS, DEFAULT_CONTENDERS, SLOT_FRACTION, BenchConfig, markdown, run, run_contender
 from .options import MODEL_HELP, add_options, resolve_draft
 
@@ -25,7 +28,12 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:  # one contender (in its cgroup, CPU mode): `--child NAME CONFIG_JSON` (tools.bench*)
         name, config = argv[1:3]
         cfg = BenchConfig(**json.loads(config))
-        child = bench_gpu.run_contender if cfg.gpu_budget is not None else run_contender
+        if cfg.gpu_budget is not None:
+            child = bench_gpu.run_contender
+        elif cfg.uncapped:
+            child = bench_uncapped.run_contender
+        else:
+            child = run_contender
         print(json.dumps(child(name, cfg)))
         return 0
     p = argparse.ArgumentParser(
@@ -34,7 +42,9 @@ def main(argv: list[str]) -> int:
         "cap, every contender side by side (llama.cpp, +MADV_RANDOM, +speculative "
         "decoding, moespac). With --gpu-budget SIZE, the GPU mode: tokens/s, host->device bytes and "
         "slot hit rates with the same GPU memory for experts (llama.cpp --n-cpu-moe N, the same + "
-        "speculative decoding, an LRU expert cache, moespac).",
+        "speculative decoding, an LRU expert cache, moespac). With --no-cap, the uncapped comparison: "
+        "prompt and decode tokens/s against stock llama.cpp's llama-bench and llama-cpp-python "
+        f"({', '.join(bench_uncapped.UNCAPPED_CONTENDERS)}), the model in memory, interleaved rounds.",
     )
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument(
@@ -45,7 +55,22 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--mem-cap",
         type=parse_size,
-        help="memory cap for each contender, e.g. 1.5G (0: no cap, the model fits); required without --gpu-budget",
+        help="memory cap for each contender, e.g. 1.5G (0: no cap, the model fits); required without --gpu-budget "
+        "or --no-cap",
+    )
+    p.add_argument(
+        "--no-cap",
+        dest="uncapped",
+        action="store_true",
+        help="the uncapped comparison: moespac against stock llama.cpp (llama-bench, built once without our "
+        f"patches) and llama-cpp-python, CPU only, no memory cap (defaults: --limit {bench_uncapped.UNCAPPED_LIMIT}, "
+        f"-t all cores, -md {bench_uncapped.DEFAULT_DRAFT} for moespac+draft)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        metavar="R",
+        help=f"--no-cap: interleaved rounds, every contender once per round (default {bench_uncapped.UNCAPPED_ROUNDS})",
     )
     p.add_argument(
         "--gpu-budget",
@@ -62,7 +87,11 @@ def main(argv: list[str]) -> int:
         help="GPU mode: layers on the GPU, as llama.cpp's -ngl (default -1: all)",
     )
     p.add_argument("--prompts", default=BenchConfig.prompts)
-    p.add_argument("--limit", type=int, default=BenchConfig.limit)
+    p.add_argument(
+        "--limit",
+        type=int,
+        help=f"prompts (default {BenchConfig.limit}; with --no-cap {bench_uncapped.UNCAPPED_LIMIT})",
+    )
     p.add_argument("-n", "--n-predict", type=int, default=BenchConfig.n_predict)
     add_options(p, ModelOptions, only=BENCH_OPTIONS, n_ctx=BenchConfig.n_ctx)
     p.add_argument(
@@ -74,7 +103,8 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--contenders",
         help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots); "
-        f"with --gpu-budget from {', '.join(bench_gpu.GPU_CONTENDERS)} (default: all)",
+        f"with --gpu-budget from {', '.join(bench_gpu.GPU_CONTENDERS)} (default: all); "
+        f"with --no-cap from {', '.join(bench_uncapped.UNCAPPED_CONTENDERS)} (default: all)",
     )
     p.add_argument(
         "--slot-fraction",
@@ -86,8 +116,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="also write the JSON here, and the table beside it (.md)")
     args = p.parse_args(argv)
     gpu = args.gpu_budget is not None
+    if args.uncapped:
+        return uncapped(args)
+    if args.rounds is not None:
+        raise MoespacError("--rounds is for the uncapped comparison (--no-cap)")
     if not gpu and args.mem_cap is None:
-        p.error("--mem-cap is required (or --gpu-budget SIZE for the GPU mode)")
+        p.error("--mem-cap is required (or --gpu-budget SIZE for the GPU mode, or --no-cap)")
+    if args.limit is None:
+        args.limit = BenchConfig.limit
     contenders = args.contenders or ",".join(bench_gpu.GPU_CONTENDERS if gpu else DEFAULT_CONTENDERS)
     # every BenchConfig field is a flag of the same name, contenders as one comma-separated string;
     # -m, -md and --sd-draft take a demo model's name too
@@ -99,11 +135,40 @@ def main(argv: list[str]) -> int:
             "model_draft": resolve_draft(args.model_draft),
             "sd_draft": resolve_draft(args.sd_draft),
             "mem_cap": args.mem_cap or 0,
+            "rounds": BenchConfig.rounds,  # --no-cap's
             "contenders": tuple(contenders.split(",")),
         }
     )
     report = bench_gpu.run(cfg, progress=not args.json) if gpu else run(cfg, progress=not args.json)
     table = bench_gpu.markdown(report, cfg) if gpu else markdown(report["results"], cfg)
+    return output(args, report, table)
+
+
+def uncapped(args: argparse.Namespace) -> int:
+    """`--no-cap`: the uncapped comparison (tools.bench_uncapped), its own defaults filled in."""
+    if args.mem_cap is not None or args.gpu_budget is not None:
+        raise MoespacError("--no-cap runs without a memory cap or GPU budget: not with --mem-cap or --gpu-budget")
+    names = tuple((args.contenders or ",".join(bench_uncapped.UNCAPPED_CONTENDERS)).split(","))
+    draft = args.model_draft or (bench_uncapped.DEFAULT_DRAFT if "moespac+draft" in names else None)
+    values = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
+    cfg = BenchConfig(
+        **{
+            **values,
+            "model": str(resolve_model(args.model)),
+            "model_draft": resolve_draft(draft),
+            "sd_draft": args.sd_draft,  # refused by the check: kept so that it says so
+            "mem_cap": 0,
+            "limit": bench_uncapped.UNCAPPED_LIMIT if args.limit is None else args.limit,
+            "rounds": bench_uncapped.UNCAPPED_ROUNDS if args.rounds is None else args.rounds,
+            "contenders": names,
+        }
+    )
+    report = bench_uncapped.run(cfg, progress=not args.json)
+    return output(args, report, bench_uncapped.markdown(report, cfg))
+
+
+def output(args: argparse.Namespace, report: dict, table: str) -> int:
+    """Print the report (the table, or JSON with --json); --out writes both."""
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

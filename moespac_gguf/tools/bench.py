@@ -17,6 +17,7 @@ The parent checks that every contender's greedy output equals plain llama.cpp's.
 
 With a GPU budget (`--gpu-budget SIZE`, BenchConfig.gpu_budget) the benchmark is the GPU mode
 instead: tools.bench_gpu, with its own contenders and no memory cgroup.
+With `--no-cap` (BenchConfig.uncapped) it is the uncapped comparison instead: tools.bench_uncapped.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class BenchConfig:
     slot_fraction: float = SLOT_FRACTION
     gpu_budget: int | None = None  # bytes of GPU memory for experts: the GPU mode (tools.bench_gpu); None: CPU mode
     n_gpu_layers: int | None = None  # the GPU mode's -ngl (None: all)
+    uncapped: bool = False  # the uncapped comparison vs llama-bench and llama-cpp-python (tools.bench_uncapped)
+    rounds: int = 2  # the uncapped mode's interleaved rounds
 
     @property
     def sd(self) -> str | None:

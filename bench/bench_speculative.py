@@ -85,6 +85,7 @@ def main(argv=None) -> int:
                 n_threads=args.threads,
                 draft_max=args.draft_max,
                 adaptive_draft=args.adaptive,
+                flash_attn="off",  # the drafted contenders' kernels for every contender: outputs compare
             ),
         )
         for name, d in CONTENDERS

@@ -106,7 +106,7 @@ def test_budget_too_small_is_one_line(tiny_moe):
         text=True,
     )
     assert r.returncode == 2 and "too small" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    with pytest.raises(MoespacError, match="cannot read"):
+    with pytest.raises(MoespacError, match="--mem-budget takes a size"):
         MoeSpac(tiny_moe(SPEC), mem_budget="lots")
 
 

@@ -282,5 +282,5 @@ def test_moespac_runs_with_the_gate_and_keeps_greedy_output(trained):
         n_moe = len(m.gate_tap.gate.moe_layers)
         assert m.gate_tap.calls >= n_moe * (m.stats.n_steps + 1)  # prompt + every verification
         assert m.residency.engine.stats.plans > 0
-    with pytest.raises(MoespacError, match="needs a memory budget"):
+    with pytest.raises(MoespacError, match="a lookahead gate steers the residency engine, which is off"):
         MoeSpac(model, gate=out)

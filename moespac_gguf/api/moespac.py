@@ -31,6 +31,8 @@ from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
 from ..residency.costs import load_costs
 from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
+from ..residency.memory import AUTO, measured_budget, parse_budget, plan_memory
+from ..residency.pages import status_bytes
 from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
@@ -56,6 +58,20 @@ def batch_sizes(n_batch: int | None, n_ctx: int, budgeted: bool) -> tuple[int, i
     return target, min(target, DRAFT_BATCH)
 
 
+def flash_attention(setting: str, drafted: bool) -> bool:
+    """Whether the target uses flash attention: "auto" is llama.cpp's default without a draft and
+    off with one (Session says why); "on" with a draft is refused rather than breaking exactness."""
+    setting = str(setting).lower()
+    if setting not in ("on", "off", "auto"):
+        raise MoespacError(f"-fa/--flash-attn takes on, off or auto, not {setting!r}")
+    if setting == "on" and drafted:
+        raise MoespacError(
+            "-fa on cannot verify a draft exactly (flash attention computes a batch differently from "
+            "single tokens): use -fa auto or off with a draft"
+        )
+    return setting == "on" or (setting == "auto" and not drafted)
+
+
 class MoeSpac:
     """A GGUF MoE target, optionally drafted by a small GGUF model of the same vocabulary
     or by itself routing fewer experts (`draft_model_path="self"`)."""
@@ -64,7 +80,10 @@ class MoeSpac:
         """`draft_model_path`: a GGUF of the same vocabulary, or "self" (the target routing fewer
         experts). `options`: the fields of api.options.ModelOptions (n_ctx, n_threads, n_batch,
         draft_max, adaptive_draft, draft_ahead, seed, mem_budget, gate, verbose), among them:
-        `mem_budget` (bytes or "8G"): keep expert residency within it (the residency engine).
+        `mem_budget`: "auto" (default: the residency engine runs only when the files do not fit
+        in the memory available, with the budget residency.memory computes; `memory_plan` says
+        what it measured and decided), bytes or "8G" (keep expert residency within it), or
+        "off"/None (never).
         `gate`: a lookahead-gate sidecar (`moespac train-gate`) whose predictions of the next
         layers' experts, made inside each decode, join the engine's utility (needs `mem_budget`).
         `n_batch`: the target's batch (see `batch_sizes`).
@@ -76,11 +95,16 @@ class MoeSpac:
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
         source = draft_source(draft_model_path) if draft_model_path is not None else None
-        budgeted = opt.mem_budget is not None
+        draft_bytes = Path(source.file).stat().st_size if source is not None and source.file else 0
+        # decided before loading (batch sizes, taps and the draft's run-ahead depend on it); an auto
+        # budget is measured again once the contexts exist (below)
+        self.memory_plan = plan_memory(parse_budget(opt.mem_budget), self.layout, draft_bytes, opt.n_ctx)
+        budgeted = self.memory_plan.engine
         self_draft = source is not None and source.shares_target
         if opt.gate is not None and not budgeted:
             raise MoespacError(
-                "a lookahead gate needs a memory budget (--mem-budget): its predictions steer the residency engine"
+                "a lookahead gate steers the residency engine, which is off: "
+                + ("the model fits in memory" if self.memory_plan.mode == AUTO else "give --mem-budget SIZE")
             )
         draft_ahead = opt.draft_ahead
         if draft_ahead is None:
@@ -94,6 +118,7 @@ class MoeSpac:
             )
         lookahead_gate = LookaheadGate.load(opt.gate, model_path) if opt.gate is not None else None
         self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
+        flash_attn = flash_attention(opt.flash_attn, drafted=source is not None)
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
         n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() else 0
         gpu_budget = opt.gpu_budget
@@ -111,6 +136,7 @@ class MoeSpac:
             capture=self.gate_tap,
             op_offload=not gpu_slots,  # the split's -1 ids must stay on the CPU (patches/0012)
             n_cpu_moe=opt.n_cpu_moe,
+            flash_attn=flash_attn,
             **devices,
         )
         self.draft = self.slots = None
@@ -136,11 +162,10 @@ class MoeSpac:
             )
             self.residency = None
             if budgeted:
-                budget = parse_size(opt.mem_budget) if isinstance(opt.mem_budget, str) else int(opt.mem_budget)
-                draft_bytes = Path(source.file).stat().st_size if source is not None and source.file else 0
+                self.memory_plan = measured_budget(self.memory_plan, status_bytes("RssAnon"))
                 self.residency = ResidencyController(
                     self.layout,
-                    expert_budget(budget, self.layout, draft_bytes),
+                    expert_budget(self.memory_plan.budget_bytes, self.layout, draft_bytes),
                     draft_path=source.file if source is not None else None,
                     draft_max=opt.draft_max,
                 )

@@ -63,10 +63,12 @@ class ModelOptions:
     )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(
-        None,
+        "auto",
         "--mem-budget",
         metavar="SIZE",
-        help="memory for the model, e.g. 8G: moespac keeps the most useful experts resident within it",
+        help="memory for the model, e.g. 8G: moespac keeps the most useful experts resident within it. auto "
+        "(default): measure the memory available (a memory cgroup's limit included) and turn the residency engine "
+        "on, with the budget it computes, only when the model, the draft and the KV cache do not fit; off: never",
     )
     n_gpu_layers: int | None = option(
         None,
@@ -94,14 +96,24 @@ class ModelOptions:
         "put the others' on the GPU, as llama.cpp's --n-cpu-moe (default: every layer's, as --cpu-moe)",
     )
     main_gpu: int = option(0, "-mg", "--main-gpu", type=int, metavar="I", help="the GPU to use (default 0)")
+    flash_attn: str = option(
+        "auto",
+        "-fa",
+        "--flash-attn",
+        metavar="on|off|auto",
+        help="the target's flash attention. auto (default): llama.cpp's own (on where the device has it) "
+        "without a draft, off with one: its CPU kernel computes a batch differently from single tokens, and "
+        "verification must reproduce the target's token-by-token output (greedy text with a draft equals the "
+        "target's with -fa off)",
+    )
     gate: str | None = option(
         None,
         "--gate",
         metavar="FILE",
         help="lookahead-gate sidecar (moespac train-gate) to prefetch the next layers' experts during each "
-        "decode (needs --mem-budget)",
+        "decode (needs the residency engine: a --mem-budget, or auto when the model does not fit)",
     )
-    verbose: bool = option(False, "--verbose", action="store_true", help="show llama.cpp's log")
+    verbose: bool = option(False, "--verbose", action="store_true", help="show llama.cpp's log and the memory plan")
 
 
 @dataclass(frozen=True)

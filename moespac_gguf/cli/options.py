@@ -9,12 +9,14 @@ from each other or from the Python API.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 
 from ..api.moespac import MoeSpac
 from ..api.options import ModelOptions, SamplingOptions, flag_spec
 from ..decode.draft import DRAFT_TOP_K, SELF_DRAFT
 from ..demo.catalog import resolve_model
+from ..residency.memory import AUTO
 
 MODEL_HELP = "target GGUF (MoE), or a demo model's name (moespac models)"
 DRAFT_HELP = (
@@ -52,8 +54,13 @@ def resolve_draft(draft: str | None) -> str | None:
 
 
 def open_model(args: argparse.Namespace) -> MoeSpac:
-    """The MoeSpac that -m, -md and the model options describe."""
-    return MoeSpac(str(resolve_model(args.model)), resolve_draft(args.model_draft), **option_values(args, ModelOptions))
+    """The MoeSpac that -m, -md and the model options describe. Its memory plan goes to stderr in
+    one line when an automatic plan turned the residency engine on, and always with --verbose."""
+    m = MoeSpac(str(resolve_model(args.model)), resolve_draft(args.model_draft), **option_values(args, ModelOptions))
+    plan = m.memory_plan
+    if args.verbose or (plan.mode == AUTO and plan.engine):
+        print(f"moespac: {plan.summary()}", file=sys.stderr)
+    return m
 
 
 def sampling(args: argparse.Namespace) -> dict:

@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
                         "tokens_per_s": st.tokens_per_s,
                         "acceptance_rate": st.acceptance_rate,
                         "stats": m.stats_dict(),
+                        "memory_plan": m.memory_plan.as_dict(),
                     }
                 )
             )

@@ -51,6 +51,7 @@ class Session:
         main_gpu: int = 0,
         n_cpu_moe: int | None = None,
         op_offload: bool = True,
+        flash_attn: bool = False,
     ):
         """`capture`: an eval callback chained behind the routing tap, with `callback` and
         `name_prefixes` (llama.capture.TensorCapture, the gate's GateTap).
@@ -66,10 +67,11 @@ class Session:
         --n-cpu-moe N). `op_offload`: llama.cpp's offload of large batches' host-weight ops to
         the GPU; off for a context that gets expert slots.
 
-        Flash attention is off: its CPU kernel tiles a multi-token batch differently
-        from a single token (measured: 1e-3 in attention output, 0.9 in logits after
-        30 layers of a Q8_0 MoE), so a verification batch would not reproduce the
-        target's own token-by-token greedy output. Without it a batch of 2 matches
+        `flash_attn`: llama.cpp's flash attention where the device has it (its "auto"), else
+        off. Off is what exact speculative decoding needs: the CPU kernel tiles a multi-token
+        batch differently from a single token (measured: 1e-3 in attention output, 0.9 in
+        logits after 30 layers of a Q8_0 MoE), so a verification batch would not reproduce
+        the target's own token-by-token greedy output. Without it a batch of 2 matches
         single-token decoding bit for bit.
         """
         self.path = check_gguf(path)
@@ -111,7 +113,7 @@ class Session:
         cparams.n_batch = cparams.n_ubatch = n_batch
         threads = n_threads or os.cpu_count() or 1
         cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.op_offload = op_offload
         if self.tap is not None:
             cparams.cb_eval = self.tap.callback
@@ -185,12 +187,13 @@ class Session:
         return t.decode("utf-8") if t else None
 
     # -- decoding ---------------------------------------------------------
-    def decode(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+    def decode(self, tokens: list[int], all_logits: bool = False, routing: bool = True) -> np.ndarray:
         """Append `tokens` to the KV cache; return logits [n_out, n_vocab].
 
         n_out is len(tokens) with all_logits (a verification batch needs every
         position), else 1 (the last token). The routing of all the tokens is
-        left in `last_routing`.
+        left in `last_routing` (None with `routing` False: reading it costs ~0.1 ms a
+        call, which a decode whose routing nobody reads need not pay).
         """
         if not tokens:
             raise ValueError("decode() needs at least one token")
@@ -198,7 +201,7 @@ class Session:
             raise MoespacError(
                 f"context full: {self.n_past} + {len(tokens)} tokens exceed n_ctx={self.n_ctx} (raise -c/--ctx-size)"
             )
-        logits, routing = [], []
+        logits, routes = [], []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             last = start + self.n_batch >= len(tokens)
@@ -220,11 +223,11 @@ class Session:
             if n_out:
                 ptr = L.llama_get_logits(self.ctx)
                 logits.append(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy())
-            if self.tap is not None:
-                routing.append(self.tap.read(len(chunk), np.flatnonzero(flags)))
+            if self.tap is not None and routing:
+                routes.append(self.tap.read(len(chunk), np.flatnonzero(flags)))
             self.n_past += len(chunk)
-        self.last_routing = Routing.concat(routing) if routing else None
-        return np.concatenate(logits)
+        self.last_routing = Routing.concat(routes) if routes else None
+        return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
     def rollback(self, n_keep: int) -> None:
         """Forget every KV entry from position n_keep on (rejected draft tokens)."""

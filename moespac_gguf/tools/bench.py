@@ -156,6 +156,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
         gate=cfg.gate if name == "moespac+gate" else None,
         draft_ahead=cfg.draft_ahead if managed else None,
         n_gpu_layers=0,  # the memory-cap mode measures the CPU side, GPU build or not
+        flash_attn="off",  # the drafted contenders' kernels for every contender: outputs compare exactly
     )
     filler = None
     if name == "moespac+slots":

@@ -116,6 +116,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
         n_gpu_layers=ngl,
         gpu_budget=0 if static else cfg.gpu_budget,
         n_cpu_moe=n_cpu_moe,
+        flash_attn="off",  # the drafted contenders' kernels for every contender: outputs compare exactly
     )
     try:
         if m.target.gpu is None:

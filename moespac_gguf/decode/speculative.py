@@ -33,6 +33,8 @@ from .adaptive import DraftLength
 from .sampling import Sampler
 from .stats import DecodeStats
 
+CATCH_UP_WINDOW = 16  # tokens of context a separate draft re-reads to be measured or probed (_catch_up)
+
 
 class SpeculativeDecoder:
     """Greedy or sampled generation from `target`, drafted by `draft` if given."""
@@ -61,6 +63,9 @@ class SpeculativeDecoder:
         self.draft_ahead = draft_ahead if self.router is not None else 0
         self.observers: list[Observer] = []
         self.stats = DecodeStats()
+        self.draft_length = DraftLength(k_max=self.draft_max)  # costs measured once, for every request
+        self._skipped = 0  # committed tokens before the draft's context (a windowed catch-up, _catch_up)
+        self._catch_up_s = 0.0
 
     def stop_running_ahead(self) -> None:
         """From now on the draft proposes only, and no draft routing reaches observers (the
@@ -92,23 +97,20 @@ class SpeculativeDecoder:
                 "tokens (raise -c/--ctx-size)"
             )
         st = self.stats = DecodeStats(n_prompt=len(prompt))
-        ctl = DraftLength(k_max=self.draft_max)
+        ctl = self.draft_length
         self._ran = ([], [])  # the draft's continuation of `committed` and its rows (_propose)
+        self._skipped = 0
         t0 = time.perf_counter()
         for s in (target, draft):
             if s is not None:
                 s.reset()
         if len(prompt) > 1:
-            target.decode(prompt[:-1])
+            target.decode(prompt[:-1], routing=bool(self.observers))
             # observers plan residency from the prompt's routing before the draft's own prefill,
             # which may route to what they hold (a draft restricted to held experts)
             self._publish(VerificationEvent("prefill", prompt[:-1], [], 0, [], target.last_routing))
-            if draft is not None and draft.path == target.path:
-                draft.copy_kv_from(target)  # a self-draft: the same file, the same KV layout
-            elif draft is not None:
-                draft.decode(prompt[:-1])
-                if self.router is not None:
-                    self.router.clear()
+        # the draft reads the prompt when it first drafts (_propose): a draft that does not pay
+        # never reads it
         st.t_prompt = time.perf_counter() - t0
         committed, last = list(prompt), prompt[-1]
         try:
@@ -125,7 +127,7 @@ class SpeculativeDecoder:
                 for o in self.observers:
                     o.on_draft(drafts, ahead)
                 batch = [last] + drafts
-                p_logits = target.decode(batch, all_logits=True)
+                p_logits = target.decode(batch, all_logits=True, routing=bool(self.observers))
                 t3 = time.perf_counter()
                 accepted, bonus = self._accept(drafts, q, p_logits, sampler)
                 keep = len(committed) + accepted  # KV entries still valid: committed + accepted drafts
@@ -137,7 +139,8 @@ class SpeculativeDecoder:
                 st.n_accepted += accepted
                 st.t_draft += t2 - t1
                 st.t_verify += t3 - t2
-                ctl.observe(len(drafts), accepted, (t2 - t1) * len(drafts) / max(1, n_decoded), t3 - t2)
+                t_drafts = (t2 - t1 - self._catch_up_s) * len(drafts) / max(1, n_decoded)
+                ctl.observe(len(drafts), accepted, t_drafts, t3 - t2, self._catch_up_s)
                 new = drafts[:accepted] + [bonus]
                 self._publish(VerificationEvent("verify", batch, drafts, accepted, new, target.last_routing))
                 for tok in new:
@@ -163,13 +166,14 @@ class SpeculativeDecoder:
         from `committed[-1]` on (None without a router) and the number of draft decodes run."""
         n = max(k, min(self.draft_ahead, room))
         d = self.draft
+        self._catch_up_s = 0.0
         if n == 0 or d is None:
             self._ran = ([], [])
             return [], [], None, 0
         # a carried run is what the draft ran past k accepted drafts and the bonus token: fewer
         # than draft_ahead - k tokens, all inside the room the last step had for them
         drafts, rows, q = list(self._ran[0]), list(self._ran[1]), []
-        pending = drafts[-1:] or committed[d.n_past :]
+        pending = drafts[-1:] or self._catch_up(committed)
         decoded = 0
         while len(drafts) < n:
             logits = d.decode(pending)[-1]
@@ -186,6 +190,30 @@ class SpeculativeDecoder:
         self._ran = (drafts, rows)
         return drafts[:k], q, np.stack(rows, axis=1) if rows else None, decoded
 
+    def _catch_up(self, committed: list[int]) -> list[int]:
+        """Bring the draft's KV up to `committed[:-1]` and return what it must decode next (the
+        last committed token, after which it drafts); the time it took goes to `_catch_up_s`.
+        A self-draft copies the target's KV (the same file and layout: megabytes copied instead
+        of tokens decoded). A separate draft decodes what it missed, all of it when drafting
+        pays; when it is only measured or probed (K = 0 otherwise), at most the last
+        CATCH_UP_WINDOW tokens, so that a probe costs the same however long the text it skips:
+        its drafts then see less context, which can only lower the acceptance it measures."""
+        d, t0 = self.draft, time.perf_counter()
+        missed = committed[self._skipped + d.n_past : -1]
+        if missed and d.path == self.target.path:
+            d.copy_kv_from(self.target)  # the target's KV holds committed[:-1]
+            self._skipped = 0
+        elif len(missed) > CATCH_UP_WINDOW and self.adaptive and not self.draft_length.paying:
+            d.reset()
+            self._skipped = len(committed) - 1 - CATCH_UP_WINDOW
+            missed = committed[self._skipped : -1]
+        if missed and d.path != self.target.path:
+            d.decode(missed)
+            if self.router is not None:
+                self.router.clear()
+        self._catch_up_s = time.perf_counter() - t0
+        return committed[-1:]
+
     def _carry_over(self, keep: int, accepted: int, bonus: int, sampler: Sampler) -> None:
         """After a verification: if the target's token after the accepted drafts is the one the
         draft ran on with (greedy), the rest of its run continues the new committed text, KV and
@@ -195,7 +223,7 @@ class SpeculativeDecoder:
             self._ran = (drafts[accepted + 1 :], rows[accepted + 1 :])
             return
         self._ran = ([], [])
-        self.draft.rollback(min(self.draft.n_past, keep))
+        self.draft.rollback(min(self.draft.n_past, keep - self._skipped))
 
     @staticmethod
     def _accept(drafts: list[int], q: list[np.ndarray], p_logits: np.ndarray, sampler: Sampler) -> tuple[int, int]:

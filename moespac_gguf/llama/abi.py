@@ -11,12 +11,41 @@ import collections
 import ctypes
 import os
 import sys
+import time
 
 from ..core.errors import MoespacError
 
-# OpenMP threads that spin between ops starve everything else on a shared machine (measured: 0.13
-# vs 11 tok/s single-token decode on 2 loaded cores); set before libllama (and its OpenMP) loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+def busy_cpus(samples: int = 5, interval: float = 0.002) -> int:
+    """Threads of other processes running right now: the fewest seen in a few samples of
+    /proc/loadavg's runnable count, less this one (0 where there is no /proc)."""
+    seen = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                seen.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0
+        time.sleep(interval)
+    return max(0, min(seen))
+
+
+def choose_wait_policy() -> str | None:
+    """OMP_WAIT_POLICY for llama.cpp's OpenMP threads, set before libllama (and libgomp) loads;
+    a value the user set is kept. On an idle machine libgomp's default (spin a while, then sleep)
+    is the fastest; on a machine where other processes are running, threads that spin between
+    graphs take CPU from them and from our own main thread, and `passive` is faster (measured on
+    2 cores, single-token decode: idle 63 tok/s default vs 44 passive; one busy process beside it
+    18 default vs 31 passive; docs/results.md)."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return os.environ["OMP_WAIT_POLICY"]
+    if busy_cpus():
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+        return "passive"
+    return None
+
+
+WAIT_POLICY = choose_wait_policy()
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
 ABI_VERSION = 6
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"

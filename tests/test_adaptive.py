@@ -65,6 +65,16 @@ def test_a_probe_notices_when_the_draft_starts_to_pay():
     assert np.mean(ks[-100:]) >= 2
 
 
+def test_no_probe_when_verification_batches_cost_more_than_they_can_commit():
+    """Measured here on SmolMoE: a 2-token verification costs 1.6 one-token ones, a 5-token one
+    2.8, and a SmolLM2 draft token 0.65: at acceptance 1, K = 1 gives 2 tokens for 2.25."""
+    ctl = DraftLength(k_max=8)
+    ctl.observe(0, 0, 0.0, 1.0)
+    ctl.observe(4, 4, 4 * 0.65, 2.83)
+    ctl.observe(1, 1, 0.65, 1.6)
+    assert all(ctl.next_k() == 0 for _ in range(5000))
+
+
 def test_probes_spend_a_bounded_share_of_the_time():
     """probe_share of the plain steps' time, and one probe more: the first probe of a run cannot
     know its catch-up yet."""

@@ -183,6 +183,8 @@ class MoeSpac:
                     # nothing to choose between: running ahead, reading the routing, only cost time
                     self.decoder.stop_running_ahead()
                     self.draft.tap.chain(None)
+            if self.target.gpu is not None:
+                self.memory_plan = replace(self.memory_plan, gpu_free_bytes=self.target.gpu.memory()[0])
             if gpu_slots and self.target.gpu is not None:
                 self.slots = self._gpu_tier(gpu_budget, opt.n_cpu_moe)
         except Exception:

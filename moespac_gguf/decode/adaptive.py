@@ -16,9 +16,10 @@ class DraftLength:
     is plain decoding (K = 0), which measures a one-token verification for free;
     the second drafts `first_k`, which measures the draft and a batch.
 
-    A draft no faster per token than a one-token verification can never pay (K
-    drafts cost at least K + 1 verifications' worth and commit at most K + 1
-    tokens): K stays 0 for good. Otherwise, when drafting does not pay at the
+    When no K would pay even if every draft were accepted (a draft no faster per
+    token than a one-token verification, or verification batches that cost more than
+    the tokens they could commit, as an MoE's on a CPU, where each token of a batch
+    reads other experts), K stays 0 and nothing is probed. Otherwise, when drafting does not pay at the
     measured acceptance, K falls to 0 and the loop is plain decoding, with a probe
     at K = 1 now and then to notice a change of regime. A probe costs the draft's
     catch-up on the text it has not read (`t_catch_up`, measured), one draft
@@ -85,15 +86,15 @@ class DraftLength:
         if self.t_draft is None:
             return min(self.first_k, self.k_max)  # then the draft and a batch
         one = self._verify_cost(1)
-        if self.t_draft >= one:
-            return 0  # this draft can never pay
-        a = min(self.alpha, 0.999)
 
-        def rate(k: int) -> float:
+        def rate(k: int, a: float) -> float:
             cost = k * self.t_draft + self._verify_cost(k + 1)
             return ((1 - a ** (k + 1)) / (1 - a)) / cost if cost > 0 else 0.0
 
-        best = max(range(self.k_max + 1), key=rate)
+        if all(rate(k, 0.999) <= 1 / one for k in range(1, self.k_max + 1)):
+            return 0  # not even a draft accepted every time would pay: no probing
+        a = min(self.alpha, 0.999)
+        best = max(range(self.k_max + 1), key=lambda k: rate(k, a))
         if best:
             self.paying = True
             return best

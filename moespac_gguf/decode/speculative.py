@@ -14,8 +14,8 @@ self-draft drafts further than it proposes, and its own routing of those rows
 draft (or K = 0 and no draft_ahead) the same path is plain decoding, which is the
 llama.cpp baseline.
 
-Invariant: the target's KV holds every committed token but the last one,
-which opens the next verification batch.
+Invariant: from the first verification on, the target's KV holds every committed
+token but the last one, which opens the next verification batch.
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ class SpeculativeDecoder:
     def generate(self, prompt: list[int], max_tokens: int, sampler: Sampler) -> Iterator[int]:
         """Yield generated tokens until EOS, max_tokens or a full context.
 
-        The prompt's last token is not prefilled: it opens the first
+        With a draft the prompt's last token is not prefilled: it opens the first
         verification batch, so even the first generated token goes through the
-        acceptance rule. Sets stats.finish_reason to "stop" (end-of-generation
+        acceptance rule. Without one the whole prompt is one batch, as in llama.cpp, and its
+        last row is the first step's verification. Sets stats.finish_reason to "stop" (end-of-generation
         token), "length" or "context". The caller may stop early (stop
         strings) by closing the generator.
         """
@@ -104,11 +105,20 @@ class SpeculativeDecoder:
         for s in (target, draft):
             if s is not None:
                 s.reset()
+        first = None  # without a draft: the first step's logits and routing, from the prefill
         if len(prompt) > 1:
-            target.decode(prompt[:-1], routing=bool(self.observers))
+            # without a draft the whole prompt goes in one batch, as llama.cpp runs it: with a
+            # batch-dependent kernel (flash attention) the first token then is llama.cpp's
+            whole = draft is None
+            logits = target.decode(prompt if whole else prompt[:-1], routing=bool(self.observers))
+            routing = target.last_routing
+            if whole:
+                last_row = slice(len(prompt) - 1, len(prompt))
+                first = (logits, routing.take(last_row) if routing is not None else None)
+                routing = routing.take(slice(0, len(prompt) - 1)) if routing is not None else None
             # observers plan residency from the prompt's routing before the draft's own prefill,
             # which may route to what they hold (a draft restricted to held experts)
-            self._publish(VerificationEvent("prefill", prompt[:-1], [], 0, [], target.last_routing))
+            self._publish(VerificationEvent("prefill", prompt[:-1], [], 0, [], routing))
         # the draft reads the prompt when it first drafts (_propose): a draft that does not pay
         # never reads it
         st.t_prompt = time.perf_counter() - t0
@@ -127,7 +137,11 @@ class SpeculativeDecoder:
                 for o in self.observers:
                     o.on_draft(drafts, ahead)
                 batch = [last] + drafts
-                p_logits = target.decode(batch, all_logits=True, routing=bool(self.observers))
+                if first is not None:  # the prompt's last row, decoded with the prompt
+                    (p_logits, step_routing), first = first, None
+                else:
+                    p_logits = target.decode(batch, all_logits=True, routing=bool(self.observers))
+                    step_routing = target.last_routing
                 t3 = time.perf_counter()
                 accepted, bonus = self._accept(drafts, q, p_logits, sampler)
                 keep = len(committed) + accepted  # KV entries still valid: committed + accepted drafts
@@ -142,7 +156,7 @@ class SpeculativeDecoder:
                 t_drafts = (t2 - t1 - self._catch_up_s) * len(drafts) / max(1, n_decoded)
                 ctl.observe(len(drafts), accepted, t_drafts, t3 - t2, self._catch_up_s)
                 new = drafts[:accepted] + [bonus]
-                self._publish(VerificationEvent("verify", batch, drafts, accepted, new, target.last_routing))
+                self._publish(VerificationEvent("verify", batch, drafts, accepted, new, step_routing))
                 for tok in new:
                     committed.append(tok)
                     st.n_generated += 1

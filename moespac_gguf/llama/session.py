@@ -113,6 +113,7 @@ class Session:
         cparams.n_batch = cparams.n_ubatch = n_batch
         threads = n_threads or os.cpu_count() or 1
         cparams.n_threads = cparams.n_threads_batch = threads
+        self.flash_attn = flash_attn
         cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.op_offload = op_offload
         if self.tap is not None:

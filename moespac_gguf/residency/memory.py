@@ -48,6 +48,7 @@ class MemoryPlan:
     limit_bytes: int | None = None  # the total of the limit that binds
     headroom_bytes: int | None = None
     runtime_bytes: int | None = None  # the estimate before loading (KV bound + RUNTIME_FIXED)
+    gpu_free_bytes: int | None = None  # the GPU's free memory once loaded (its slots' default budget)
 
     @property
     def engine(self) -> bool:
@@ -70,9 +71,10 @@ class MemoryPlan:
             f"{format_size(self.limit_bytes)}), {files}, "
             f"runtime ~{format_size(self.runtime_bytes)}, headroom {format_size(self.headroom_bytes)}"
         )
+        gpu = "" if self.gpu_free_bytes is None else f"; GPU {format_size(self.gpu_free_bytes)} free"
         if not self.engine:
-            return f"{head}: fits, no residency engine"
-        return f"{head}: does not fit, residency engine on with a budget of {format_size(self.budget_bytes)}"
+            return f"{head}: fits, no residency engine{gpu}"
+        return f"{head}: does not fit, residency engine on with a budget of {format_size(self.budget_bytes)}{gpu}"
 
 
 def parse_budget(value: int | str | None) -> int | str:

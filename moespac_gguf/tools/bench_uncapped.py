@@ -10,15 +10,18 @@ Contenders:
 
   llama-bench       llama.cpp's own benchmark, stock: built WITHOUT our patches from the same
                     vendored source with llama.cpp's default build options (plus CMAKE_ARGS), by
-                    `scripts/build_llama_cpp.py --stock llama-bench`; run as `-p P -n N -r R`, P
-                    the prompts' mean length in tokens, N the tokens generated, R the number of
-                    prompts. It decodes no prompt of ours (its tg starts from an empty context,
-                    after its own warm-up run) and produces no text: no same-output check
+                    `scripts/build_llama_cpp.py --stock llama-bench`; run as `-p P -n 0` and
+                    `-p 0 -n N -d P`, P the prompts' mean length in tokens, N the tokens
+                    generated, R (-r) the number of prompts: its tg decodes after P tokens of
+                    context, as the others do after their prompts. It decodes no prompt of ours
+                    (its context is synthetic) and produces no text: no same-output check
   llama-cpp-python  `llama_cpp.Llama` (our patched build, the library moespac runs on), greedy
                     `Llama.generate` over the same prompt tokens, KV cleared before each prompt;
                     timed with flash attention on, then once more untimed with it off, which is
                     the reference of the drafted contenders' output
   moespac           MoeSpac with its default memory plan and no draft
+  moespac-fa-off    the same with flash attention off, as the drafted contenders run: what the
+                    adaptive draft length itself costs is moespac+draft against this row
   moespac+draft     the same with the dense draft (-md, default the demo model smollm2)
   moespac+self      the same with the target as its own draft ("self")
 
@@ -58,7 +61,7 @@ from ..llama.session import Session
 from .bench import BenchConfig, generate_prompts
 from .bench_gpu import run_child
 
-UNCAPPED_CONTENDERS = ("llama-bench", "llama-cpp-python", "moespac", "moespac+draft", "moespac+self")
+UNCAPPED_CONTENDERS = ("llama-bench", "llama-cpp-python", "moespac", "moespac-fa-off", "moespac+draft", "moespac+self")
 UNCAPPED_LIMIT = 20  # Spec-Bench prompts in this mode (--limit)
 UNCAPPED_ROUNDS = BenchConfig.rounds  # interleaved rounds (--rounds)
 DEFAULT_DRAFT = "smollm2"  # moespac+draft's draft without -md: the demo's dense draft
@@ -70,6 +73,8 @@ TARGETS = (
     ("moespac decode", "moespac", "decode_tokens_per_s", "llama-cpp-python", 1.0),
     ("moespac prompt", "moespac", "prompt_tokens_per_s", "llama-bench", 0.9),
     ("moespac+draft decode", "moespac+draft", "decode_tokens_per_s", "moespac", 0.95),
+    # the adaptive draft's own cost: against the same attention kernels (a draft needs -fa off)
+    ("moespac+draft decode", "moespac+draft", "decode_tokens_per_s", "moespac-fa-off", 0.95),
 )
 
 
@@ -106,19 +111,21 @@ def stock_llama_bench(progress: bool = False) -> Path:
     return Path(lines[-1])
 
 
-def llama_bench_argv(binary: str | Path, cfg: BenchConfig, n_prompt: int) -> list[str]:
-    """llama-bench's command line: pp `n_prompt` and tg n_predict, as many repetitions as prompts,
-    CPU only (-ngl 0, no op offload), flash attention as llama.cpp's default (auto), JSON on stdout."""
+def llama_bench_argv(binary: str | Path, cfg: BenchConfig, n_prompt: int, test: str) -> list[str]:
+    """llama-bench's command line for one test, as many repetitions as prompts, CPU only (-ngl 0,
+    no op offload), flash attention as llama.cpp's default (auto), JSON on stdout. "pp": a prompt
+    of `n_prompt` tokens; "tg": n_predict tokens decoded after `n_prompt` tokens of context (-d),
+    where the other contenders decode (llama-bench's tg alone starts from an empty context)."""
+    sizes = ["-p", str(n_prompt), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(cfg.n_predict)]
+    depth = ["-d", str(n_prompt)] if test == "tg" else []
     return [
         str(binary),
         "-m",
         cfg.model,
         "-t",
         str(threads(cfg)),
-        "-p",
-        str(n_prompt),
-        "-n",
-        str(cfg.n_predict),
+        *sizes,
+        *depth,
         "-r",
         str(cfg.limit),
         "-ngl",
@@ -163,22 +170,26 @@ def prompt_tokens(cfg: BenchConfig) -> list[list[int]]:
 def run_llama_bench(cfg: BenchConfig) -> dict:
     prompts = prompt_tokens(cfg)
     n_prompt = round(sum(map(len, prompts)) / len(prompts))
-    argv = llama_bench_argv(stock_llama_bench(), cfg, n_prompt)
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise MoespacError(f"llama-bench exit {proc.returncode}: {tail}")
-    tests = parse_llama_bench(json.loads(proc.stdout))
+    binary, rows, argvs = stock_llama_bench(), [], []
+    for test in ("pp", "tg"):
+        argv = llama_bench_argv(binary, cfg, n_prompt, test)
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise MoespacError(f"llama-bench exit {proc.returncode}: {tail}")
+        rows += json.loads(proc.stdout)
+        argvs.append(argv[1:])
+    tests = parse_llama_bench(rows)
     return {
         "name": "llama-bench",
         "prompt_tokens_per_s": tests["pp"]["tokens_per_s"],
         "decode_tokens_per_s": tests["tg"]["tokens_per_s"],
-        "n_prompt": n_prompt,  # the test's prompt: the prompts' mean length
+        "n_prompt": n_prompt,  # the pp test's prompt and the tg test's context: the prompts' mean length
         "n_tokens": cfg.n_predict,
         "repetitions": cfg.limit,
         "tests": tests,
-        "argv": argv[1:],
-        "binary": argv[0],
+        "argv": argvs,
+        "binary": str(binary),
         "cmake_args": os.environ.get("CMAKE_ARGS", ""),
     }
 
@@ -249,10 +260,20 @@ def run_llama_cpp_python(cfg: BenchConfig) -> dict:
 
 def run_moespac(name: str, cfg: BenchConfig) -> dict:
     draft = contender_draft(name, cfg)
-    m = MoeSpac(cfg.model, draft, n_ctx=cfg.n_ctx, n_threads=threads(cfg), draft_max=cfg.draft_max, n_gpu_layers=0)
+    fa = "off" if name == "moespac-fa-off" else "auto"
+    m = MoeSpac(
+        cfg.model,
+        draft,
+        n_ctx=cfg.n_ctx,
+        n_threads=threads(cfg),
+        draft_max=cfg.draft_max,
+        n_gpu_layers=0,
+        flash_attn=fa,
+    )
     try:
         outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg)
-        prefilled = pooled.n_prompt - len(outputs)  # each prompt's last token opens the first step
+        # with a draft each prompt's last token opens the first step; without one it is prefilled
+        prefilled = pooled.n_prompt - (len(outputs) if draft else 0)
         return {
             "name": name,
             "draft": draft,
@@ -265,6 +286,7 @@ def run_moespac(name: str, cfg: BenchConfig) -> dict:
             "seconds": elapsed,
             "acceptance_rate": pooled.acceptance_rate,
             "n_steps": pooled.n_steps,
+            "flash_attn": m.target.flash_attn,
             "mem_budget": m.options.mem_budget,  # the default memory plan, as it was asked
             "residency_engine": m.residency is not None,  # whether it ran (it need not when the model fits)
             "outputs": outputs,
@@ -363,8 +385,8 @@ def summarize(name: str, runs: list[dict], reference: list[list[int]] | None) ->
 
 def assemble(cfg: BenchConfig, rounds: dict[str, list[dict]], meta: dict | None = None) -> dict:
     """The report from every contender's per-round results (run's, or any of the same shape). The
-    drafted contenders run with flash attention off, so their reference is llama-cpp-python's
-    output with it off (none when llama-cpp-python did not run)."""
+    drafted contenders (and moespac-fa-off) run with flash attention off, so their reference is
+    llama-cpp-python's output with it off (none when llama-cpp-python did not run)."""
     ref = reference_of(rounds)
     reference = rounds[ref][0]["outputs"] if ref else None
     off = rounds[ref][0].get("outputs_fa_off") if ref == "llama-cpp-python" else None
@@ -387,7 +409,10 @@ def assemble(cfg: BenchConfig, rounds: dict[str, list[dict]], meta: dict | None 
         "reference": ref,
         **(meta or {}),
         "results": [
-            summarize(name, runs, off if runs and runs[0].get("draft") else reference) for name, runs in rounds.items()
+            summarize(
+                name, runs, off if runs and (runs[0].get("draft") or runs[0].get("flash_attn") is False) else reference
+            )
+            for name, runs in rounds.items()
         ],
     }
 
@@ -441,7 +466,7 @@ def markdown(report: dict, cfg: BenchConfig) -> str:
         f"moespac, off for the drafted rows (exact verification needs it off), "
         f"warm page cache, median of {report['rounds']} interleaved round(s). "
         f"llama-bench: stock llama.cpp (no patches, llama.cpp's default build options) from the same vendored "
-        f"source, pp P / tg N with P the prompts' mean length (its tg starts from an empty context). "
+        f"source, pp P and tg N at depth P (`-d P`), P the prompts' mean length. "
         f"llama-cpp-python: our patched build (`Llama.generate`). moespac: the default memory plan, no draft; "
         f"moespac+draft: draft `{draft or '-'}`; moespac+self: the target as its own draft. "
         f"same output: greedy token ids vs {report['reference'] or '-'} with the same flash attention."

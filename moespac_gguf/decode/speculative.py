@@ -33,7 +33,7 @@ from .adaptive import DraftLength
 from .sampling import Sampler
 from .stats import DecodeStats
 
-CATCH_UP_WINDOW = 16  # tokens of context a separate draft re-reads to be measured or probed (_catch_up)
+CATCH_UP_WINDOW = 48  # tokens of context a separate draft re-reads to be measured or probed (_catch_up)
 
 
 class SpeculativeDecoder:
@@ -211,7 +211,10 @@ class SpeculativeDecoder:
         of tokens decoded). A separate draft decodes what it missed, all of it when drafting
         pays; when it is only measured or probed (K = 0 otherwise), at most the last
         CATCH_UP_WINDOW tokens, so that a probe costs the same however long the text it skips:
-        its drafts then see less context, which can only lower the acceptance it measures."""
+        its drafts then see less context, which lowers the acceptance it measures (SmolLM2
+        drafting SmolMoE on 6 Spec-Bench prompts: 0.54 with 48 tokens, 0.38 with 16, 0.75 with
+        all; where drafting pays clearly, as with a GPU's nearly flat verification cost, K > 0
+        anyway and the full context returns with the next prompt)."""
         d, t0 = self.draft, time.perf_counter()
         missed = committed[self._skipped + d.n_past : -1]
         if missed and d.path == self.target.path:

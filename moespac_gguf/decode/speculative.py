@@ -140,7 +140,8 @@ class SpeculativeDecoder:
                 if first is not None:  # the prompt's last row, decoded with the prompt
                     (p_logits, step_routing), first = first, None
                 else:
-                    p_logits = target.decode(batch, all_logits=True, routing=bool(self.observers))
+                    # used before the target's next decode: llama.cpp's buffer, not a copy
+                    p_logits = target.decode(batch, all_logits=True, routing=bool(self.observers), copy=False)
                     step_routing = target.last_routing
                 t3 = time.perf_counter()
                 accepted, bonus = self._accept(drafts, q, p_logits, sampler)
@@ -154,9 +155,11 @@ class SpeculativeDecoder:
                 st.t_draft += t2 - t1
                 st.t_verify += t3 - t2
                 t_drafts = (t2 - t1 - self._catch_up_s) * len(drafts) / max(1, n_decoded)
-                ctl.observe(len(drafts), accepted, t_drafts, t3 - t2, self._catch_up_s)
+                if draft is not None:
+                    ctl.observe(len(drafts), accepted, t_drafts, t3 - t2, self._catch_up_s)
                 new = drafts[:accepted] + [bonus]
-                self._publish(VerificationEvent("verify", batch, drafts, accepted, new, step_routing))
+                if self.observers:
+                    self._publish(VerificationEvent("verify", batch, drafts, accepted, new, step_routing))
                 for tok in new:
                     committed.append(tok)
                     st.n_generated += 1

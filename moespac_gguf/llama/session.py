@@ -135,6 +135,9 @@ class Session:
         self.batch = L.llama_batch_init(n_batch, 0, 1)
         self.n_past = 0
         self.last_routing: Routing | None = None
+        self._logits_key: tuple[int, int] | None = None
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._eog: dict[int, bool] = {}
 
     # -- vocabulary -------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -148,6 +151,13 @@ class Session:
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The token's text (cached: a streamed token costs a dict lookup, not a call into llama.cpp)."""
+        piece = self._pieces.get((token, special))
+        if piece is None:
+            piece = self._pieces[token, special] = self._token_bytes(token, special)
+        return piece
+
+    def _token_bytes(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -159,7 +169,10 @@ class Session:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(L.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(L.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     @property
     def bos(self) -> int:
@@ -188,13 +201,17 @@ class Session:
         return t.decode("utf-8") if t else None
 
     # -- decoding ---------------------------------------------------------
-    def decode(self, tokens: list[int], all_logits: bool = False, routing: bool = True) -> np.ndarray:
+    def decode(
+        self, tokens: list[int], all_logits: bool = False, routing: bool = True, copy: bool = True
+    ) -> np.ndarray:
         """Append `tokens` to the KV cache; return logits [n_out, n_vocab].
 
         n_out is len(tokens) with all_logits (a verification batch needs every
         position), else 1 (the last token). The routing of all the tokens is
         left in `last_routing` (None with `routing` False: reading it costs ~0.1 ms a
-        call, which a decode whose routing nobody reads need not pay).
+        call, which a decode whose routing nobody reads need not pay). With `copy` False
+        a one-batch call returns llama.cpp's own buffer, valid until this session's next
+        decode (it spares copying the full vocabulary's logits out of another core's cache).
         """
         if not tokens:
             raise ValueError("decode() needs at least one token")
@@ -222,13 +239,22 @@ class Session:
                 raise MoespacError(f"llama_decode failed with code {rc}: {last_log_line()}")
             n_out = sum(flags)
             if n_out:
-                ptr = L.llama_get_logits(self.ctx)
-                logits.append(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy())
+                view = self._logits_view(n_out)
+                logits.append(view.copy() if copy or not last or start else view)
             if self.tap is not None and routing:
                 routes.append(self.tap.read(len(chunk), np.flatnonzero(flags)))
             self.n_past += len(chunk)
         self.last_routing = Routing.concat(routes) if routes else None
         return logits[0] if len(logits) == 1 else np.concatenate(logits)
+
+    def _logits_view(self, n_out: int) -> np.ndarray:
+        """llama.cpp's logits buffer as an [n_out, n_vocab] array, the view kept while the buffer
+        stays where it is (building one costs more than copying a token's logits)."""
+        ptr = L.llama_get_logits(self.ctx)
+        key = (ctypes.cast(ptr, ctypes.c_void_p).value, n_out)
+        if key != self._logits_key:
+            self._logits_key, self._logits = key, np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        return self._logits
 
     def rollback(self, n_keep: int) -> None:
         """Forget every KV entry from position n_keep on (rejected draft tokens)."""

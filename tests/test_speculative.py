@@ -274,7 +274,9 @@ def test_run_cli_json_and_errors(tiny_moe, tmp_path):
     assert d["n_tokens"] == len(d["tokens"]) <= 16 and 0 <= d["acceptance_rate"] <= 1
     plain = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target, "-p", "hello", "-n", "16", "--json"],
+            # a draft's output is the target's with flash attention off (-fa auto turns it on without one)
+            [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", target, "-p", "hello", "-n", "16", "-fa", "off"]
+            + ["--json"],
             capture_output=True,
             text=True,
             check=True,
@@ -287,10 +289,26 @@ def test_run_cli_json_and_errors(tiny_moe, tmp_path):
         (["-m", str(dense), "-p", "x"], "dense model"),
         (["-m", target, "-md", str(tmp_path / "nod.gguf"), "-p", "x"], "no such file"),
         (["-m", target, "-c", "64", "-p", "word " * 200], "does not fit the context"),
+        (["-m", target, "-p", "x", "-n", "0"], "give 1 or more tokens, or -1"),
+        (["-m", target, "-p", "x", "-n", "-2"], "give 1 or more tokens, or -1"),
     ]
     for args, msg in cases:
         r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "run", *args], capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_minus_one_tokens_runs_to_the_end_and_negative_temperature_is_greedy(tiny_moe):
+    """As llama.cpp: -n -1 generates until the end of text or a full context; 0 and other
+    negatives are refused; a temperature below 0 is greedy."""
+    with MoeSpac(tiny_moe(TARGET), n_ctx=64) as m:
+        out = m.create_completion("hello", max_tokens=-1)
+        assert out["choices"][0]["finish_reason"] in ("context", "stop")
+        assert out["choices"][0]["finish_reason"] == "stop" or m.target.n_past == m.target.n_ctx
+        for bad in (0, -2):
+            with pytest.raises(MoespacError, match="max_tokens must be 1 or more, or -1"):
+                m.create_completion("hello", max_tokens=bad)
+        greedy = m.create_completion("hello", max_tokens=8)["choices"][0]["text"]
+        assert m.create_completion("hello", max_tokens=8, temperature=-1.0, seed=3)["choices"][0]["text"] == greedy
 
 
 def test_context_full_stops_cleanly(tiny_moe):

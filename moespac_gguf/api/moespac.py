@@ -271,7 +271,7 @@ class MoeSpac:
     def _request(
         self,
         tokens: list[int],
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float,
         top_p: float,
         top_k: int,
@@ -280,7 +280,14 @@ class MoeSpac:
         kind: str,
     ) -> tuple[Iterator, dict]:
         """One request's (text delta, finish_reason) stream and the id, created and model fields of
-        its responses (`kind`: the id's prefix)."""
+        its responses (`kind`: the id's prefix). `max_tokens` -1 or None: until the end of text or
+        a full context, as llama.cpp's `-n -1`; 0 and other negatives are refused."""
+        if max_tokens is None or max_tokens == -1:
+            max_tokens = self.target.n_ctx + 1  # more than the context holds: it stops full ("context")
+        elif max_tokens < 1:
+            raise MoespacError(
+                f"max_tokens must be 1 or more, or -1 (until the end of text or a full context), got {max_tokens}"
+            )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         sampler = Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
         meta = {"id": f"{kind}-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
@@ -289,7 +296,7 @@ class MoeSpac:
     def create_completion(
         self,
         prompt: str | list[int],
-        max_tokens: int = 128,
+        max_tokens: int | None = 128,
         temperature: float = SAMPLING.temperature,
         top_p: float = SAMPLING.top_p,
         top_k: int = SAMPLING.top_k,
@@ -297,7 +304,8 @@ class MoeSpac:
         stream: bool = False,
         seed: int | None = None,
     ) -> Completion | Iterator[CompletionChunk]:
-        """Complete `prompt`; greedy by default (temperature 0)."""
+        """Complete `prompt`; greedy by default (temperature 0, or below). `max_tokens` -1 or None:
+        until the end of text or a full context."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, "cmpl")
         if stream:
@@ -329,7 +337,7 @@ class MoeSpac:
     def create_chat_completion(
         self,
         messages: list[dict],
-        max_tokens: int = 256,
+        max_tokens: int | None = 256,
         temperature: float = SAMPLING.temperature,
         top_p: float = SAMPLING.top_p,
         top_k: int = SAMPLING.top_k,

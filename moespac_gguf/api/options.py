@@ -121,7 +121,9 @@ class SamplingOptions:
     """How tokens are chosen: the sampling arguments of `create_completion` and
     `create_chat_completion` (greedy by default)."""
 
-    temperature: float = option(0.0, "--temp", type=float, help="temperature (default 0 = greedy)")
+    temperature: float = option(
+        0.0, "--temp", type=float, help="temperature (default 0 = greedy; below 0 is greedy too, as in llama.cpp)"
+    )
     top_p: float = option(1.0, "--top-p", type=float, help="nucleus sampling threshold (default %(default)s: off)")
     top_k: int = option(0, "--top-k", type=int, help="sample among the k most likely tokens (default 0: all)")
 

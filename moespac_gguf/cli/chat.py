@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_model_args, open_model, sampling
+from .options import add_model_args, add_n_predict, open_model, sampling
 
 
 def main(argv: list[str]) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str]) -> int:
         description="Chat with the model's own template; reads one user message per line (piped stdin works too).",
     )
     add_model_args(p)
-    p.add_argument("-n", "--n-predict", type=int, default=256, help="most tokens per reply (default 256)")
+    add_n_predict(p, 256, "most tokens per reply")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--stats", action="store_true", help="print a stats line after each reply")
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from ..api.moespac import MoeSpac
 from ..api.options import ModelOptions, SamplingOptions, flag_spec
+from ..core.errors import MoespacError
 from ..decode.draft import DRAFT_TOP_K, SELF_DRAFT
 from ..demo.catalog import resolve_model
 from ..residency.memory import AUTO
@@ -46,6 +47,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-md", "--model-draft", help=DRAFT_HELP)
     add_options(p, ModelOptions)
     add_options(p, SamplingOptions)
+
+
+def n_predict(value: str) -> int:
+    """-n as llama.cpp reads it: a positive count, or -1 for "until the end of text or a full context"
+    (anything else is a MoespacError, which the command prints as one line)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n == 0 or n < -1:
+        raise MoespacError(f"-n {value}: give 1 or more tokens, or -1 (until the end of text or a full context)")
+    return n
+
+
+def add_n_predict(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    p.add_argument(
+        "-n",
+        "--n-predict",
+        type=n_predict,
+        default=default,
+        help=f"{what} (default {default}; -1: until the end of text or a full context)",
+    )
 
 
 def resolve_draft(draft: str | None) -> str | None:

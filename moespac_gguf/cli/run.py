@@ -8,7 +8,7 @@ import sys
 
 from ..core.units import format_size
 from ..residency.slots import SlotStats
-from .options import add_model_args, open_model, sampling
+from .options import add_model_args, add_n_predict, open_model, sampling
 
 
 def slots_summary(st: SlotStats) -> str:
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="moespac run", description="Generate text from a prompt.")
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    add_n_predict(p, 128, "tokens to generate")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)

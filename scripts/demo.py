@@ -23,18 +23,13 @@ import time
 from moespac_gguf import MoespacError, read_layout
 from moespac_gguf.core.units import format_size
 from moespac_gguf.demo.catalog import model_path
-from moespac_gguf.residency.pages import drop_file_cache
+from moespac_gguf.residency.pages import drop_file_cache, read_bytes
 from moespac_gguf.tools.memcap import MemoryCap
 
 PROMPT = "A mixture-of-experts model needs less compute per token because"
 N_TOKENS = 24
 N_CTX = 512
 CAP_SHARE = 0.6
-
-
-def read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
 def run_plain(target: str) -> dict:

@@ -125,6 +125,13 @@ def mlock_ranges(ranges: list[tuple[int, int]]) -> bool:
     return True
 
 
+def read_bytes() -> int:
+    """Bytes this process (and its finished children) made the kernel read from storage:
+    /proc/self/io's read_bytes (page-cache hits are not counted)."""
+    with open("/proc/self/io") as f:
+        return next((int(line.split()[1]) for line in f if line.startswith("read_bytes:")), 0)
+
+
 def status_bytes(key: str) -> int:
     """A memory line of /proc/self/status in bytes (e.g. "RssAnon", "VmRSS", "VmLck"); 0 if absent."""
     with open("/proc/self/status") as f:

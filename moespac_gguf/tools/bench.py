@@ -48,6 +48,7 @@ from ..residency.pages import (
     find_mapping,
     madvise,
     mapped_by_others,
+    read_bytes,
     status_bytes,
 )
 from ..residency.slots import SlotFiller, slot_counts
@@ -95,12 +96,15 @@ class BenchConfig:
 
 
 def _io_counters() -> tuple[int, int]:
-    read_bytes = 0
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                read_bytes = int(line.split()[1])
-    return read_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    return read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def open_contender(cfg: BenchConfig, draft: str | None, **options) -> MoeSpac:
+    """A contender's MoeSpac on cfg's model, context, threads and draft length; `options` are the
+    mode's own. Flash attention is off unless `options` say otherwise: the drafted contenders'
+    kernels for every contender, so that their outputs compare exactly."""
+    kwargs = {"n_ctx": cfg.n_ctx, "n_threads": cfg.n_threads, "draft_max": cfg.draft_max, "flash_attn": "off"}
+    return MoeSpac(cfg.model, draft, **(kwargs | options))
 
 
 class PrefillMeter:
@@ -146,17 +150,13 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     managed = name.startswith("moespac")
     draft = cfg.sd if name == "llama.cpp+sd" else cfg.model_draft if managed else None
     budget = cfg.mem_cap if managed and cfg.mem_cap else None
-    m = MoeSpac(
-        cfg.model,
+    m = open_contender(
+        cfg,
         draft,
-        n_ctx=cfg.n_ctx,
-        n_threads=cfg.n_threads,
-        draft_max=cfg.draft_max,
         mem_budget=budget,
         gate=cfg.gate if name == "moespac+gate" else None,
         draft_ahead=cfg.draft_ahead if managed else None,
         n_gpu_layers=0,  # the memory-cap mode measures the CPU side, GPU build or not
-        flash_attn="off",  # the drafted contenders' kernels for every contender: outputs compare exactly
     )
     filler = None
     if name == "moespac+slots":

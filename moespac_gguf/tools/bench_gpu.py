@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..api.moespac import MoeSpac
 from ..core.errors import MoespacError
 from ..core.layout import MoeLayout, read_layout
 from ..core.paths import REPO_ROOT
@@ -42,7 +41,7 @@ from ..core.prompts import load_prompts
 from ..core.units import format_size
 from ..llama.devices import gpu_devices
 from ..residency.utility import RecencyEstimator
-from .bench import BenchConfig, child_argv, generate_prompts
+from .bench import BenchConfig, child_argv, generate_prompts, open_contender
 
 GPU_CONTENDERS = ("llama.cpp+ncmoe", "llama.cpp+ncmoe+sd", "lru", "moespac")
 LRU_INSERTS_PER_LAYER = 2  # uploads per slotted layer per step: PR #27861's measured setting
@@ -107,17 +106,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     static = name.startswith("llama.cpp")
     n_cpu_moe = ncmoe_layers(layout, cfg.gpu_budget, ngl) if static else None
     draft = contender_draft(name, cfg)
-    m = MoeSpac(
-        cfg.model,
-        draft,
-        n_ctx=cfg.n_ctx,
-        n_threads=cfg.n_threads,
-        draft_max=cfg.draft_max,
-        n_gpu_layers=ngl,
-        gpu_budget=0 if static else cfg.gpu_budget,
-        n_cpu_moe=n_cpu_moe,
-        flash_attn="off",  # the drafted contenders' kernels for every contender: outputs compare exactly
-    )
+    m = open_contender(cfg, draft, n_gpu_layers=ngl, gpu_budget=0 if static else cfg.gpu_budget, n_cpu_moe=n_cpu_moe)
     try:
         if m.target.gpu is None:
             raise MoespacError("no GPU device in this llama.cpp build (on lavapipe: GGML_VK_VISIBLE_DEVICES=0)")

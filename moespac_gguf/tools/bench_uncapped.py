@@ -50,7 +50,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..api.moespac import MoeSpac
 from ..core.errors import MoespacError
 from ..core.paths import REPO_ROOT
 from ..core.prompts import load_prompts
@@ -58,7 +57,7 @@ from ..core.units import format_size
 from ..decode.draft import SELF_DRAFT
 from ..llama.chat import format_prompt
 from ..llama.session import Session
-from .bench import BenchConfig, generate_prompts
+from .bench import BenchConfig, generate_prompts, open_contender
 from .bench_gpu import run_child
 
 UNCAPPED_CONTENDERS = ("llama-bench", "llama-cpp-python", "moespac", "moespac-fa-off", "moespac+draft", "moespac+self")
@@ -260,16 +259,8 @@ def run_llama_cpp_python(cfg: BenchConfig) -> dict:
 
 def run_moespac(name: str, cfg: BenchConfig) -> dict:
     draft = contender_draft(name, cfg)
-    fa = "off" if name == "moespac-fa-off" else "auto"
-    m = MoeSpac(
-        cfg.model,
-        draft,
-        n_ctx=cfg.n_ctx,
-        n_threads=threads(cfg),
-        draft_max=cfg.draft_max,
-        n_gpu_layers=0,
-        flash_attn=fa,
-    )
+    fa = "off" if name == "moespac-fa-off" else "auto"  # auto: as a user runs it
+    m = open_contender(replace(cfg, n_threads=threads(cfg)), draft, n_gpu_layers=0, flash_attn=fa)
     try:
         outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg)
         # with a draft each prompt's last token opens the first step; without one it is prefilled

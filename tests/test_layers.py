@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "moespac_gguf"
 # Bottom to top: a subpackage may import its own modules and those of the layers below it.
-LAYERS = [["core"], ["llama"], ["residency", "decode"], ["gate", "sim", "demo"], ["api"], ["tools"], ["cli"]]
+LAYERS = [["core"], ["llama"], ["residency", "decode"], ["gate", "sim", "demo"], ["api"], ["tools", "server"], ["cli"]]
 # ... except these, below it too: the residency engine sees routing as arrays and slots through an interface
 FORBIDDEN = {("residency", "llama")}
 ROOT = "moespac_gguf"  # the package's __init__ and the deprecated generate shim: a facade over core and api

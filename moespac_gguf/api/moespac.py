@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from ..core.errors import MoespacError
 from ..core.layout import read_layout
 from ..core.units import format_size, parse_size
 from ..decode.draft import SELF_DRAFT, DraftSource, draft_source
 from ..decode.sampling import Sampler
-from ..decode.speculative import SpeculativeDecoder
+from ..decode.speculative import SpeculativeDecoder, check_prompt
 from ..decode.stats import DecodeStats
 from ..gate.model import LookaheadGate
 from ..gate.runtime import GatedResidency, GateTap
@@ -30,6 +32,7 @@ from ..llama.session import Session
 from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
 from ..residency.costs import load_costs
+from ..residency.engine import ExpertMap
 from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
 from ..residency.memory import AUTO, measured_budget, parse_budget, plan_memory
 from ..residency.pages import status_bytes
@@ -38,6 +41,7 @@ from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
 from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, MoespacStats, Usage
 
+TIERS = ("flash", "ram", "pinned", "gpu")  # expert_tiers' codes: not in memory, in RAM, locked, in GPU memory
 GPU_HEADROOM = 256 << 20  # GPU memory left free beyond 5% of the device (driver, allocator, growth)
 PREFILL_BATCH = 1024  # the target's batch under a memory budget (batch_sizes)
 DRAFT_BATCH = 64  # a draft's batch under a memory budget (batch_sizes)
@@ -91,6 +95,8 @@ class MoeSpac:
         its routing of them tells the engine what the next steps need (default DRAFT_AHEAD with
         a self-draft under a budget that cannot hold every expert, else 0)."""
         self.options = opt = ModelOptions(**options)
+        self.prompt_tokens: list[int] = []  # the last request's, for `usage`
+        self.completion_tokens: list[int] = []
         set_verbose(opt.verbose)
         self.model_path = str(model_path)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
@@ -139,7 +145,7 @@ class MoeSpac:
             flash_attn=flash_attn,
             **devices,
         )
-        self.draft = self.slots = None
+        self.draft = self.slots = self._page_map = None
         router = RouterCapture() if draft_ahead else None
         try:
             if source is not None:  # a self-draft's tap, with a budget, restricts its routing (below)
@@ -227,6 +233,29 @@ class MoeSpac:
         self.decoder.subscribe(filler)
         return filler
 
+    def expert_tiers(self) -> np.ndarray:
+        """int8 [n_layer, n_expert]: where each expert's weights are now, as indices into TIERS.
+        With the residency engine, what it holds ("pinned" where it locks); without it, what the
+        kernel's page cache holds of llama.cpp's mapping (mincore: the model is mmapped, so
+        "ram" is the truth there too); GPU slots, and layers whose experts llama.cpp put on the
+        GPU, over both. Rows of dense layers are 0. A view for people (a server's heatmap): it
+        reads state that other threads change, and is never an input to a decision."""
+        r = self.residency
+        if r is not None:
+            held = r.engine.resident.copy()
+            out = np.where(held, TIERS.index("pinned" if r.engine.pin else "ram"), 0)
+        else:
+            if self._page_map is None:
+                self._page_map = ExpertMap(self.layout)
+            out = np.where(self._page_map.resident(), TIERS.index("ram"), 0)
+        gpu = TIERS.index("gpu")
+        if self.slots is not None:
+            out[self.slots.in_slot.copy()] = gpu
+        n_cpu_moe = self.options.n_cpu_moe
+        if self.target.gpu is not None and n_cpu_moe is not None:
+            out[[l.index for l in self.layout.layers if l.index >= n_cpu_moe]] = gpu
+        return out.astype(np.int8)
+
     def stats_dict(self) -> MoespacStats:
         """The last request's stats, with the GPU tier's under "slots" when there is one."""
         out = self.stats.as_dict()
@@ -248,21 +277,21 @@ class MoeSpac:
 
     # -- completions ----------------------------------------------------------
     def _stream(
-        self, prompt_tokens: list[int], max_tokens: int, sampler: Sampler, stop: list[str]
+        self, gen: Iterator[int], stop: list[str], cancel: Callable[[], bool] | None
     ) -> Iterator[tuple[str, str | None]]:
-        """(text delta, finish_reason or None) pairs; the last pair carries the reason."""
+        """(text delta, finish_reason or None) pairs from the decoder's tokens; the last pair
+        carries the reason."""
         text = TextStream(stop)
-        gen = self.decoder.generate(prompt_tokens, max_tokens, sampler)
-        self.completion_tokens: list[int] = []
         for tok in gen:
             if self.target.is_eog(tok):
                 continue
             self.completion_tokens.append(tok)
             delta = text.feed(self.target.token_bytes(tok))
-            if text.stopped:
+            ended = "stop" if text.stopped else "cancelled" if cancel is not None and cancel() else None
+            if ended:
                 gen.close()
-                self.stats.finish_reason = "stop"
-                yield delta, "stop"
+                self.stats.finish_reason = ended
+                yield delta, ended
                 return
             if delta:
                 yield delta, None
@@ -277,11 +306,13 @@ class MoeSpac:
         top_k: int,
         stop: str | list[str] | None,
         seed: int | None,
+        cancel: Callable[[], bool] | None,
         kind: str,
     ) -> tuple[Iterator, dict]:
         """One request's (text delta, finish_reason) stream and the id, created and model fields of
         its responses (`kind`: the id's prefix). `max_tokens` -1 or None: until the end of text or
-        a full context, as llama.cpp's `-n -1`; 0 and other negatives are refused."""
+        a full context, as llama.cpp's `-n -1`; 0 and other negatives are refused. Bad requests
+        (these, an empty prompt or one the context cannot hold) raise here, before any stream."""
         if max_tokens is None or max_tokens == -1:
             max_tokens = self.target.n_ctx + 1  # more than the context holds: it stops full ("context")
         elif max_tokens < 1:
@@ -290,8 +321,11 @@ class MoeSpac:
             )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         sampler = Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
+        check_prompt(tokens, self.target.n_ctx)
         meta = {"id": f"{kind}-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
-        return self._stream(tokens, max_tokens, sampler, stops), meta
+        self.prompt_tokens, self.completion_tokens = tokens, []
+        gen = self.decoder.generate(tokens, max_tokens, sampler)
+        return self._stream(gen, stops, cancel), meta
 
     def create_completion(
         self,
@@ -303,11 +337,14 @@ class MoeSpac:
         stop: str | list[str] | None = None,
         stream: bool = False,
         seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> Completion | Iterator[CompletionChunk]:
         """Complete `prompt`; greedy by default (temperature 0, or below). `max_tokens` -1 or None:
-        until the end of text or a full context."""
+        until the end of text or a full context. `cancel`: asked after every token; when it
+        returns True the generation ends there, with finish_reason "cancelled" (a server's
+        client that went away)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, "cmpl")
+        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, cancel, "cmpl")
         if stream:
             return (
                 {
@@ -324,7 +361,7 @@ class MoeSpac:
             "choices": [
                 {"text": "".join(t for t, _ in parts), "index": 0, "logprobs": None, "finish_reason": parts[-1][1]}
             ],
-            "usage": self._usage(tokens),
+            "usage": self.usage,
             "moespac": self.stats_dict(),
         }
 
@@ -344,10 +381,12 @@ class MoeSpac:
         stop: str | list[str] | None = None,
         stream: bool = False,
         seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
-        """Answer `messages` ({"role", "content"} dicts) with the model's chat template; greedy by default."""
+        """Answer `messages` ({"role", "content"} dicts) with the model's chat template; greedy by
+        default. `cancel` as in create_completion."""
         tokens = self.chat_prompt(messages)
-        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, "chatcmpl")
+        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, cancel, "chatcmpl")
         if stream:
 
             def gen():
@@ -375,13 +414,15 @@ class MoeSpac:
                     "finish_reason": parts[-1][1],
                 }
             ],
-            "usage": self._usage(tokens),
+            "usage": self.usage,
             "moespac": self.stats_dict(),
         }
 
-    def _usage(self, prompt_tokens: list[int]) -> Usage:
-        n = len(self.completion_tokens)
-        return {"prompt_tokens": len(prompt_tokens), "completion_tokens": n, "total_tokens": len(prompt_tokens) + n}
+    @property
+    def usage(self) -> Usage:
+        """Token counts of the last (or running) request, as a response's `usage`."""
+        p, n = len(self.prompt_tokens), len(self.completion_tokens)
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
     def close(self) -> None:
         if getattr(self, "slots", None) is not None:

@@ -11,7 +11,7 @@ from typing import Literal, NotRequired, TypedDict
 from ..decode.stats import StatsDict
 from ..residency.slots import SlotStats
 
-FinishReason = Literal["stop", "length", "context"]
+FinishReason = Literal["stop", "length", "context", "cancelled"]
 
 
 class MoespacStats(StatsDict):

@@ -36,6 +36,16 @@ from .stats import DecodeStats
 CATCH_UP_WINDOW = 48  # tokens of context a separate draft re-reads to be measured or probed (_catch_up)
 
 
+def check_prompt(prompt: list[int], n_ctx: int) -> None:
+    """A MoespacError unless `prompt` is a prompt the context can hold with room to generate."""
+    if not prompt:
+        raise MoespacError("empty prompt")
+    if len(prompt) >= n_ctx:
+        raise MoespacError(
+            f"prompt of {len(prompt)} tokens does not fit the context of {n_ctx} tokens (raise -c/--ctx-size)"
+        )
+
+
 class SpeculativeDecoder:
     """Greedy or sampled generation from `target`, drafted by `draft` if given."""
 
@@ -90,13 +100,7 @@ class SpeculativeDecoder:
         strings) by closing the generator.
         """
         target, draft = self.target, self.draft
-        if not prompt:
-            raise MoespacError("empty prompt")
-        if len(prompt) >= target.n_ctx:
-            raise MoespacError(
-                f"prompt of {len(prompt)} tokens does not fit the context of {target.n_ctx} "
-                "tokens (raise -c/--ctx-size)"
-            )
+        check_prompt(prompt, target.n_ctx)
         st = self.stats = DecodeStats(n_prompt=len(prompt))
         ctl = self.draft_length
         self._ran = ([], [])  # the draft's continuation of `committed` and its rows (_propose)

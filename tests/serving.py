@@ -1,0 +1,82 @@
+"""A `moespac serve` process for tests: started on a free localhost port, waited for until
+/health answers, stopped (SIGTERM, then SIGKILL) on exit; its log is kept for failure messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    proc: subprocess.Popen
+    log_path: str
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as base_url."""
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get_json(self, path: str, headers: dict | None = None) -> dict:
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+
+def _health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def serve(*args: str, timeout: float = 180.0, env: dict | None = None) -> Iterator[Server]:
+    """`moespac serve ARGS --port P` in a child process, ready when this yields."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w", prefix="moespac-serve-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "moespac_gguf.cli", "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = Server(f"http://127.0.0.1:{port}", proc, log.name)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _health(server.url):
+            if proc.poll() is not None:
+                raise AssertionError(f"moespac serve exited with {proc.returncode}:\n{server.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"moespac serve did not answer /health in {timeout} s:\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        os.unlink(log.name)

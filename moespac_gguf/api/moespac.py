@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from ..residency.pages import status_bytes
 from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
+from .turns import Turns
 from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, MoespacStats, Usage
 
 TIERS = ("flash", "ram", "pinned", "gpu")  # expert_tiers' codes: not in memory, in RAM, locked, in GPU memory
@@ -76,9 +77,26 @@ def flash_attention(setting: str, drafted: bool) -> bool:
     return setting == "on" or (setting == "auto" and not drafted)
 
 
+@dataclass
+class _Request:
+    """A checked request: what a generation needs, and the id, created and model of its responses."""
+
+    tokens: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stops: list[str]
+    cancel: Callable[[], bool] | None
+    meta: dict
+
+
 class MoeSpac:
     """A GGUF MoE target, optionally drafted by a small GGUF model of the same vocabulary
-    or by itself routing fewer experts (`draft_model_path="self"`)."""
+    or by itself routing fewer experts (`draft_model_path="self"`).
+
+    Safe to share between threads: generations take turns, in the order they were asked for
+    (a stream from its first chunk to its last, or until it is closed or dropped); tokenizing
+    does not wait. A thread that starts a generation while its own stream is still open gets a
+    MoespacError, not a deadlock."""
 
     def __init__(self, model_path: str | Path, draft_model_path: str | Path | DraftSource | None = None, **options):
         """`draft_model_path`: a GGUF of the same vocabulary, or "self" (the target routing fewer
@@ -95,6 +113,7 @@ class MoeSpac:
         its routing of them tells the engine what the next steps need (default DRAFT_AHEAD with
         a self-draft under a budget that cannot hold every expert, else 0)."""
         self.options = opt = ModelOptions(**options)
+        self._turns = Turns()
         self.prompt_tokens: list[int] = []  # the last request's, for `usage`
         self.completion_tokens: list[int] = []
         set_verbose(opt.verbose)
@@ -289,13 +308,33 @@ class MoeSpac:
             delta = text.feed(self.target.token_bytes(tok))
             ended = "stop" if text.stopped else "cancelled" if cancel is not None and cancel() else None
             if ended:
-                gen.close()
                 self.stats.finish_reason = ended
                 yield delta, ended
                 return
             if delta:
                 yield delta, None
         yield text.flush(), self.stats.finish_reason
+
+    def _generate(self, req: _Request) -> Iterator[tuple[str, str | None]]:
+        """The request's (text delta, finish_reason) pairs; the caller holds this instance's turn."""
+        self.prompt_tokens, self.completion_tokens = req.tokens, []
+        gen = self.decoder.generate(req.tokens, req.max_tokens, req.sampler)
+        try:
+            yield from self._stream(gen, req.stops, req.cancel)
+        finally:
+            gen.close()
+
+    def _streamed(self, req: _Request) -> Iterator[tuple[str, str | None]]:
+        """_generate's pairs, holding the turn from the first pair until the last, or until the
+        stream is closed (or dropped: CPython closes it then): an abandoned stream frees the model."""
+        with self._turns.turn():
+            yield from self._generate(req)
+
+    def _collected(self, req: _Request) -> tuple[list[tuple[str, str | None]], Usage, MoespacStats]:
+        """All of _generate's pairs, with the usage and stats of that request, in one turn."""
+        with self._turns.turn():
+            parts = list(self._generate(req))
+            return parts, self.usage, self.stats_dict()
 
     def _request(
         self,
@@ -308,11 +347,11 @@ class MoeSpac:
         seed: int | None,
         cancel: Callable[[], bool] | None,
         kind: str,
-    ) -> tuple[Iterator, dict]:
-        """One request's (text delta, finish_reason) stream and the id, created and model fields of
-        its responses (`kind`: the id's prefix). `max_tokens` -1 or None: until the end of text or
-        a full context, as llama.cpp's `-n -1`; 0 and other negatives are refused. Bad requests
-        (these, an empty prompt or one the context cannot hold) raise here, before any stream."""
+    ) -> _Request:
+        """A request checked, with the id, created and model fields of its responses (`kind`: the
+        id's prefix). `max_tokens` -1 or None: until the end of text or a full context, as
+        llama.cpp's `-n -1`; 0 and other negatives are refused. Bad requests (these, an empty
+        prompt or one the context cannot hold) raise here, before any stream."""
         if max_tokens is None or max_tokens == -1:
             max_tokens = self.target.n_ctx + 1  # more than the context holds: it stops full ("context")
         elif max_tokens < 1:
@@ -323,9 +362,7 @@ class MoeSpac:
         sampler = Sampler(temperature, top_p, top_k, self.seed if seed is None else seed)
         check_prompt(tokens, self.target.n_ctx)
         meta = {"id": f"{kind}-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
-        self.prompt_tokens, self.completion_tokens = tokens, []
-        gen = self.decoder.generate(tokens, max_tokens, sampler)
-        return self._stream(gen, stops, cancel), meta
+        return _Request(tokens, max_tokens, sampler, stops, cancel, meta)
 
     def create_completion(
         self,
@@ -344,7 +381,8 @@ class MoeSpac:
         returns True the generation ends there, with finish_reason "cancelled" (a server's
         client that went away)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, cancel, "cmpl")
+        req = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, cancel, "cmpl")
+        meta = req.meta
         if stream:
             return (
                 {
@@ -352,17 +390,17 @@ class MoeSpac:
                     "object": "text_completion",
                     "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": r}],
                 }
-                for t, r in chunks
+                for t, r in self._streamed(req)
             )
-        parts = list(chunks)  # the last pair carries the finish reason
+        parts, usage, stats = self._collected(req)  # the last pair carries the finish reason
         return {
             **meta,
             "object": "text_completion",
             "choices": [
                 {"text": "".join(t for t, _ in parts), "index": 0, "logprobs": None, "finish_reason": parts[-1][1]}
             ],
-            "usage": self.usage,
-            "moespac": self.stats_dict(),
+            "usage": usage,
+            "moespac": stats,
         }
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
@@ -386,7 +424,8 @@ class MoeSpac:
         """Answer `messages` ({"role", "content"} dicts) with the model's chat template; greedy by
         default. `cancel` as in create_completion."""
         tokens = self.chat_prompt(messages)
-        chunks, meta = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, cancel, "chatcmpl")
+        req = self._request(tokens, max_tokens, temperature, top_p, top_k, stop, seed, cancel, "chatcmpl")
+        meta = req.meta
         if stream:
 
             def gen():
@@ -395,7 +434,7 @@ class MoeSpac:
                     "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}],
                 }
-                for t, r in chunks:
+                for t, r in self._streamed(req):
                     yield {
                         **meta,
                         "object": "chat.completion.chunk",
@@ -403,7 +442,7 @@ class MoeSpac:
                     }
 
             return gen()
-        parts = list(chunks)  # the last pair carries the finish reason
+        parts, usage, stats = self._collected(req)  # the last pair carries the finish reason
         return {
             **meta,
             "object": "chat.completion",
@@ -414,8 +453,8 @@ class MoeSpac:
                     "finish_reason": parts[-1][1],
                 }
             ],
-            "usage": self.usage,
-            "moespac": self.stats_dict(),
+            "usage": usage,
+            "moespac": stats,
         }
 
     @property

@@ -132,3 +132,34 @@ def test_auto_under_a_cgroup_limit_too_small_is_a_one_line_error():
     last = r.stderr.strip().splitlines()[-1]
     # the plan refuses before loading, or the engine once the runtime's own memory is measured
     assert re.match(r"moespac run: error: (not enough memory for smolmoe|memory budget .* is too small)", last), last
+
+
+@pytest.mark.parametrize("draft", [None, "smollm2"])
+def test_an_explicit_budget_is_kept_in_a_cgroup_of_that_size(draft):
+    """--mem-budget B in a memory cgroup capped at exactly B, from a cold page cache: the run ends
+    normally (no OOM kill), the cgroup's peak charge is at most B, and the text is plain decoding's."""
+    from moespac_gguf.demo.catalog import model_path
+    from moespac_gguf.residency.pages import drop_file_cache
+
+    budget = 350 << 20
+    target = _smolmoe()
+    extra = ["-md", str(model_path(draft))] if draft else []
+    for f in [target, *extra[1:]]:
+        drop_file_cache(f)
+    argv = [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(target), "-p", "The capital of France is"]
+    with MemoryCap(budget, "budget") as c:
+        r = subprocess.run(
+            argv + ["-n", "16", "-c", "256", "--mem-budget", str(budget), "--json", *extra],
+            preexec_fn=c.preexec,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        peak = c.peak_bytes()
+    assert r.returncode == 0, f"exit {r.returncode} (-9: the OOM killer): {r.stderr[-2000:]}"
+    assert 0 < peak <= budget
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["memory_plan"]["mode"] == "explicit" and out["memory_plan"]["engine"]
+    with MoeSpac(target, n_ctx=256, mem_budget="off") as m:
+        m.create_completion("The capital of France is", max_tokens=16)
+        assert out["tokens"] == m.completion_tokens

@@ -12,8 +12,13 @@ demo: setup
 # the CPU suite, then the GPU suite on the Vulkan build (lavapipe where there is no GPU)
 test: test-cpu test-gpu
 
+# the residency suite once more with the page tier limited to macOS's operations (residency.platform)
+RESIDENCY_SUITE := tests/test_engine.py tests/test_gate.py tests/test_memory_plan.py tests/test_slots.py \
+	tests/test_slot_filler.py tests/test_threads.py
+
 test-cpu: setup
 	$(PY) -m pytest -q
+	MOESPAC_PLATFORM=macos $(PY) -m pytest -q $(RESIDENCY_SUITE)
 
 test-gpu:
 	bash scripts/test_gpu.sh

@@ -18,6 +18,24 @@ if os.environ.get("MOESPAC_REQUIRE_GPU") != "1":
     os.environ["MOESPAC_NO_GPU"] = "1"
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "harness_needs(*ops): the test's own harness (not the runtime) uses these residency.platform "
+        "operations; skipped when MOESPAC_PLATFORM forces a table without them",
+    )
+
+
+def pytest_runtest_setup(item) -> None:
+    marker = item.get_closest_marker("harness_needs")
+    if marker is not None:
+        from moespac_gguf.residency.platform import PLATFORM
+
+        missing = [op for op in marker.args if not PLATFORM.can(op)]
+        if missing:
+            pytest.skip(f"the test's harness needs {', '.join(missing)}, which {PLATFORM.name}'s table lacks")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked `gpu` need a ggml GPU device: skipped without one, failed instead when
     MOESPAC_REQUIRE_GPU=1 (the GPU job of `make test`, which must not pass by skipping)."""

@@ -5,14 +5,14 @@ import subprocess
 import sys
 
 from moespac_gguf.demo.synthetic import SyntheticSpec
-from moespac_gguf.tools.memcap import MemoryCap, _own_cgroup
+from moespac_gguf.tools.memcap import MemoryCap, cgroup_root
 
 TARGET = SyntheticSpec(arch="qwen3moe", n_layer=2, n_embd=128, n_ff_exp=128, seed=5)
 DRAFT = SyntheticSpec(arch="qwen3moe", n_layer=2, n_embd=128, n_ff_exp=128, seed=5, n_expert_used=1)
 
 
 def _our_groups():
-    _, parent = _own_cgroup()
+    _, parent = cgroup_root()
     return sorted(p.name for p in parent.iterdir() if p.is_dir() and p.name.startswith("moespac-"))
 
 

@@ -9,7 +9,7 @@ from moespac_gguf import MoespacError, cli
 from moespac_gguf.core.layout import read_layout
 from moespac_gguf.sim.profiles import load_device
 from moespac_gguf.tools.calibrate import _cold_window, read_costs
-from moespac_gguf.tools.memcap import _own_cgroup
+from moespac_gguf.tools.memcap import cgroup_root
 
 
 def test_windows_are_disjoint_page_aligned_thirds(tiny_moe):
@@ -22,7 +22,7 @@ def test_windows_are_disjoint_page_aligned_thirds(tiny_moe):
 
 def test_read_costs_here_and_under_pressure(tiny_moe):
     path = str(tiny_moe())
-    _, parent = _own_cgroup()
+    _, parent = cgroup_root()
     before = sorted(p.name for p in parent.iterdir() if p.name.startswith("moespac-"))
     chunk = int(read_layout(path).mean_bytes_per_expert)
     here, capped = read_costs(path, chunk, under_pressure=False), read_costs(path, chunk, under_pressure=True)

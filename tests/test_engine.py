@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,8 +31,8 @@ def loaded(tiny_moe):
 
 
 def test_expert_map_matches_layout_and_mapping(loaded):
-    layout, _ = loaded
-    em = ExpertMap(layout)
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
     assert em.bytes.shape == (layout.n_layer, layout.n_expert)
     assert (em.bytes[[l.index for l in layout.layers]] == layout.layers[0].bytes_per_expert).all()
     off, n = em.ranges[0, 3][0]
@@ -43,9 +44,10 @@ def test_expert_map_matches_layout_and_mapping(loaded):
     assert ctypes.string_at(em.mapping.address(off), n) == want
 
 
+@pytest.mark.harness_needs("populate", "evict")
 def test_engine_converges_to_target_within_budget(loaded):
-    layout, _ = loaded
-    em = ExpertMap(layout)
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
     per = int(em.bytes[0, 0])
     budget = 5 * per
     m = em.mapping
@@ -110,9 +112,10 @@ def test_budget_too_small_is_one_line(tiny_moe):
         MoeSpac(tiny_moe(SPEC), mem_budget="lots")
 
 
+@pytest.mark.harness_needs("evict")
 def test_mincore_sees_pageout(loaded):
-    layout, _ = loaded
-    em = ExpertMap(layout)
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
     off, n = em.ranges[1, 2][0]
     addr = em.mapping.address(off)
     pages.madvise(addr, n, pages.MADV_POPULATE_READ)
@@ -137,11 +140,12 @@ def _page_out_each(em: ExpertMap) -> np.ndarray:
     return refused
 
 
+@pytest.mark.harness_needs("proc")
 def test_pinned_engine_locks_exactly_the_plan(loaded):
     """Pin mode: held experts are mlocked (reclaim cannot take them: PAGEOUT is refused and they
     stay resident), evicted ones are unlocked, and the locked bytes follow the plan."""
-    layout, _ = loaded
-    em = ExpertMap(layout)
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
     per = int(em.bytes[0, 0])
     m = em.mapping
     base = _locked_bytes()
@@ -177,13 +181,41 @@ def test_pinned_engine_locks_exactly_the_plan(loaded):
                 pages.munlock(m.address(off), n)
 
 
+@pytest.mark.parametrize("pin", [True, False])
+def test_engine_fetches_and_evicts_with_what_the_platform_has(loaded, pin):
+    """The engine through a plan that needs evictions, with only the operations the platform
+    table has (make test runs this with macOS's too: no PAGEOUT, POPULATE_READ or fadvise; a call
+    to one of them stops the worker and the next apply() raises it)."""
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
+    per = int(em.bytes[0, 0])
+    eng = ResidencyEngine(em, 3 * per, pin=pin)
+    try:
+        eng.resident[:] = False  # unpinned, it starts from mincore's view: the test's plans decide
+        for layer in (0, 1, 2, 0):
+            want = np.zeros((em.n_layer, em.n_expert), bool)
+            want[layer, :3] = True
+            eng.apply(want, want.astype(float))
+            assert eng.wait_idle(10) and eng.error is None
+            assert (eng.resident == want).all()
+        assert eng.stats.evictions >= 9 and eng.stats.prefetches >= 12
+        eng.apply(want, want.astype(float))  # and the next plan is accepted: nothing stopped the worker
+    finally:
+        eng.close()
+        if pin:
+            for rs in em.ranges.values():
+                for off, n in rs:
+                    pages.munlock(em.mapping.address(off), n)
+
+
+@pytest.mark.harness_needs("populate", "evict")
 def test_hint_reads_ahead_without_holding(loaded):
     """engine.hint: predicted experts not held are read into the page cache (asynchronously), not
     locked and not added to the held set; held experts are skipped."""
     import time
 
-    layout, _ = loaded
-    em = ExpertMap(layout)
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
     per = int(em.bytes[0, 0])
     m = em.mapping
     pages.madvise(m.start, m.end - m.start, pages.MADV_PAGEOUT)
@@ -207,11 +239,12 @@ def test_hint_reads_ahead_without_holding(loaded):
         eng.close()
 
 
+@pytest.mark.harness_needs("unlock")
 def test_other_ranges_lie_inside_the_mapping_and_miss_every_expert(loaded):
     """The fixed weights the pinned engine locks: inside llama.cpp's mapping (which starts past the
     header), disjoint from every expert's bytes, and together with them the whole mapping."""
-    layout, _ = loaded
-    em = ExpertMap(layout)
+    layout, s = loaded
+    em = ExpertMap(layout, s.mappings())
     m = em.mapping
     lo, hi = m.offset, min(layout.file_bytes, m.offset + m.end - m.start)
     other = em.other_ranges()
@@ -226,12 +259,13 @@ def test_other_ranges_lie_inside_the_mapping_and_miss_every_expert(loaded):
         pages.munlock(m.address(off), n)
 
 
+@pytest.mark.harness_needs("populate", "evict")
 def test_eviction_reaches_pages_a_second_mapping_shares(loaded):
     """A self-draft maps the model file a second time. MADV_PAGEOUT skips a page another mapping
     shares, so the engine unmaps the expert there first: evicted means gone from RAM."""
-    layout, _ = loaded
-    with Session(layout.path, n_ctx=128, tap=False):
-        em = ExpertMap(layout)
+    layout, s = loaded
+    with Session(layout.path, n_ctx=128, tap=False) as second:
+        em = ExpertMap(layout, s.mappings(), second.mappings())
         assert len(em.other_mappings) == 1
 
         def touch(ix):
@@ -276,7 +310,7 @@ def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
         m.create_completion(prompt, max_tokens=40)
         assert m.completion_tokens == ref
         assert m.stats.n_drafted > 0 and m.stats.n_accepted > 0
-        assert m.draft.path == m.target.path and len(pages.find_mappings(target)) == 2
+        assert m.draft.path == m.target.path and len(m.draft.mappings()) == len(m.target.mappings()) == 1
         assert m.draft.tap.k == 1 and m.draft.last_routing.experts.shape[2] == 1
         assert m.draft.tap.demand_paged_bytes > 0
         assert len(m.residency.map.other_mappings) == 1
@@ -342,11 +376,26 @@ def test_a_controller_knows_when_its_budget_holds_every_expert(tiny_moe):
 
     path = tiny_moe(SPEC)
     layout = read_layout(path)
-    with Session(path, n_ctx=256, tap=False):  # the controller works on llama.cpp's mapping
+    with Session(path, n_ctx=256, tap=False) as s:  # the controller works on llama.cpp's mapping
         n_all = len(layout.layers) * layout.n_expert
         for experts, fits in ((n_all, True), (n_all - 1, False)):
-            c = ResidencyController(layout, int(experts * layout.mean_bytes_per_expert) + 1, pin=False)
+            budget = int(experts * layout.mean_bytes_per_expert) + 1
+            c = ResidencyController(layout, budget, pin=False, mappings=s.mappings())
             try:
                 assert c.holds_every_expert is fits
             finally:
                 c.close()
+
+
+def test_llama_cpp_reports_the_mapping_proc_maps_shows(loaded):
+    """Where llama.cpp says it mapped the model (patch 0013) is what the kernel shows in
+    /proc/self/maps: the same ranges at the same file offsets, for a second load too (llama.cpp's
+    last fragment ends with the file, the kernel's at the next page)."""
+    layout, s = loaded
+    if not pages.PLATFORM.can("proc"):
+        pytest.skip("no /proc on this platform table")
+    with Session(layout.path, n_ctx=128, tap=False) as second:
+        reported = sorted(s.mappings() + second.mappings(), key=lambda m: m.start)
+        paged = [replace(m, end=-(-m.end // pages.PAGE) * pages.PAGE) for m in reported]
+        assert paged == sorted(pages.find_mappings(layout.path), key=lambda m: m.start)
+        assert reported[0].offset > 0  # llama.cpp unmapped the header: the mapping starts inside the file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def _run_capped(cap: int, *extra: str) -> subprocess.CompletedProcess:
         )
 
 
+@pytest.mark.harness_needs("proc")  # memory cgroups are Linux's
 def test_auto_under_a_cgroup_limit_below_the_model_turns_the_engine_on():
     """SmolMoE (692 MiB) in a 450 MiB cgroup: the plan sees the limit, says so on one line, and runs
     the engine with the budget it computed; the text is plain decoding's."""
@@ -126,6 +128,7 @@ def test_auto_under_a_cgroup_limit_below_the_model_turns_the_engine_on():
         assert out["tokens"] == m.completion_tokens
 
 
+@pytest.mark.harness_needs("proc")  # memory cgroups are Linux's
 def test_auto_under_a_cgroup_limit_too_small_is_a_one_line_error():
     r = _run_capped(150 << 20)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -134,10 +137,14 @@ def test_auto_under_a_cgroup_limit_too_small_is_a_one_line_error():
     assert re.match(r"moespac run: error: (not enough memory for smolmoe|memory budget .* is too small)", last), last
 
 
+@pytest.mark.harness_needs("proc", "evict")  # a memory cgroup, a cold page cache
+@pytest.mark.parametrize("platform", [None, "macos"])
 @pytest.mark.parametrize("draft", [None, "smollm2"])
-def test_an_explicit_budget_is_kept_in_a_cgroup_of_that_size(draft):
+def test_an_explicit_budget_is_kept_in_a_cgroup_of_that_size(draft, platform):
     """--mem-budget B in a memory cgroup capped at exactly B, from a cold page cache: the run ends
-    normally (no OOM kill), the cgroup's peak charge is at most B, and the text is plain decoding's."""
+    normally (no OOM kill), the cgroup's peak charge is at most B, and the text is plain decoding's.
+    Also with the page tier limited to macOS's operations (no MADV_PAGEOUT, no MADV_POPULATE_READ,
+    no /proc): it says so in one line and still keeps the budget."""
     from moespac_gguf.demo.catalog import model_path
     from moespac_gguf.residency.pages import drop_file_cache
 
@@ -154,10 +161,14 @@ def test_an_explicit_budget_is_kept_in_a_cgroup_of_that_size(draft):
             capture_output=True,
             text=True,
             timeout=300,
+            env={**os.environ, "MOESPAC_PLATFORM": platform} if platform else None,
         )
         peak = c.peak_bytes()
     assert r.returncode == 0, f"exit {r.returncode} (-9: the OOM killer): {r.stderr[-2000:]}"
+    assert "Traceback" not in r.stderr
     assert 0 < peak <= budget
+    said = [line for line in r.stderr.splitlines() if "the page tier on" in line]
+    assert len(said) == (1 if platform else 0), r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["memory_plan"]["mode"] == "explicit" and out["memory_plan"]["engine"]
     with MoeSpac(target, n_ctx=256, mem_budget="off") as m:

@@ -262,6 +262,7 @@ def _rss_bytes() -> int:
     return pages.status_bytes("VmRSS")
 
 
+@pytest.mark.harness_needs("proc")  # RSS from /proc/self/status
 def test_stress_1000_decodes_with_remaps_and_copies(tiny_moe):
     """1000 single-token decodes; between each, evictions, async copies that overlap the
     next decode, and assignments. No crash, logits spot-checked, RSS flat."""

@@ -35,7 +35,8 @@ from ..residency.costs import load_costs
 from ..residency.engine import ExpertMap
 from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
 from ..residency.memory import AUTO, measured_budget, parse_budget, plan_memory
-from ..residency.pages import status_bytes
+from ..residency.pages import anon_rss
+from ..residency.platform import PLATFORM
 from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
@@ -187,10 +188,15 @@ class MoeSpac:
             )
             self.residency = None
             if budgeted:
-                self.memory_plan = measured_budget(self.memory_plan, status_bytes("RssAnon"))
+                mappings = self.target.mappings()
+                draft_mappings = self.draft.mappings() if self.draft is not None else []
+                mapped = mappings + draft_mappings
+                self.memory_plan = measured_budget(self.memory_plan, anon_rss(mapped))
                 self.residency = ResidencyController(
                     self.layout,
-                    expert_budget(self.memory_plan.budget_bytes, self.layout, draft_bytes),
+                    expert_budget(self.memory_plan.budget_bytes, self.layout, draft_bytes, mapped),
+                    mappings=mappings,
+                    draft_mappings=draft_mappings,
                     draft_path=source.file if source is not None else None,
                     draft_max=opt.draft_max,
                 )
@@ -264,8 +270,10 @@ class MoeSpac:
             held = r.engine.resident.copy()
             out = np.where(held, TIERS.index("pinned" if r.engine.pin else "ram"), 0)
         else:
+            if not PLATFORM.can("residency"):  # no mincore: an mmapped model counts as in RAM
+                return np.full((self.layout.n_layer, self.layout.n_expert), TIERS.index("ram"), np.int8)
             if self._page_map is None:
-                self._page_map = ExpertMap(self.layout)
+                self._page_map = ExpertMap(self.layout, self.target.mappings())
             out = np.where(self._page_map.resident(), TIERS.index("ram"), 0)
         gpu = TIERS.index("gpu")
         if self.slots is not None:

@@ -78,7 +78,7 @@ class GatedResidency:
 
         tap = GateTap(gate)                              # before the target session ...
         target = Session(model, capture=tap)             # ... chained behind the routing tap
-        controller = ResidencyController(layout, budget) # needs the model mapped: after the session
+        controller = ResidencyController(layout, budget, mappings=target.mappings())
         gated = GatedResidency(controller, gate, tap=tap)  # becomes the tap's sink
         decoder.subscribe(gated)                         # instead of the controller itself
 

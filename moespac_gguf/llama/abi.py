@@ -47,7 +47,7 @@ def choose_wait_policy() -> str | None:
 
 WAIT_POLICY = choose_wait_policy()
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 6
+ABI_VERSION = 7
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 try:
     import llama_cpp
@@ -69,6 +69,17 @@ def check_abi(lib) -> int:
     return version
 
 
+class MappingEntry(ctypes.Structure):
+    """struct llama_moespac_mapping (patch 0013): one mapped fragment of a model's file."""
+
+    _fields_ = [
+        ("file", ctypes.c_int32),
+        ("addr", ctypes.c_void_p),
+        ("file_offset", ctypes.c_uint64),
+        ("length", ctypes.c_uint64),
+    ]
+
+
 def _declare(lib) -> None:
     """ctypes signatures of the llama_moespac_* functions (see patches/)."""
     c = ctypes
@@ -86,6 +97,7 @@ def _declare(lib) -> None:
         "llama_moespac_tap_willneed_bytes": (c.c_int64, [c.c_void_p]),
         "llama_moespac_tap_set_allowed": (None, [c.c_void_p, c.c_void_p, c.c_int32]),
         "llama_moespac_tap_rerouted": (c.c_int64, [c.c_void_p]),
+        "llama_moespac_model_mappings": (c.c_int32, [c.c_void_p, c.POINTER(MappingEntry), c.c_int32]),
         # expert slot cache (patches 0005-0007, include/llama-moespac-slots.h)
         "llama_moespac_slots_new": (c.c_void_p, [c.c_void_p, c.POINTER(c.c_int32), c.c_int32, c.c_void_p]),
         "llama_moespac_slots_free": (None, [c.c_void_p]),

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..core.errors import MoespacError
 from ..core.gguf import check_gguf
+from ..core.mapping import Mapping
 from ..core.routing import Routing
-from .abi import last_log_line, llama_cpp
+from .abi import MappingEntry, last_log_line, lib, llama_cpp
 from .devices import cpu_buffer_type, pick_gpu
 from .tap import RoutingTap
 
@@ -140,6 +141,15 @@ class Session:
         self._eog: dict[int, bool] = {}
 
     # -- vocabulary -------------------------------------------------------
+    def mappings(self) -> list[Mapping]:
+        """Where llama.cpp mapped this model's file, as llama.cpp reports it (patch 0013): the mapped
+        fragments, largest first ([] when the model was not mmapped)."""
+        n = lib.llama_moespac_model_mappings(self.model, None, 0)
+        entries = (MappingEntry * n)()
+        lib.llama_moespac_model_mappings(self.model, entries, n)
+        found = [Mapping(e.addr, e.addr + e.length, e.file_offset) for e in entries if e.file == 0 and e.length]
+        return sorted(found, key=lambda m: m.start - m.end)
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 16

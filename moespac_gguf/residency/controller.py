@@ -14,16 +14,18 @@ import numpy as np
 from ..core.errors import MoespacError
 from ..core.events import VerificationEvent
 from ..core.layout import MoeLayout
+from ..core.mapping import Mapping
 from ..core.units import format_size
-from . import pages
+from . import pages, platform
 from .costs import DeviceCosts, load_costs
 from .engine import ExpertMap, ResidencyEngine
 from .policy import Capacity, MoeSpacPolicy, lookahead_score
 
 
-def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int) -> int:
-    """Bytes left for expert weights once everything else that must stay in memory is counted."""
-    runtime = pages.status_bytes("RssAnon")
+def expert_budget(mem_budget: int, layout: MoeLayout, draft_bytes: int, mapped: list[Mapping] = ()) -> int:
+    """Bytes left for expert weights once everything else that must stay in memory is counted
+    (`mapped`: the models' mappings, which pages.anon_rss needs where there is no /proc)."""
+    runtime = pages.anon_rss(mapped)
     margin = (16 << 20) + mem_budget // 50  # allocator slack
     left = mem_budget - layout.other_bytes - draft_bytes - runtime - margin
     # experts are paged in layer by layer: the floor is one layer's top-k experts
@@ -81,18 +83,22 @@ class ResidencyController:
     budget_bytes: int
     costs: DeviceCosts = field(default_factory=load_costs)
     refresh_every: int = 16
-    pin: bool = True  # mlock held experts + fixed weights (falls back when refused)
-    draft_path: str | None = None  # the draft's file, pinned whole with the fixed weights
+    pin: bool = True  # mlock held experts + fixed weights (falls back when refused or impossible)
+    mappings: list[Mapping] = field(default_factory=list)  # the target's (Session.mappings)
+    draft_mappings: list[Mapping] = field(default_factory=list)  # the draft's: its own file, or the target's again
+    draft_path: str | None = None  # a separate draft's file, pinned whole with the fixed weights
     draft_max: int = 8
 
     def __post_init__(self):
-        self.map = ExpertMap(self.layout)
+        platform.say_degraded_once()
+        # a self-draft maps the target's file again: its share of a page must go before eviction
+        self.map = ExpertMap(self.layout, self.mappings, [] if self.draft_path else self.draft_mappings)
         budget = self.budget_bytes
+        self.pin = self.pin and platform.PLATFORM.can("lock") and platform.PLATFORM.can("unlock")
         if self.pin:
             fixed = [(self.map.mapping.address(off), n) for off, n in self.map.other_ranges()]
             if self.draft_path:
-                m = pages.find_mapping(self.draft_path)
-                fixed.append((m.start, m.end - m.start))
+                fixed += [(m.start, m.end - m.start) for m in self.draft_mappings]
             window = min(stream_window(self.layout, self.draft_max), budget // 2)
             self.pin = _lock_all(fixed)
             if self.pin:

@@ -18,6 +18,10 @@ experts streamed in for a layer and dropped after it, instead of undoing the
 plan (measured: unpinned, the kernel evicted planned experts as fast as the
 engine fetched them). A pinned budget keeps room for that stream window.
 
+Where the OS lacks an operation (residency.platform: macOS has no MADV_PAGEOUT or
+MADV_POPULATE_READ) the engine does what it can: it reads with pread instead of populating, and
+an evicted expert is unlocked (or just forgotten) for the kernel to reclaim first.
+
 `ResidencyController` (controller.py) decides what the engine holds.
 """
 
@@ -30,8 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.errors import MoespacError
 from ..core.layout import MoeLayout
+from ..core.mapping import Mapping
 from . import pages
+from .platform import PLATFORM
 
 
 @dataclass
@@ -48,7 +55,12 @@ class EngineStats:
 class ExpertMap:
     """Byte ranges of every (MoE layer, expert) in the file and in llama.cpp's mapping."""
 
-    def __init__(self, layout: MoeLayout):
+    def __init__(self, layout: MoeLayout, mappings: list[Mapping], others: list[Mapping] = ()):
+        """`mappings`: where llama.cpp mapped the model for the target (Session.mappings), the
+        largest fragment first; `others`: further mappings of the same file (a self-draft's),
+        whose share of a page must be unmapped before that page can be evicted."""
+        if not mappings:
+            raise MoespacError(f"{layout.path} is not memory-mapped (was it loaded with use_mmap?)")
         self.layout = layout
         self.n_layer, self.n_expert = layout.n_layer, layout.n_expert
         self.bytes = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
@@ -57,7 +69,7 @@ class ExpertMap:
             for e in range(self.n_expert):
                 self.ranges[layer.index, e] = layer.expert_ranges(e)
                 self.bytes[layer.index, e] = layer.bytes_per_expert
-        self.mapping, *self.other_mappings = pages.find_mappings(layout.path)  # others: a self-draft's
+        self.mapping, self.other_mappings = mappings[0], list(others)
 
     def other_ranges(self) -> list[tuple[int, int]]:
         """(file offset, length) of everything llama.cpp mapped but expert tensors: attention,
@@ -75,7 +87,7 @@ class ExpertMap:
         return out
 
     def resident(self) -> np.ndarray:
-        """bool [n_layer, n_expert]: experts at least 90% in RAM (mincore)."""
+        """bool [n_layer, n_expert]: experts at least 90% in RAM (mincore; PLATFORM.can("residency"))."""
         out = np.zeros((self.n_layer, self.n_expert), dtype=bool)
         for (l, e), rs in self.ranges.items():
             total = sum(n for _, n in rs)
@@ -92,24 +104,32 @@ class ResidencyEngine:
         self.budget = budget_bytes
         self.pin = pin
         self.stats = EngineStats()
-        for m in (experts.mapping, *experts.other_mappings):
-            pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
+        self.can = PLATFORM.can
+        if self.can("prefetch"):
+            for m in (experts.mapping, *experts.other_mappings):
+                pages.madvise(m.start, m.end - m.start, pages.MADV_RANDOM)
         self.fd = os.open(experts.layout.path, os.O_RDONLY)
-        # pinned: "resident" means locked (unlocked pages are the kernel's to reclaim)
-        self.resident = np.zeros((experts.n_layer, experts.n_expert), bool) if pin else experts.resident()
+        # pinned: "resident" means locked (unlocked pages are the kernel's to reclaim); without a
+        # residency query, what this engine fetched itself
+        shape = (experts.n_layer, experts.n_expert)
+        self.resident = experts.resident() if not pin and self.can("residency") else np.zeros(shape, bool)
         # held by another tier (expert slots): computed from there, so never fetched or kept here
         self.elsewhere = np.zeros((experts.n_layer, experts.n_expert), bool)
-        self._populate = True  # MADV_POPULATE_READ (Linux 5.14+); else pread the bytes
+        self._populate = self.can("populate")  # MADV_POPULATE_READ (Linux 5.14+); else pread the bytes
         self._target: tuple[np.ndarray, np.ndarray] | None = None
         self._cv = threading.Condition()
         self._idle = threading.Event()
         self._idle.set()
         self._stop = False
+        self.error: Exception | None = None  # what stopped the worker thread
         self._thread = threading.Thread(target=self._run, name="moespac-engine", daemon=True)
         self._thread.start()
 
     def apply(self, want: np.ndarray, priority: np.ndarray) -> None:
-        """Make `want` (bool [L,E]) resident, most `priority` first; the newest target wins."""
+        """Make `want` (bool [L,E]) resident, most `priority` first; the newest target wins.
+        Raises what stopped the worker, if something did (the generation ends with it)."""
+        if self.error is not None:
+            raise self.error
         with self._cv:
             self._target = (want & ~self.elsewhere, priority.copy())
             self._idle.clear()
@@ -120,6 +140,8 @@ class ResidencyEngine:
         stream window (MADV_WILLNEED: asynchronous, nothing locked, nothing evicted for them):
         for predictions about to be needed (the lookahead gate's next layers), which must not
         reshuffle the held set on every layer."""
+        if not self.can("prefetch"):
+            return
         todo = np.argwhere(experts & ~self.resident)
         for l, e in sorted(map(tuple, todo), key=lambda ix: -priority[ix]):
             for off, n in self.map.ranges[l, e]:
@@ -136,8 +158,8 @@ class ResidencyEngine:
 
     def refresh(self) -> None:
         """Re-read residency from the kernel (mincore): corrects drift after kernel reclaim."""
-        if self.pin:
-            return  # locked pages do not drift
+        if self.pin or not self.can("residency"):
+            return  # locked pages do not drift; without mincore there is nothing to re-read
         with self._cv:
             self.resident[:] = self.map.resident()
 
@@ -163,7 +185,12 @@ class ResidencyEngine:
                 want, priority = self._target
                 self._target = None
             self.stats.plans += 1
-            self._converge(want, priority)
+            try:
+                self._converge(want, priority)
+            except Exception as e:  # not silently in this thread: the next apply() raises it
+                self.error = e
+                self._idle.set()
+                return
 
     def _preempted(self) -> bool:
         return self._target is not None or self._stop
@@ -203,7 +230,8 @@ class ResidencyEngine:
         else:
             for off, n in self.map.ranges[ix]:
                 addr = self.map.mapping.address(off)
-                pages.madvise(addr, n, pages.MADV_WILLNEED)  # large async reads, then wait for them:
+                if self.can("prefetch"):
+                    pages.madvise(addr, n, pages.MADV_WILLNEED)  # large async reads, then wait for them:
                 if self._populate:
                     try:
                         pages.madvise(addr, n, pages.MADV_POPULATE_READ)
@@ -229,6 +257,8 @@ class ResidencyEngine:
             try:
                 if unlock:
                     pages.munlock(addr, n)
+                if not self.can("evict"):
+                    continue  # unlocked, it is the kernel's to reclaim first
                 for other in self.map.other_mappings:  # PAGEOUT leaves pages another mapping shares
                     pages.madvise(other.address(off), n, pages.MADV_DONTNEED)
                 pages.madvise(addr, n, pages.MADV_PAGEOUT)
@@ -241,7 +271,8 @@ class ResidencyEngine:
         # but unmapped (demand-paged and never touched, or the pread fallback).
         self.resident[ix] = False  # first: a draft restricted to held experts stops using it
         self._page_out(ix, unlock=self.pin)
-        for off, n in self.map.ranges[ix]:
-            os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+        if self.can("evict"):
+            for off, n in self.map.ranges[ix]:
+                os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
         self.stats.evictions += 1
         self.stats.evicted_bytes += int(self.map.bytes[ix])

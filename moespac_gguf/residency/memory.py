@@ -18,6 +18,7 @@ import psutil
 from ..core.errors import MoespacError
 from ..core.layout import MoeLayout
 from ..core.units import format_size, parse_size
+from .platform import PLATFORM
 
 AUTO, OFF = "auto", "off"
 HEADROOM_FIXED = 64 << 20  # beyond HEADROOM_SHARE of the limit: the allocator, the interpreter's growth
@@ -105,7 +106,9 @@ _NO_LIMIT = 1 << 60  # v1 writes "unlimited" as a page-rounded 2^63
 def _cgroup_limits() -> list[Available]:
     """Each memory cgroup limit on this process (its own group's and every ancestor's, v2 or v1):
     what its files may still take, the limit less what the group holds beyond its file cache,
-    which is reclaimable."""
+    which is reclaimable. None where the platform has no /proc (memory cgroups are Linux's)."""
+    if not PLATFORM.can("proc"):
+        return []
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:

@@ -9,6 +9,10 @@ waiting for them; MADV_RANDOM stops fault readahead (the cheap trick that halves
 I/O); posix_fadvise(DONTNEED) drops only unmapped clean pages in folios wholly
 inside the range (a whole file: a cold cache before a benchmark run; a small
 range inside large folios: nothing). Python's mmap lacks these constants.
+
+Every operation asks residency.platform's table first: on a system without it (macOS has no
+MADV_PAGEOUT, MADV_POPULATE_READ, posix_fadvise or /proc) the caller checks `PLATFORM.can`
+and degrades; calling it anyway raises MissingOperation.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-from dataclasses import dataclass
+import resource
 from pathlib import Path
 
 import numpy as np
+import psutil
+
+from ..core.mapping import Mapping
+from .platform import PLATFORM
 
 MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_PAGEOUT, MADV_POPULATE_READ = 1, 3, 4, 21, 22
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,21 +40,10 @@ _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
-@dataclass(frozen=True)
-class Mapping:
-    """One mmap of a file in this process: addresses [start, end) show file bytes from `offset`."""
-
-    start: int
-    end: int
-    offset: int
-
-    def address(self, file_offset: int) -> int:
-        return self.start + file_offset - self.offset
-
-
 def find_mappings(path: str | Path) -> list[Mapping]:
-    """Every mapping of `path` in this process, largest first (llama.cpp maps a model whole, once
-    per loaded model: a target drafting for itself is mapped twice)."""
+    """Every mapping of `path` in this process, largest first, from /proc/self/maps (Linux: the
+    benchmarks and calibration; the runtime asks llama.cpp, Session.mappings)."""
+    PLATFORM.need("proc")
     target = os.path.realpath(path)
     found = []
     with open("/proc/self/maps") as f:
@@ -68,6 +65,7 @@ def find_mapping(path: str | Path) -> Mapping:
 def mapped_by_others(path: str | Path) -> list[int]:
     """PIDs of other processes that map `path`: their pages can neither be dropped nor
     charged to a benchmark's memory cap, so a "cold" run would not be cold."""
+    PLATFORM.need("proc")
     target, me, pids = os.path.realpath(path), os.getpid(), []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
@@ -87,7 +85,17 @@ def _page_span(addr: int, length: int) -> tuple[int, int]:
     return lo, hi - lo
 
 
+ADVICE_OPERATION = {
+    MADV_RANDOM: "prefetch",
+    MADV_WILLNEED: "prefetch",
+    MADV_POPULATE_READ: "populate",
+    MADV_PAGEOUT: "evict",
+    MADV_DONTNEED: "evict",
+}
+
+
 def madvise(addr: int, length: int, advice: int) -> None:
+    PLATFORM.need(ADVICE_OPERATION[advice])
     lo, n = _page_span(addr, length)
     if _libc.madvise(lo, n, advice) != 0:
         err = ctypes.get_errno()
@@ -98,6 +106,7 @@ def mlock(addr: int, length: int) -> None:
     """Lock file pages into RAM (reading them in): the kernel's reclaim cannot take them back,
     so a memory cap's pressure falls on the unlocked pages only. OSError (ENOMEM/EPERM) when
     RLIMIT_MEMLOCK or the memory cgroup refuses."""
+    PLATFORM.need("lock")
     lo, n = _page_span(addr, length)
     if _libc.mlock(lo, n) != 0:
         err = ctypes.get_errno()
@@ -105,6 +114,7 @@ def mlock(addr: int, length: int) -> None:
 
 
 def munlock(addr: int, length: int) -> None:
+    PLATFORM.need("unlock")
     lo, n = _page_span(addr, length)
     _libc.munlock(lo, n)
 
@@ -127,13 +137,31 @@ def mlock_ranges(ranges: list[tuple[int, int]]) -> bool:
 
 def read_bytes() -> int:
     """Bytes this process (and its finished children) made the kernel read from storage:
-    /proc/self/io's read_bytes (page-cache hits are not counted)."""
+    /proc/self/io's read_bytes (page-cache hits are not counted). Without /proc, getrusage's
+    block reads times 512 (Linux's unit; macOS counts read operations, so there a lower bound)."""
+    if not PLATFORM.can("read_bytes"):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_inblock * 512
     with open("/proc/self/io") as f:
         return next((int(line.split()[1]) for line in f if line.startswith("read_bytes:")), 0)
 
 
+def anon_rss(mapped: list[Mapping] = ()) -> int:
+    """This process's anonymous resident memory (heap, KV cache, buffers: what no file backs).
+    Without /proc, psutil's RSS less what mincore finds resident of the `mapped` model ranges
+    (RSS counts mapped file pages too; the rest of the file pages it counts, if any, make this an
+    upper bound, so a budget computed from it errs on the safe side)."""
+    if PLATFORM.can("anon_rss"):
+        return status_bytes("RssAnon")
+    rss = psutil.Process().memory_info().rss
+    if PLATFORM.can("residency"):
+        rss -= int(sum(resident_fraction(m.start, m.end - m.start) * (m.end - m.start) for m in mapped))
+    return max(rss, 0)
+
+
 def status_bytes(key: str) -> int:
     """A memory line of /proc/self/status in bytes (e.g. "RssAnon", "VmRSS", "VmLck"); 0 if absent."""
+    if key != "RssAnon":
+        PLATFORM.need("proc")
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -143,6 +171,7 @@ def status_bytes(key: str) -> int:
 
 def resident_fraction(addr: int, length: int) -> float:
     """Share of the pages of [addr, addr+length) in RAM (mincore)."""
+    PLATFORM.need("residency")
     lo, n = _page_span(addr, length)
     pages = n // PAGE
     vec = np.zeros(pages, dtype=np.uint8)
@@ -157,6 +186,7 @@ def drop_file_cache(path: str | Path) -> None:
 
     Dirty pages (a file just written or copied) cannot be dropped: flush them first.
     """
+    PLATFORM.need("evict")
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

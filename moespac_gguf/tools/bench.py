@@ -52,7 +52,7 @@ from ..residency.pages import (
     status_bytes,
 )
 from ..residency.slots import SlotFiller, slot_counts
-from .memcap import MemoryCap
+from .memcap import MemoryCap, cgroup_root
 
 CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac", "moespac+gate", "moespac+slots")
 # moespac+gate needs a trained gate (--gate); moespac+slots costs on CPU-only machines
@@ -275,6 +275,7 @@ def check(cfg: BenchConfig) -> None:
     if cfg.n_gpu_layers is not None:
         raise MoespacError("-ngl is for the GPU mode (--gpu-budget SIZE)")
     load_prompts(cfg.prompts, cfg.limit, select="spread")  # fail early on a bad prompt file
+    cgroup_root()  # a MoespacError saying why memory cannot be capped here
     for f in cfg.files:
         pids = mapped_by_others(f)
         if pids:

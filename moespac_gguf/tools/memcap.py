@@ -13,13 +13,19 @@ import time
 from pathlib import Path
 
 from ..core.errors import MoespacError
+from ..residency.platform import PLATFORM
 
 _V2_ROOT = Path("/sys/fs/cgroup")
 _V1_ROOT = Path("/sys/fs/cgroup/memory")
 
 
-def _own_cgroup() -> tuple[str, Path]:
-    """("v2"|"v1", this process's memory cgroup directory)."""
+def cgroup_root() -> tuple[str, Path]:
+    """("v2"|"v1", this process's memory cgroup directory), or a MoespacError saying why there is none."""
+    if not PLATFORM.can("proc"):
+        raise MoespacError(
+            f"the memory-capped benchmark caps memory with a Linux memory cgroup, and {PLATFORM.name} has "
+            "none: run it on Linux as root, or measure without a cap (--no-cap)"
+        )
     lines = Path("/proc/self/cgroup").read_text().splitlines()
     for line in lines:
         hier, controllers, rel = line.split(":", 2)
@@ -47,7 +53,7 @@ class MemoryCap:
     """
 
     def __init__(self, limit_bytes: int, name: str):
-        self.version, parent = _own_cgroup()
+        self.version, parent = cgroup_root()
         self.path = parent / f"moespac-{os.getpid()}-{name}"
         self.limit_bytes = limit_bytes
 

@@ -95,18 +95,17 @@ def parse_budget(value: int | str | None) -> int | str:
     return int(value)
 
 
-# (root, limit file, usage file, the memory.stat key of the group's file cache) per cgroup version
+# (limit file, usage file, the memory.stat key of the group's file cache) per cgroup version
 _CGROUP_FILES = {
-    "0": (CGROUP_ROOT, "memory.max", "memory.current", "file"),  # v2 (the "0::" line)
-    "memory": (CGROUP_ROOT / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache"),  # v1
+    "v2": ("memory.max", "memory.current", "file"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache"),
 }
 _NO_LIMIT = 1 << 60  # v1 writes "unlimited" as a page-rounded 2^63
 
 
-def _cgroup_limits() -> list[Available]:
-    """Each memory cgroup limit on this process (its own group's and every ancestor's, v2 or v1):
-    what its files may still take, the limit less what the group holds beyond its file cache,
-    which is reclaimable. None where the platform has no /proc (memory cgroups are Linux's)."""
+def memory_cgroups() -> list[tuple[str, Path, Path]]:
+    """("v2"|"v1", the hierarchy's root, this process's group in it) for each cgroup hierarchy
+    with a memory controller, v2 first; [] without /proc (memory cgroups are Linux's)."""
     if not PLATFORM.can("proc"):
         return []
     try:
@@ -116,11 +115,27 @@ def _cgroup_limits() -> list[Available]:
     out = []
     for line in lines:
         hier, controllers, rel = line.split(":", 2)
-        key = "0" if hier == "0" else "memory" if "memory" in controllers.split(",") else None
-        if key is None:
-            continue
-        root, limit_file, usage_file, cache_key = _CGROUP_FILES[key]
-        d = root / rel.lstrip("/")
+        if hier == "0":  # v2 (under unified/ on a hybrid system)
+            root = CGROUP_ROOT / "unified" if (CGROUP_ROOT / "unified").is_dir() else CGROUP_ROOT
+            d = root / rel.lstrip("/")
+            try:
+                if "memory" in (d / "cgroup.controllers").read_text().split():
+                    out.insert(0, ("v2", root, d))
+            except OSError:
+                pass
+        elif "memory" in controllers.split(","):
+            root = CGROUP_ROOT / "memory"
+            out.append(("v1", root, root / rel.lstrip("/")))
+    return out
+
+
+def _cgroup_limits() -> list[Available]:
+    """Each memory cgroup limit on this process (its own group's and every ancestor's, v2 or v1):
+    what its files may still take, the limit less what the group holds beyond its file cache,
+    which is reclaimable."""
+    out = []
+    for version, root, d in memory_cgroups():
+        limit_file, usage_file, cache_key = _CGROUP_FILES[version]
         while d == root or root in d.parents:
             try:
                 raw = (d / limit_file).read_text().strip()

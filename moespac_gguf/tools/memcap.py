@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 from ..core.errors import MoespacError
+from ..residency.memory import memory_cgroups
 from ..residency.platform import PLATFORM
-
-_V2_ROOT = Path("/sys/fs/cgroup")
-_V1_ROOT = Path("/sys/fs/cgroup/memory")
 
 
 def cgroup_root() -> tuple[str, Path]:
@@ -26,23 +24,14 @@ def cgroup_root() -> tuple[str, Path]:
             f"the memory-capped benchmark caps memory with a Linux memory cgroup, and {PLATFORM.name} has "
             "none: run it on Linux as root, or measure without a cap (--no-cap)"
         )
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    for line in lines:
-        hier, controllers, rel = line.split(":", 2)
-        if hier == "0":
-            base = _V2_ROOT / "unified" if (_V2_ROOT / "unified").is_dir() else _V2_ROOT
-            d = base / rel.lstrip("/")
-            controllers_file = d / "cgroup.controllers"
-            if controllers_file.exists() and "memory" in controllers_file.read_text().split():
-                return "v2", d
-    for line in lines:
-        hier, controllers, rel = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return "v1", _V1_ROOT / rel.lstrip("/")
-    raise MoespacError(
-        "no writable memory cgroup (neither v2 with a memory controller nor v1 'memory') "
-        "— the memory-capped benchmark needs one (run as root on Linux)"
-    )
+    groups = memory_cgroups()
+    if not groups:
+        raise MoespacError(
+            "no writable memory cgroup (neither v2 with a memory controller nor v1 'memory') "
+            "— the memory-capped benchmark needs one (run as root on Linux)"
+        )
+    version, _, directory = groups[0]
+    return version, directory
 
 
 class MemoryCap:

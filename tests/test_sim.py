@@ -306,3 +306,35 @@ def test_draft_ahead_needs_the_models_gguf_file():
         simulate(trace, "t", "moespac", M2, MIXTRAL, cache_per_layer=2, draft_ahead=2)
     with pytest.raises(MoespacError, match="0 or more"):
         simulate(trace, "t", "moespac", M2, MIXTRAL, cache_per_layer=2, draft_ahead=-3, self_draft="m.gguf")
+
+
+def test_a_toml_file_is_a_model_spec(tmp_path, capsys):
+    spec = tmp_path / "my-mixtral.toml"
+    spec.write_text((DATA_DIR / "models" / "mixtral-8x7b.toml").read_text().replace('"Mixtral-8x7B"', '"My-Mixtral"'))
+    trace = tmp_path / "t.npz"
+    random_mixtral_trace(0, 20).save(trace)
+    args = ["sim", "--trace", str(trace), "--policy", "lru", "--cache-per-layer", "4", "--json"]
+    assert cli.main([*args, "--model", str(spec)]) == 0
+    mine = json.loads(capsys.readouterr().out)
+    assert cli.main([*args, "--model", "mixtral-8x7b"]) == 0
+    shipped = json.loads(capsys.readouterr().out)
+    assert mine["model"] == "My-Mixtral" and mine["bytes_per_token"] == shipped["bytes_per_token"]
+    spec.write_text("name = 'broken'\n")
+    assert cli.main([*args, "--model", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "lacks n_layer" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("escape", ["ABS", "../models/mixtral-8x7b", "models/../models/mixtral-8x7b"])
+def test_a_model_name_cannot_reach_a_file_outside_the_data_dir(tmp_path, capsys, escape):
+    # an absolute "name" used to work by accident: DATA_DIR / "models" / "/abs/x.toml" is /abs/x.toml
+    name = str(DATA_DIR / "models" / "mixtral-8x7b") if escape == "ABS" else escape
+    with pytest.raises(MoespacError, match="unknown model"):
+        load_model(name)
+    with pytest.raises(MoespacError, match="unknown device"):
+        load_device(str(DATA_DIR / "devices" / "m2-macbook"))
+    trace = tmp_path / "t.npz"
+    random_mixtral_trace(0, 20).save(trace)
+    assert cli.main(["sim", "--trace", str(trace), "--model", name]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err and err.count("\n") == 1

@@ -53,7 +53,11 @@ def parser() -> argparse.ArgumentParser:
         "residency policy on a modeled device (the model: moespac_gguf.sim.simulate).",
     )
     p.add_argument("--trace", help="trace .npz (moespac trace-import) or a Mixtral routing .jsonl")
-    p.add_argument("--policy", default="moespac", help=f"one of {', '.join(POLICIES)} (default moespac)")
+    p.add_argument(
+        "--policy",
+        default="moespac",
+        help=f"one of {', '.join(POLICIES)} (default moespac), or moespac-old (moespac before issue 24)",
+    )
     p.add_argument(
         "--device",
         default="m2-macbook",
@@ -105,7 +109,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", help="quant type of the model spec (default: the spec's)")
     p.add_argument(
         "--model",
-        help="model spec name (moespac_gguf/sim/data/models) or a .gguf file; default from the trace (Mixtral traces)",
+        help="a model spec: a name in moespac_gguf/sim/data/models, a TOML file of the same keys (a path "
+        "ending in .toml: name, n_layer, n_expert, top_k, n_shared_expert, n_embd, n_ff_expert, total_params, "
+        "default_quant, [bits_per_weight]), or a .gguf file; default from the trace (Mixtral traces)",
     )
     p.add_argument(
         "--profile",

@@ -34,7 +34,7 @@ from ..core.errors import MoespacError
 from ..core.routing import used_experts
 from .costs import DeviceCosts
 from .plan import FLASH, RESIDENT, PlanProblem, greedy
-from .utility import UtilityEstimator
+from .utility import ReusePredictor, UtilityEstimator
 
 FREE_KEEP_ALPHA, PINNED_ALPHA = 0.3, 0.02  # the utility's memory per regime (MoeSpacPolicy)
 AHEAD_SCORE = 1e12  # above any utility (tokens per window): a predicted expert outranks the rest
@@ -122,22 +122,31 @@ class Policy:
 
 
 class MoeSpacPolicy(Policy):
-    """Ours: the runtime's UtilityEstimator predicts each expert's tokens per window over the next
-    `horizon_steps` windows (the next one from the drafted ids when known, the rest at the long-run
-    rate), the balancer's greedy plan (plan.greedy: saving per byte under the byte budget, with the
-    move cost amortized over `horizon_steps`) picks what is resident.
+    """Ours. What it decides depends on what a decision costs.
 
-    Without a GPU tier and with equal expert sizes the balancer's ILP is a knapsack that greedy
-    solves exactly, so the simulator needs no solver. `expert_bytes` is the size of one expert; the
-    byte budget is `capacity.total` experts.
+    **Free keeps** (`keep_used`, a page cache; the simulator's default): a window's misses are read
+    anyway, so after each window the choice is which of the held and just-used experts stay, and a
+    fetch ahead of use never reads fewer bytes than the miss it replaces. It fetches nothing and keeps
+    the experts most likely to be used by the next window: utility.ReusePredictor, online from the
+    windows' routing (recency and frequency through one learned table, what followed past rows that
+    routed alike, an online-calibrated blend of the two). Under a global budget (`per_layer` None)
+    the probabilities compare across layers, so each layer's share follows how predictable its reuse
+    is. On the real Mixtral traces this moved 0.59-0.85x LRU's bytes (bench/results/policy_table.md;
+    the policy before it, `reuse=False`, 0.66-0.96x).
 
-    How long the utility remembers (the EWMA's per-token `alpha`) depends on what a decision costs.
-    With free keeps (`keep_used`, a page cache) the choice after each window is which just-used
-    experts stay, and recency answers it: alpha 0.3 (~3 tokens). Pinned (the engine under a cap:
-    misses stream through and are dropped), every admission is a paid fetch, worth it only for an
-    expert used often over the steps it is held: alpha 0.02 (~50 tokens) with a fetch amortized
-    over 8 windows. The figures behind both choices are in docs/design.md ("The utility estimator
-    and how long it remembers").
+    **Pinned** (the engine under a cap: misses stream through and are dropped), every admission is a
+    paid fetch, worth it only for an expert used often over the steps it is held: the runtime's
+    UtilityEstimator predicts each expert's tokens per window over the next `horizon_steps` windows
+    (the next one from the drafted ids when known, the rest at the long-run rate), and the balancer's
+    greedy plan (plan.greedy: saving per byte under the byte budget, with the move cost amortized
+    over `horizon_steps`) picks what is resident. Without a GPU tier and with equal expert sizes the
+    balancer's ILP is a knapsack that greedy solves exactly, so the simulator needs no solver.
+    `expert_bytes` is the size of one expert; the byte budget is `capacity.total` experts.
+
+    The estimator is kept in both modes (the controller orders the engine's moves by it). How long it
+    remembers (the EWMA's per-token `alpha`): 0.3 (~3 tokens) with free keeps, 0.02 (~50 tokens)
+    pinned, with a fetch amortized over 8 windows (docs/design.md, "The utility estimator and how
+    long it remembers").
     """
 
     name = "moespac"
@@ -150,21 +159,35 @@ class MoeSpacPolicy(Policy):
         horizon_steps: float = 8.0,
         keep_used: bool = True,
         alpha: float | None = None,
+        reuse: bool = True,
     ):
+        """`reuse` False: with free keeps too, the utility and the balancer's plan decide, as
+        before issue 24 (`moespac sim --policy moespac-old`, the tables' reference)."""
         self.costs, self.expert_bytes = costs, float(expert_bytes)
         self.method, self.horizon_steps = method, horizon_steps
         # False where the window's misses stream through and are dropped (the pinned engine): keeping
         # one is then a fetch the next plan must pay for, not free as from a page cache
         self.keep_used = keep_used
+        self.use_reuse = keep_used and reuse
         self.alpha = alpha if alpha is not None else (FREE_KEEP_ALPHA if keep_used else PINNED_ALPHA)
 
     def reset(self, n_layer, n_expert, capacity):
         super().reset(n_layer, n_expert, capacity)
         self.estimator = UtilityEstimator(n_layer, n_expert, self.method, alpha=self.alpha)
+        self.reuse = ReusePredictor(n_layer, n_expert) if self.use_reuse else None
         self.last_used = np.zeros((n_layer, n_expert), dtype=bool)  # the last decode window's experts
         self.after_prefill = False
 
+    def keep_score(self) -> np.ndarray:
+        """What ranks the experts to keep, float [L, E]: with free keeps, the chance the next window
+        uses each (recency breaks ties); pinned, the utility."""
+        if self.reuse is None:
+            return self.estimator.predict()
+        return self.reuse.predict() + 1e-9 * self.reuse.last_row / (self.reuse.rows + 1.0)
+
     def _want(self, draft_tokens):
+        if self.reuse is not None:  # a fetch never reads less than the miss it would replace
+            return self.resident
         utility = self.estimator.predict_over(self.horizon_steps, draft_tokens)
         problem = PlanProblem(
             utility,
@@ -180,19 +203,23 @@ class MoeSpacPolicy(Policy):
     def _want_ahead(self, draft_tokens, ahead):
         """Belady's rule with the draft's lookahead for the future: of the experts held or used by
         the last window (still in memory, so keeping one reads nothing), hold those the draft's
-        rows route to, soonest first, then the highest utility. No fetch for a prediction: a wrong
+        rows route to, soonest first, then the highest keep score. No fetch for a prediction: a wrong
         one would be bytes read for nothing, a right one is read on use anyway (docs/design.md,
         "Self-draft lookahead")."""
-        if self.after_prefill:  # the runtime plans from a prompt's routing as soon as it is prefilled
+        if self.after_prefill and self.reuse is None:  # the plan starts from a prompt's routing at once
             self.resident = self._want(draft_tokens)
-        score = lookahead_score(self.estimator.predict_over(self.horizon_steps, draft_tokens), ahead)
-        return select(score, self.resident | self.last_used, self.capacity)
+        base = (
+            self.keep_score()
+            if self.reuse is not None
+            else self.estimator.predict_over(self.horizon_steps, draft_tokens)
+        )
+        return select(lookahead_score(base, ahead), self.resident | self.last_used, self.capacity)
 
     def _keep(self, tokens, experts, used, prefill):
         self.estimator.observe_verification(tokens, experts, prefill)
+        if self.reuse is not None:
+            self.reuse.observe(experts)
         # a prefill's experts are long gone from the stream window: not free to keep
         self.last_used = np.zeros_like(used) if prefill else used
         self.after_prefill = prefill
-        return select(
-            self.estimator.predict(), self.resident | used if self.keep_used else self.resident, self.capacity
-        )
+        return select(self.keep_score(), self.resident | used if self.keep_used else self.resident, self.capacity)

@@ -284,3 +284,136 @@ class RecencyEstimator:
     def predict(self, draft_tokens=None) -> np.ndarray:
         """float [n_layer, n_expert]: the last row that used each expert (higher = more recent)."""
         return self.last_used.copy()
+
+
+AGE_EDGES = np.array([0, 1, 2, 3, 4, 6, 9, 17, 33])  # rows since an expert's last use: bucket edges
+MEMORY_CELLS = 1 << 21  # the successor memory's windows x (layer, expert) pairs, at most
+
+
+class ReusePredictor:
+    """The probability that each (layer, expert) is used by the next window, learned online from
+    the windows' routing alone (no future): what a cache with free keeps (a page cache) should keep
+    after each window (policy.MoeSpacPolicy), the experts most likely needed soonest.
+
+    Two predictions, each an estimate in [0, 1], combined by an online-calibrated logistic model:
+
+    - **reuse**: one table shared by every (layer, expert), keyed by its recency and frequency state,
+      which is the bits of whether it was used by each of the last `history` windows and how many
+      routed rows ago it was last used (bucketed by AGE_EDGES: within a K + 1-row window, an
+      expert of its last rows is likelier in the next window than one of its first), and holding
+      how often an expert in that state was used by the next window. Recency and frequency, with
+      the balance between them measured rather than set.
+    - **successor**: the routing of the window's last row stands in for its token (routing depends
+      strongly on the token), and what followed past rows that routed alike predicts what follows
+      it: a kernel average of the next window's experts over the past `memory` windows, weighted
+      exp(`sharpness` x the share of the (layer, expert) pairs the two rows share), shrunk toward the experts'
+      long-run frequency. `sharpness` is per share of the row's (layer, expert) pairs: exp(20) for
+      a row routed alike in every layer against one routed alike in none.
+
+    The calibration (weights on the logits of the two, and a bias) is fitted by one gradient step of
+    the log-loss per window, labelled by the next window's use: it leans on whichever predicts better
+    on this routing and this window size. `predict()` is the combined probability, float [L, E].
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_expert: int,
+        history: int = 4,
+        memory: int = 1024,
+        sharpness: float = 20.0,
+        rate: float = 0.2,
+        freq_alpha: float = 0.02,
+    ):
+        if history < 1 or memory < 1 or sharpness < 0 or rate < 0 or not 0 < freq_alpha <= 1:
+            raise MoespacError(
+                f"reuse predictor needs history >= 1, memory >= 1, sharpness >= 0, rate >= 0 and "
+                f"0 < freq_alpha <= 1, got {history}, {memory}, {sharpness}, {rate}, {freq_alpha}"
+            )
+        self.n_layer, self.n_expert = n_layer, n_expert
+        self.history, self.sharpness, self.rate, self.freq_alpha = history, sharpness, rate, freq_alpha
+        shape = (n_layer, n_expert)
+        self.bits = np.zeros(shape, dtype=np.int64)  # use by the last `history` windows, newest lowest
+        self.last_row = np.zeros(shape, dtype=np.int64)  # stamp of the last row that used it, 0 = never
+        self.rows = 0
+        n_state = (1 << history) * (len(AGE_EDGES) + 1)
+        self.state = np.zeros(shape, dtype=np.int64)
+        self.used_next = np.zeros(n_state)  # per state: times the next window used it ...
+        self.seen = np.zeros(n_state)  # ... of times an expert was in that state
+        self.freq = np.full(shape, 1.0 / max(1, n_expert))  # per-window use frequency, EWMA
+        # successor memory: of each past window, the experts of its last row and of the next window
+        self.memory = min(memory, max(64, MEMORY_CELLS // (n_layer * n_expert)))  # ~2 M cells: a few ms a window
+        memory = self.memory
+        self.last_rows = np.zeros((memory, n_layer * n_expert), dtype=bool)
+        self.next_used = np.zeros((memory, n_layer * n_expert), dtype=np.float32)  # 0/1; float for BLAS
+        self.n_memory = 0
+        self.key: np.ndarray | None = None  # flat (layer, expert) ids of the last window's last row
+        self.weights = np.array([0.0, 0.5, 0.5])  # bias, reuse logit, successor logit
+        self.features: np.ndarray | None = None  # of the last prediction, for its gradient step
+
+    def observe(self, experts) -> None:
+        """Learn from one window's routing (int [L, T, k]) and predict for the next."""
+        ids = check_experts(experts, self.n_expert, self.n_layer)
+        if ids.shape[1] == 0:
+            return
+        used = routing_counts(ids, self.n_expert) > 0
+        flat_used = used.ravel()
+        if self.features is not None:  # the last prediction's step, labelled by this window
+            p = _sigmoid(self.features @ self.weights)
+            self.weights -= self.rate * (self.features.T @ (p - flat_used)) / len(p)
+        n_state = len(self.seen)
+        self.used_next += np.bincount(self.state.ravel(), weights=flat_used, minlength=n_state)
+        self.seen += np.bincount(self.state.ravel(), minlength=n_state)
+        if self.key is not None:
+            slot = self.n_memory % self.memory
+            self.last_rows[slot] = False
+            self.last_rows[slot, self.key] = True
+            self.next_used[slot] = flat_used
+            self.n_memory += 1
+        # the state after this window
+        self.bits = ((self.bits << 1) | used) & ((1 << self.history) - 1)
+        n_layer, n_rows, k = ids.shape
+        layer = np.broadcast_to(np.arange(n_layer)[:, None, None], ids.shape)
+        stamp = np.broadcast_to(self.rows + 1 + np.arange(n_rows)[None, :, None], ids.shape)
+        live = ids >= 0
+        np.maximum.at(self.last_row, (layer[live], ids[live]), stamp[live])
+        self.rows += n_rows
+        age = np.where(self.last_row > 0, self.rows - self.last_row, np.iinfo(np.int64).max)
+        self.state = self.bits * (len(AGE_EDGES) + 1) + np.searchsorted(AGE_EDGES, age, side="right")
+        self.freq = (1.0 - self.freq_alpha) * self.freq + self.freq_alpha * used
+        last = ids[:, -1, :].astype(np.int64)
+        self.key = (last + np.arange(n_layer)[:, None] * self.n_expert)[last >= 0]
+        self.features = np.column_stack(
+            [np.ones(flat_used.size), _logit(self.reuse()).ravel(), _logit(self.successor()).ravel()]
+        )
+
+    def reuse(self) -> np.ndarray:
+        """P(used by the next window) of each expert's recency and frequency state, float [L, E]."""
+        return (self.used_next[self.state] + 0.5) / (self.seen[self.state] + 1.0)
+
+    def successor(self) -> np.ndarray:
+        """P(used by the next window) from what followed past windows whose last row routed alike."""
+        n = min(self.n_memory, self.memory)
+        if self.key is None or n == 0:
+            return self.freq.copy()
+        shared = self.last_rows[:n][:, self.key].mean(axis=1) if len(self.key) else np.zeros(n)
+        weight = np.exp(self.sharpness * (shared - shared.max()))
+        prior = 1.0  # the long-run frequency counts as one window of evidence
+        expected = (weight.astype(np.float32) @ self.next_used[:n] + prior * self.freq.ravel()) / (weight.sum() + prior)
+        return expected.reshape(self.freq.shape)
+
+    def predict(self) -> np.ndarray:
+        """The calibrated P(used by the next window), float [L, E] (the long-run frequency before any
+        window)."""
+        if self.features is None:
+            return self.freq.copy()
+        return _sigmoid(self.features @ self.weights).reshape(self.n_layer, self.n_expert)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-3, 1.0 - 1e-3)
+    return np.log(p / (1.0 - p))

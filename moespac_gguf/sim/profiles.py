@@ -2,12 +2,16 @@
 
 Every number in those files carries its public source (or "estimate") in a comment. The `local`
 device is not a file: it is what `moespac calibrate` measured on this machine, read from
-CACHE_DIR/calibration.json (residency.costs). A model can also be a GGUF file (its layout gives the exact bytes).
+CACHE_DIR/calibration.json (residency.costs). A model can also be a GGUF file (its layout gives the exact bytes)
+or a TOML file of its own (a path ending in .toml, with the keys of data/models/*.toml). A name is only
+ever a file stem in data/: one with a path separator or a leading dot is refused, so no name reaches a
+file outside it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ from ..residency.costs import DeviceCosts, read_calibration
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PAGE = 4096
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a profile name: a file stem, never a path
 PAGING = ("bulk", "fault")
 _DEVICE_KEYS = (
     "name",
@@ -131,10 +136,17 @@ def load_device(name: str, calibration: Path | None = None) -> Device:
 
 
 def load_model(name: str) -> ModelSpec:
-    """A model spec by name (data/models/NAME.toml) or from a GGUF file's layout."""
+    """A model spec by name (data/models/NAME.toml), from a TOML file of the same keys (a path
+    ending in .toml), or from a GGUF file's layout."""
     if name.endswith(".gguf"):
         return _gguf_model(Path(name))
-    raw = _read_toml("models", name, _MODEL_KEYS)
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise MoespacError(f"model spec file not found: {name}")
+        raw = _check_keys(path, _MODEL_KEYS)
+    else:
+        raw = _read_toml("models", name, _MODEL_KEYS)
     expert_params = 3 * raw["n_embd"] * raw["n_ff_expert"]  # gate, up and down projections
     other_params = raw["total_params"] - raw["n_layer"] * raw["n_expert"] * expert_params
     other_bits = {**raw["bits_per_weight"], **raw.get("other_bits_per_weight", {})}
@@ -154,11 +166,19 @@ def load_model(name: str) -> ModelSpec:
 
 
 def _read_toml(kind: str, name: str, required: tuple[str, ...]) -> dict:
+    """data/KIND/NAME.toml; NAME is a file stem (no separator, no leading dot): nothing outside data/."""
     path = DATA_DIR / kind / f"{name}.toml"
-    if not path.is_file():
-        extra = ", local" if kind == "devices" else ", or a .gguf path"
+    if not _NAME.fullmatch(name) or not path.is_file():
+        extra = ", local" if kind == "devices" else ", or a .gguf or .toml path"
         raise MoespacError(f"unknown {kind[:-1]} {name!r} (choose from {', '.join(names(kind))}{extra})")
-    raw = tomllib.loads(path.read_text())
+    return _check_keys(path, required)
+
+
+def _check_keys(path: Path, required: tuple[str, ...]) -> dict:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MoespacError(f"{path} is not valid TOML: {e}") from None
     missing = [key for key in required if key not in raw]
     if missing:
         raise MoespacError(f"{path} lacks {', '.join(missing)}")

@@ -163,9 +163,13 @@ def make_policy(
         return Lru(per_layer=False)
     if name == "moespac":
         return MoeSpacPolicy(device.costs(expert_bytes), expert_bytes, keep_used=not pinned)
+    if name == "moespac-old":  # before issue 24, for side-by-side tables (bench/policy_table.py)
+        old = MoeSpacPolicy(device.costs(expert_bytes), expert_bytes, keep_used=not pinned, reuse=False)
+        old.name = "moespac-old"
+        return old
     if name == "belady":
         return Belady(window_needs(trace, windows))
-    raise MoespacError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    raise MoespacError(f"unknown policy {name!r} (choose from {', '.join((*POLICIES, 'moespac-old'))})")
 
 
 def replay(
@@ -412,6 +416,7 @@ def default_model(trace: RoutingTrace, path: str) -> str:
     name = MODEL_BY_ARCH.get(trace.meta.get("arch", ""))
     if name is None:
         raise MoespacError(
-            f"cannot tell the model of {path}: pass --model (one of {', '.join(names('models'))}, or the .gguf file)"
+            f"cannot tell the model of {path}: pass --model (one of {', '.join(names('models'))}, "
+            "a model spec .toml or the .gguf file)"
         )
     return name

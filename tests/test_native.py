@@ -34,3 +34,16 @@ def test_stock_build_is_refused():
 def test_other_abi_is_refused():
     with pytest.raises(MoespacError, match=f"ABI {ABI_VERSION + 1}, this package needs {ABI_VERSION}"):
         check_abi(_Lib(ABI_VERSION + 1))
+
+
+def test_a_file_llama_cpp_refuses_is_one_line_naming_its_reason(tiny_moe, tmp_path):
+    """Our reader passes a file whose output norm is missing; llama.cpp refuses it, and the error
+    says why (its "error loading model" line, not the generic one logged after it)."""
+    from moespac_gguf.llama.session import Session
+
+    data = tiny_moe().read_bytes()
+    at = data.index(b"output_norm.weight")
+    bad = tmp_path / "no-norm.gguf"
+    bad.write_bytes(data[:at] + b"output_norX.weight" + data[at + 18 :])
+    with pytest.raises(MoespacError, match=r"^llama.cpp could not load .*tensor 'output_norm.weight' not found$"):
+        Session(bad, n_ctx=64)

@@ -3,14 +3,20 @@
 `read_header` parses the header itself instead of using `gguf.GGUFReader`, which builds numpy
 views of every metadata value: 5-40 s for a 49k-token vocabulary on a busy machine, where
 skipping the arrays takes milliseconds. It keeps the scalar and string metadata, the tensor
-table with absolute file offsets and sizes, and raises MoespacError with one line on anything
-it cannot trust (missing file, wrong magic, unsupported version, a truncated or corrupt header,
-an unknown tensor type).
+table with absolute file offsets and sizes, and raises MoespacError with one line naming the file
+and the field on anything it cannot trust: a missing file, wrong magic, unsupported version, any
+length, count or shape that runs past the end of the file or overflows, and everything llama.cpp's
+own reader refuses (duplicate or empty keys, a general.alignment that is not a uint32 power of 2,
+duplicate or over-long tensor names, unknown tensor types, rows that are not whole blocks, data
+offsets that do not follow each other) or aborts on (two vocabulary tokens with one text): the
+layout (core.layout) is read before llama.cpp sees a file, so what llama.cpp would trust is
+checked here first. The hyperparameters are core.layout's to check.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -24,9 +30,14 @@ from .errors import MoespacError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name and its NUL
+ALIGNMENT_KEY = "general.alignment"
+VOCAB_KEY = "tokenizer.ggml.tokens"
 # GGUF value type id -> struct format of a scalar (8 = string, 9 = array: variable length)
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_STRUCTS: dict[str, struct.Struct] = {}
+_INT64_MAX = (1 << 63) - 1
 _FP_BLOCKS, _FP_BLOCK = 64, 1 << 16
 
 
@@ -74,83 +85,178 @@ def read_header(path: str | Path) -> GgufHeader:
     """The parsed header of `path`, cached per (path, size, mtime)."""
     path = check_gguf(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _HEADERS:
-        try:
-            with open(path, "rb") as f:
-                header = _parse(f, path, st.st_size)
-        except (EOFError, struct.error, UnicodeDecodeError, OverflowError, MemoryError):
-            raise MoespacError(f"{path}: corrupt or truncated GGUF header") from None
-        _HEADERS[key] = header
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _HEADERS[key] = _Parser(buf, path).parse()
     return _HEADERS[key]
 
 
-def _parse(f, path: Path, file_bytes: int) -> GgufHeader:
-    def read(fmt: str) -> tuple:
-        size = struct.calcsize("<" + fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack("<" + fmt, data)
+class _Parser:
+    """One pass over a GGUF header, every length and count checked against the bytes that are
+    there, and everything llama.cpp's gguf reader (ggml/src/gguf.cpp) refuses, or its vocabulary
+    loader aborts on, refused here first as a one-line MoespacError naming the field."""
 
-    def read_str() -> str:
-        (n,) = read("Q")
-        data = f.read(n)
-        if len(data) != n:
-            raise EOFError
-        return data.decode("utf-8")
+    def __init__(self, buf, path: Path):
+        self.buf, self.path, self.pos = buf, path, 0
+        self.where = "the header"  # the field being read, for the messages
 
-    def skip_array() -> None:
-        etype, count = read("IQ")
+    def corrupt(self, what: str) -> MoespacError:
+        return MoespacError(f"{self.path}: corrupt GGUF header: {what}")
+
+    def need(self, n: int) -> None:
+        if n > len(self.buf) - self.pos:
+            raise MoespacError(
+                f"{self.path}: corrupt or truncated GGUF header: {self.where} ends past the end of the file "
+                f"({n} bytes at offset {self.pos} of {len(self.buf)})"
+            )
+
+    def read(self, fmt: str) -> tuple:
+        s = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct("<" + fmt))
+        self.need(s.size)
+        out = s.unpack_from(self.buf, self.pos)
+        self.pos += s.size
+        return out
+
+    def raw_string(self) -> bytes:
+        (n,) = self.read("Q")
+        self.need(n)
+        self.pos += n
+        return self.buf[self.pos - n : self.pos]
+
+    def name(self, what: str) -> str:
+        """A key or a tensor name: UTF-8, as gguf-py and our lookups need."""
+        raw = self.raw_string()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.corrupt(f"{what} is not UTF-8 ({raw[:40]!r})") from None
+
+    def value(self, vtype: int):
+        if vtype == _STRING:  # values llama.cpp keeps as bytes: a mangled one is not fatal
+            return self.raw_string().decode("utf-8", errors="replace")
+        return self.read(_SCALAR[vtype])[0]
+
+    def array(self, key: str) -> None:
+        """Skip an array (values we never read), checking its extent; the vocabulary's texts are
+        checked for what llama.cpp aborts on: two tokens with the same text."""
+        etype, count = self.read("IQ")
         if etype in _SCALAR:
-            f.seek(struct.calcsize("<" + _SCALAR[etype]) * count, 1)
+            size = struct.calcsize("<" + _SCALAR[etype]) * count
+            self.need(size)
+            self.pos += size
         elif etype == _STRING:
-            for _ in range(count):
-                (n,) = read("Q")
-                f.seek(n, 1)
+            if count > (len(self.buf) - self.pos) // 8:
+                raise self.corrupt(f"{key!r} claims {count} strings, more than the file holds")
+            self.strings(key, count)
         else:
-            raise MoespacError(f"{path}: corrupt GGUF header (array of value type {etype})")
+            raise self.corrupt(f"{key!r} is an array of value type {etype}")
 
-    f.read(4)  # the magic, checked by check_gguf
-    (version,) = read("I")
-    if version not in SUPPORTED_VERSIONS:
-        raise MoespacError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
-    n_tensors, n_kv = read("QQ")
-    metadata: dict[str, int | float | bool | str] = {}
-    for _ in range(n_kv):
-        key = read_str()
-        (vtype,) = read("I")
-        if vtype in _SCALAR:
-            (metadata[key],) = read(_SCALAR[vtype])
-        elif vtype == _STRING:
-            metadata[key] = read_str()
-        elif vtype == _ARRAY:
-            skip_array()
+    def strings(self, key: str, count: int) -> None:
+        """Skip `count` strings (a tight loop: a vocabulary has 50k-250k). The vocabulary's texts
+        are checked for what llama.cpp aborts on: llama_vocab::impl::load maps each text (as a C
+        string: up to its first NUL) to its id, an empty one as "[EMPTY_<id>]", and GGML_ASSERTs
+        that the texts are distinct."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = _STRUCTS.setdefault("Q", struct.Struct("<Q")).unpack_from
+        vocab = key == VOCAB_KEY
+        seen: dict[bytes, int] = {}
+        for i in range(count):
+            if pos + 8 > end:
+                break
+            (n,) = unpack(buf, pos)
+            if n > end - pos - 8:
+                break
+            pos += 8 + n
+            if vocab:
+                text = buf[pos - n : pos].split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
+                j = seen.setdefault(text, i)
+                if j != i:
+                    raise self.corrupt(f"{VOCAB_KEY!r} has the token {text[:40]!r} twice (ids {j} and {i})")
         else:
-            raise MoespacError(f"{path}: corrupt GGUF header (key {key!r} has value type {vtype})")
-    alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0:
-        raise MoespacError(f"{path}: corrupt GGUF header (general.alignment {alignment!r})")
-    raw = []
-    for _ in range(n_tensors):
-        name = read_str()
-        (n_dims,) = read("I")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise MoespacError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
-        shape = read("Q" * n_dims)
-        qtype, offset = read("IQ")
-        raw.append((name, qtype, shape, offset))
-    data_start = -(-f.tell() // alignment) * alignment
-    tensors = []
-    for name, qtype, shape, offset in raw:
+            self.pos = pos
+            return
+        self.pos = pos
+        self.where = f"string {i} of {key!r}"
+        self.raw_string()  # raises: it ends past the end of the file
+
+    def parse(self) -> GgufHeader:
+        path = self.path
+        self.read("4s")  # the magic, checked by check_gguf
+        (version,) = self.read("I")
+        if version not in SUPPORTED_VERSIONS:
+            raise MoespacError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
+        n_tensors, n_kv = self.read("QQ")
+        metadata: dict[str, int | float | bool | str] = {}
+        seen: set[str] = set()
+        for i in range(n_kv):
+            self.where = f"metadata key {i}"
+            key = self.name(f"metadata key {i}")
+            if not key:
+                raise self.corrupt(f"metadata key {i} is empty")
+            if key in seen:
+                raise self.corrupt(f"metadata key {key!r} appears twice")
+            seen.add(key)
+            self.where = f"the value of {key!r}"
+            (vtype,) = self.read("I")
+            if vtype in _SCALAR or vtype == _STRING:
+                metadata[key] = self.value(vtype)
+            elif vtype == _ARRAY:
+                self.array(key)
+            else:
+                raise self.corrupt(f"{key!r} has value type {vtype}")
+            if key == ALIGNMENT_KEY and vtype != _UINT32:
+                raise self.corrupt(f"{ALIGNMENT_KEY} has value type {vtype}, expected {_UINT32} (uint32)")
+        alignment = metadata.get(ALIGNMENT_KEY, 32)
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise self.corrupt(f"{ALIGNMENT_KEY} {alignment} is not a power of 2")
+        raw = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            self.where = f"tensor info {i}"
+            name = self.name(f"tensor name {i}")
+            if len(name.encode()) >= MAX_NAME:
+                raise self.corrupt(f"tensor name {name[:80]!r} is longer than {MAX_NAME - 1} bytes")
+            if name in names:
+                raise self.corrupt(f"tensor {name!r} appears twice")
+            names.add(name)
+            self.where = f"the tensor info of {name!r}"
+            (n_dims,) = self.read("I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise self.corrupt(f"tensor {name!r} has {n_dims} dimensions")
+            shape = self.read("Q" * n_dims)
+            qtype, offset = self.read("IQ")
+            raw.append(self.tensor(name, shape, qtype, offset))
+        # the data section: aligned after the tensor infos, each tensor right after the one before
+        data_start = -(-self.pos // alignment) * alignment
+        tensors = []
+        expected = 0
+        for name, ttype, shape, offset, nbytes in raw:
+            if offset != expected:
+                raise self.corrupt(f"tensor {name!r} has data offset {offset}, expected {expected}")
+            if data_start + offset + nbytes > len(self.buf):
+                raise MoespacError(f"{path}: truncated GGUF (tensor {name!r} ends past the end of the file)")
+            tensors.append(TensorInfo(name, ttype, shape, data_start + offset, nbytes))
+            expected += -(-nbytes // alignment) * alignment
+        return GgufHeader(path, version, metadata, tuple(tensors), len(self.buf))
+
+    def tensor(self, name: str, shape: tuple[int, ...], qtype: int, offset: int) -> tuple:
+        """(name, type, shape, offset, nbytes) once the shape and type are ones ggml can hold."""
         try:
             ttype = gguf.GGMLQuantizationType(qtype)
             block, type_size = gguf.GGML_QUANT_SIZES[ttype]
         except (ValueError, KeyError):
-            raise MoespacError(f"{path}: tensor {name!r} has an unknown type {qtype}") from None
-        n = int(np.prod(shape, dtype=np.int64))
-        tensors.append(TensorInfo(name, ttype, tuple(shape), data_start + offset, n // block * type_size))
-    return GgufHeader(path, version, metadata, tuple(tensors), file_bytes)
+            raise MoespacError(f"{self.path}: tensor {name!r} has an unknown type {qtype}") from None
+        n = 1
+        for d in shape:
+            n *= d
+        if max(shape) > _INT64_MAX or n > _INT64_MAX:  # ggml's ne are int64
+            raise self.corrupt(f"tensor {name!r} has an impossible shape {list(shape)}")
+        if shape[0] % block:
+            raise self.corrupt(
+                f"tensor {name!r} of type {ttype.name} has rows of {shape[0]} values, not a multiple of {block}"
+            )
+        return name, ttype, tuple(shape), offset, n // block * type_size
 
 
 def read_tensor(path: str | Path, t: TensorInfo) -> np.ndarray:

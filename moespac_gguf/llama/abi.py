@@ -149,12 +149,19 @@ def set_verbose(verbose: bool) -> None:
     _verbose = verbose
 
 
-def last_log_line() -> str:
-    """The last non-empty line llama.cpp logged (for one-line error messages)."""
+def last_log_line(containing: str = "") -> str:
+    """The last non-empty line llama.cpp logged (for one-line error messages), or the text after
+    `containing` on the last line that has it; always one line (a name read from a file cannot
+    break it)."""
     for line in reversed(_log_lines):
-        if line.strip():
-            return line.strip()
+        if containing in line and line.strip():
+            return " ".join(line.split(containing, 1)[1].split()) if containing else " ".join(line.split())
     return ""
+
+
+def clear_log() -> None:
+    """Forget what llama.cpp logged so far (before a call whose failure last_log_line explains)."""
+    _log_lines.clear()
 
 
 # The tap's C eval callback, as a value to put in llama_context_params.cb_eval.

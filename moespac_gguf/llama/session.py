@@ -18,7 +18,7 @@ from ..core.errors import MoespacError
 from ..core.gguf import check_gguf
 from ..core.mapping import Mapping
 from ..core.routing import Routing
-from .abi import MappingEntry, last_log_line, lib, llama_cpp
+from .abi import MappingEntry, clear_log, last_log_line, lib, llama_cpp
 from .devices import cpu_buffer_type, pick_gpu
 from .tap import RoutingTap
 
@@ -97,9 +97,11 @@ class Session:
                 slot.tag = L.LLAMA_KV_OVERRIDE_TYPE_INT
                 slot.value.val_i64 = int(value)
             mparams.kv_overrides = self._overrides
+        clear_log()
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
-            raise MoespacError(f"llama.cpp could not load {self.path}: {last_log_line() or 'unknown error'}")
+            why = last_log_line("error loading model: ") or last_log_line() or "unknown error"
+            raise MoespacError(f"llama.cpp could not load {self.path}: {why}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_layer = L.llama_model_n_layer(self.model)

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except MoespacError as e:
         print(f"moespac {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before a command's own handler (cli.interrupt) is in place
+        print(f"moespac {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `moespac ... | head`: the reader left; say nothing more
         sys.stderr.close()

@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..api.options import ModelOptions
+from ..core.atomic import atomic_write_text
 from ..core.errors import MoespacError
 from ..core.units import parse_size
 from ..decode.draft import SELF_DRAFT
@@ -170,8 +171,7 @@ def uncapped(args: argparse.Namespace) -> int:
 def output(args: argparse.Namespace, report: dict, table: str) -> int:
     """Print the report (the table, or JSON with --json); --out writes both."""
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=1))
+        atomic_write_text(Path(args.out).with_suffix(".md"), table + "\n")
     print(json.dumps(report) if args.json else table)
     return 0

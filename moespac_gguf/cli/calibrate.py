@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
+from ..core.atomic import atomic_write_text
 from ..core.paths import CALIBRATION_PATH
 from ..core.units import format_size
 from ..tools.calibrate import calibrate, read_costs_here
@@ -35,9 +35,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(read_costs_here(args.model, args.read_costs_child)))
         return 0
     profile = calibrate(args.model, args.model_draft, args.threads, args.under_pressure)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(profile, f, indent=1)
+    atomic_write_text(args.out, json.dumps(profile, indent=1))
     pressure = " (under memory pressure)" if args.under_pressure else ""
     print(
         f"flash read     {format_size(profile['flash_read_bps'])}/s{pressure}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .interrupt import Interrupt, interrupted
 from .options import add_model_args, add_n_predict, open_model, sampling
 
 
@@ -19,24 +20,32 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stats", action="store_true", help="print a stats line after each reply")
     args = p.parse_args(argv)
     interactive = sys.stdin.isatty()
-    with open_model(args) as m:
+    with Interrupt() as stop, open_model(args) as m:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        while True:
+        while not stop.requested:  # Ctrl-C while loading, or in a reply: the text so far, then exit 130
             try:
-                line = input("> " if interactive else "")
+                with stop.raising():
+                    line = input("> " if interactive else "")
             except EOFError:
+                break
+            except KeyboardInterrupt:
+                if interactive:
+                    print(flush=True)  # past the "> ^C" the terminal shows
                 break
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
             reply = []
-            for chunk in m.create_chat_completion(messages, max_tokens=args.n_predict, stream=True, **sampling(args)):
+            request = dict(max_tokens=args.n_predict, stream=True, cancel=stop.cancelled, **sampling(args))
+            for chunk in m.create_chat_completion(messages, **request):
                 delta = chunk["choices"][0]["delta"].get("content", "")
                 reply.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()
-            print()
+            print(flush=True)
+            if stop.requested:
+                break
             if args.stats:
                 print(m.stats.summary())
             messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return interrupted("chat") if stop.requested else 0

@@ -8,6 +8,7 @@ import sys
 
 from ..core.units import format_size
 from ..residency.slots import SlotStats
+from .interrupt import Interrupt, interrupted
 from .options import add_model_args, add_n_predict, open_model, sampling
 
 
@@ -29,8 +30,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
-    with open_model(args) as m:
-        request = dict(max_tokens=args.n_predict, stop=args.stop, **sampling(args))
+    with Interrupt() as stop, open_model(args) as m:
+        if stop.requested:  # while loading
+            return interrupted("run")
+        request = dict(max_tokens=args.n_predict, stop=args.stop, cancel=stop.cancelled, **sampling(args))
         if args.json:
             out = m.create_completion(args.prompt, **request)
             st = m.stats
@@ -45,13 +48,16 @@ def main(argv: list[str]) -> int:
                         "stats": m.stats_dict(),
                         "memory_plan": m.memory_plan.as_dict(),
                     }
-                )
+                ),
+                flush=True,
             )
-            return 0
+            return interrupted("run") if stop.requested else 0
         for chunk in m.create_completion(args.prompt, stream=True, **request):
             sys.stdout.write(chunk["choices"][0]["text"])
             sys.stdout.flush()
-        print()
+        print(flush=True)
+        if stop.requested:
+            return interrupted("run")
         print(m.stats.summary())
         if m.slots is not None:
             print(slots_summary(m.slots.stats()))

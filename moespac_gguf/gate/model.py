@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import atomic_path
 from ..core.errors import MoespacError
 from ..core.gguf import model_fingerprint, read_header, read_tensor
 
@@ -221,8 +222,7 @@ class LookaheadGate:
             "fingerprint": self.fingerprint,
             "info": self.info,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # np.savez would append .npz to a name without it
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
         return path
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import atomic_path, atomic_write_text
 from ..core.errors import MoespacError
 from ..core.paths import SHARED_DIR
 from ..residency.policy import POLICIES
@@ -157,7 +158,8 @@ def _hit_rate_plot(trace, profile, model, device, spec, out: Path) -> None:
     )
     ax[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def _budget_plot(trace, profile, model, devices, spec, out: Path) -> None:
@@ -189,7 +191,8 @@ def _budget_plot(trace, profile, model, devices, spec, out: Path) -> None:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{model.name} {quant}, GSM8K routing (K={spec.draft_k:g})")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def sweep(spec: SweepSpec, out: Path) -> None:
@@ -219,8 +222,8 @@ def sweep(spec: SweepSpec, out: Path) -> None:
             print(f"{model.name} on {device.name}: done", flush=True)
     stem = f"sim_k{spec.draft_k:g}"
     files = [out / f"{stem}{suffix}" for suffix in (".json", "_table.md", "_hit_rate.png", "_tokens_per_s.png")]
-    files[0].write_text(json.dumps(results, indent=1))
-    files[1].write_text(_table(results, spec))
+    atomic_write_text(files[0], json.dumps(results, indent=1))
+    atomic_write_text(files[1], _table(results, spec))
     mixtral = load_model("mixtral-8x7b")
     trace, profile, _ = _traces("mixtral-8x7b", mixtral)
     _hit_rate_plot(trace, profile, mixtral, devices[0], spec, files[2])

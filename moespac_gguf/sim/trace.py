@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..core.atomic import atomic_path
 from ..core.errors import MoespacError
 from ..core.routing import routing_counts
 
@@ -88,8 +89,9 @@ class RoutingTrace:
         return self.experts.shape[2]
 
     def save(self, path) -> None:
-        """Write one compressed .npz at exactly `path` (np.savez would append .npz to a name)."""
-        with open(path, "wb") as f:
+        """Write one compressed .npz at exactly `path` (np.savez would append .npz to a name),
+        atomically: a killed writer leaves no partial trace under that name."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(
                 f,
                 format=np.array(FORMAT),

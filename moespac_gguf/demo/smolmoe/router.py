@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ...core.atomic import atomic_path
 from ...core.errors import MoespacError
 from ...llama.capture import TensorCapture
 from ...llama.session import Session
@@ -221,9 +222,8 @@ class RouterFitter:
                     self.src, self._training_texts(n_tokens), n_tokens, progress=self.progress
                 ).astype(np.float16)
                 if self._texts is None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(path.with_name(path.name + ".part.npy"), x)
-                    path.with_name(path.name + ".part.npy").replace(path)
+                    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # np.save would append .npy
+                        np.save(f, x)
                 self._states[n_tokens] = x
         return self._states[n_tokens]
 
@@ -246,6 +246,6 @@ class RouterFitter:
                 range(len(x)), desc=f"fitting {cfg.n_expert}-expert routers", unit="layer", disable=not self.progress
             )
         ]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.stack(out))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.stack(out))
         return out

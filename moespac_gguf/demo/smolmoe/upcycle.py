@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from ...core.atomic import atomic_path
 from ...core.errors import MoespacError
 from ...core.paths import CACHE_DIR
 from .config import BUILDER_VERSION, UpcycleConfig, file_id, smollm2_path
@@ -90,8 +91,9 @@ def _encoded_info(shape: tuple, dtype: str) -> tuple[tuple, np.dtype, int]:
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
-def _finish(writer: gguf.GGUFWriter) -> None:
-    writer.write_header_to_file()
+def _finish(writer: gguf.GGUFWriter, path: Path) -> None:
+    """Open `path` (the writer was made without one) and write everything but the tensor data."""
+    writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
 
@@ -113,9 +115,7 @@ def write_moe(
     if len(routers) != n_layer or any(r.shape[0] != cfg.n_expert for r in routers):
         raise MoespacError(f"need {n_layer} routers of {cfg.n_expert} rows")
     tensors = {t.name: t for t in reader.tensors}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(None, "llama")  # the file: at _finish, under a temporary name
     V = gguf.GGUFValueType
     base_name = reader.fields.get("general.name")
     label = name or f"SmolMoE {cfg.n_expert}x" + (f" ({base_name.contents()})" if base_name else "")
@@ -172,19 +172,19 @@ def write_moe(
         raise MoespacError(f"{src.name} lacks dense FFN tensors, e.g. {missing[0]}")
     for tname, shape, npd, nbytes, raw, _ in plan:
         writer.add_tensor_info(tname, shape, npd, nbytes, raw_dtype=raw)
-    try:
-        _finish(writer)
-        total = sum(p[3] for p in plan)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress) as bar:
-            for tname, _, _, nbytes, _, produce in plan:
-                data = produce()
-                if data.nbytes != nbytes:
-                    raise RuntimeError(f"{tname}: produced {data.nbytes} bytes, planned {nbytes}")
-                writer.write_tensor_data(data)
-                bar.update(nbytes)
-    finally:
-        writer.close()
-    tmp.replace(out)
+    with atomic_path(out) as tmp:  # a killed build leaves no partial model under `out`
+        try:
+            _finish(writer, tmp)
+            total = sum(p[3] for p in plan)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress) as bar:
+                for tname, _, _, nbytes, _, produce in plan:
+                    data = produce()
+                    if data.nbytes != nbytes:
+                        raise RuntimeError(f"{tname}: produced {data.nbytes} bytes, planned {nbytes}")
+                    writer.write_tensor_data(data)
+                    bar.update(nbytes)
+        finally:
+            writer.close()
     return out
 
 
@@ -214,9 +214,7 @@ def write_truncated(src: Path, out: Path, keep_first: int, keep_last: int = 0, n
         parts = t.name.split(".")
         if int(parts[1]) in new_index:
             keep.append((".".join(["blk", str(new_index[int(parts[1])]), *parts[2:]]), t))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(None, arch)  # the file: at _finish, under a temporary name
     V = gguf.GGUFValueType
     base_name = reader.fields.get("general.name")
     which = f"first {keep_first}" + (f" + last {keep_last}" if keep_last else "")
@@ -233,21 +231,19 @@ def write_truncated(src: Path, out: Path, keep_first: int, keep_last: int = 0, n
     )
     for new_name, t in keep:
         writer.add_tensor_info(new_name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
-    try:
-        _finish(writer)
-        for _, t in keep:
-            writer.write_tensor_data(t.data)
-    finally:
-        writer.close()
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        try:
+            _finish(writer, tmp)
+            for _, t in keep:
+                writer.write_tensor_data(t.data)
+        finally:
+            writer.close()
     return out
 
 
 def copy_dense(src: Path, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    shutil.copyfile(src, tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
     return out
 
 

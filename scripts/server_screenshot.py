@@ -11,14 +11,8 @@ chromedriver (scripts/browser_deps.sh) and selenium (in the test extras' venv).
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from selenium import webdriver
@@ -26,30 +20,11 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from moespac_gguf.server.process import serve
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Explain in two sentences why a mixture-of-experts model is cheaper per token."
 WIDTH, HEIGHT = 1400, 900
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_health(url: str, proc: subprocess.Popen, log_path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"no /health in {timeout:.0f} s"
-            sys.exit(f"moespac serve {why}:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
-        time.sleep(0.3)
 
 
 def browser() -> webdriver.Chrome:
@@ -80,56 +55,30 @@ def main() -> None:
     ap.add_argument("serve_args", nargs="*", help="more `moespac serve` arguments (after --)")
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "moespac_gguf.cli",
-        "serve",
-        "-m",
-        "smolmoe",
-        "-md",
-        "smollm2",
-        "--port",
-        str(port),
-        *args.serve_args,
-    ]
-    log = tempfile.NamedTemporaryFile("w", prefix="moespac-serve-", suffix=".log", delete=False)
-    print("$", " ".join(cmd[2:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    print("$ moespac serve -m smolmoe -md smollm2", *args.serve_args, flush=True)
     driver = None
-    try:
-        wait_health(url, proc, log.name, args.timeout)
-        driver = browser()
-        driver.get(url + "/")
-        wait = WebDriverWait(driver, args.timeout)
-        wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-draws") not in (None, "", "0"))
-        driver.find_element(By.ID, "prompt").send_keys(args.prompt)
-        driver.find_element(By.ID, "send").click()
-        # Finished: the Send button is back (it reads Stop while the answer streams).
-        wait.until(lambda d: d.find_element(By.ID, "send").text == "Send")
-        time.sleep(1.0)  # one more stats poll: the heatmap and numbers after the answer
-        answer = driver.find_element(By.CSS_SELECTOR, "#messages .msg.assistant")
-        print(answer.text)
-        if "error" in answer.get_attribute("class").split():
-            sys.exit("the page shows an error instead of an answer")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(out))
-        print(f"saved {out}")
-    finally:
-        if driver is not None:
-            driver.quit()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+    with serve("-m", "smolmoe", "-md", "smollm2", *args.serve_args, timeout=args.timeout) as server:
+        try:
+            driver = browser()
+            driver.get(server.url + "/")
+            wait = WebDriverWait(driver, args.timeout)
+            wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-draws") not in (None, "", "0"))
+            driver.find_element(By.ID, "prompt").send_keys(args.prompt)
+            driver.find_element(By.ID, "send").click()
+            # Finished: the Send button is back (it reads Stop while the answer streams).
+            wait.until(lambda d: d.find_element(By.ID, "send").text == "Send")
+            time.sleep(1.0)  # one more stats poll: the heatmap and numbers after the answer
+            answer = driver.find_element(By.CSS_SELECTOR, "#messages .msg.assistant")
+            print(answer.text)
+            if "error" in answer.get_attribute("class").split():
+                sys.exit("the page shows an error instead of an answer")
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(out))
+            print(f"saved {out}")
+        finally:
+            if driver is not None:
+                driver.quit()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving import serve
 
 from moespac_gguf.demo.catalog import resolve_model
+from moespac_gguf.server.process import serve
 
 GREEDY = {"temperature": 0, "seed": 1}
 CHAT = [{"role": "user", "content": "Say something about experts."}]

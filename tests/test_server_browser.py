@@ -14,7 +14,8 @@ import os
 import shutil
 
 import pytest
-from serving import Server, serve
+
+from moespac_gguf.server.process import Server, serve
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import WebDriverException  # noqa: E402

@@ -1,5 +1,6 @@
-"""A `moespac serve` process for tests: started on a free localhost port, waited for until
-/health answers, stopped (SIGTERM, then SIGKILL) on exit; its log is kept for failure messages."""
+"""`moespac serve` in a child process, for a program that wants a local server of its own (an app,
+a test, a script): started on a free localhost port, ready once /health answers, stopped with
+SIGTERM (then SIGKILL) on exit. Standard library only: importing it does not load the server."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def _health(url: str) -> bool:
 
 @contextmanager
 def serve(*args: str, timeout: float = 180.0, env: dict | None = None) -> Iterator[Server]:
-    """`moespac serve ARGS --port P` in a child process, ready when this yields."""
+    """`moespac serve ARGS --port P` in a child process, ready when this yields; AssertionError
+    with the server's log if it exits or does not answer within `timeout` seconds."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="moespac-serve-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "moespac_gguf.cli", "serve", *args, "--port", str(port)]

@@ -16,9 +16,19 @@ Traces:
 moespac was tuned on the Mixtral GSM8K trace only; the HumanEval and SmolMoE rows are reported, not
 tuned on.
 
-    .venv/bin/python bench/policy_table.py [--out-dir bench/results] [--no-smolmoe]
+`--pinned`: the same cells as the pinned engine under a memory cap runs them (`moespac sim --pinned
+--stream-window N`): a miss streams through and is dropped, so holding it later is a fetch unless the
+stream window beside the pinned set still has it. N is the engine's window (controller.stream_window:
+one layer's experts of a (draft_max + 1)-row batch, plus 64 MiB). The baselines keep their misses for
+free in the simulator even with --pinned, which the pinned engine cannot do; `lru-pin` and `spac-pin`
+are them made pinned (PinnedBaseline: what the baseline's cache would hold is pinned before each
+window, each expert of it neither held nor in the stream window a fetch). `static` is the same pinned
+or not (it never changes its set). lru and belady with free keeps stay as references: belady's free
+keeps bound any pinned policy too.
 
-Writes policy_table.json and policy_table.md under --out-dir.
+    .venv/bin/python bench/policy_table.py [--out-dir bench/results] [--no-smolmoe] [--pinned]
+
+Writes policy_table.{json,md} (policy_table_pinned.{json,md} with --pinned) under --out-dir.
 """
 
 from __future__ import annotations
@@ -31,7 +41,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from moespac_gguf.core.paths import CACHE_DIR, SHARED_DIR
+from moespac_gguf.residency.policy import Policy
 from moespac_gguf.sim.profiles import load_device, load_model
 from moespac_gguf.sim.simulate import (
     capacity_for,
@@ -43,6 +56,9 @@ from moespac_gguf.sim.simulate import (
 )
 
 POLICIES = ("ondemand", "lru", "lru-global", "static", "spac", "moespac-old", "moespac", "belady")
+PINNED_POLICIES = ("ondemand", "lru", "static", "lru-pin", "spac-pin", "moespac", "belady")
+PINNED_BASELINES = ("static", "lru-pin", "spac-pin")  # what the pinned moespac is held to
+DRAFT_MAX = 8  # the engine's default --draft-max: its stream window holds one layer of such a batch
 FRACTIONS = (0.25, 0.5, 0.75)
 DRAFT_K = (0, 4)
 ACCEPTANCE = 0.7
@@ -74,6 +90,35 @@ def _record_smolmoe(name: str) -> Path:
     return out
 
 
+class PinnedBaseline(Policy):
+    """A free-keep baseline made pinned: before each window, what its cache would hold is pinned, and
+    after it only what was pinned stays (the window's misses stream through); an expert it would
+    hold that is neither pinned nor in the stream window is then a fetch (the simulator counts it)."""
+
+    def __init__(self, inner: Policy):
+        self.inner, self.name = inner, f"{inner.name}-pin"
+
+    def reset(self, n_layer, n_expert, capacity):
+        super().reset(n_layer, n_expert, capacity)
+        self.inner.reset(n_layer, n_expert, capacity)
+        self.resident = self.inner.resident.copy()
+
+    def before_window(self, draft_tokens=None, ahead=None) -> np.ndarray:
+        self.resident = self.inner.before_window(draft_tokens).copy()
+        return self.resident.copy()
+
+    def access(self, tokens, experts, prefill: bool = False) -> np.ndarray:
+        pinned = self.resident
+        hits = self.inner.access(tokens, experts, prefill)
+        self.resident = self.inner.resident & pinned
+        return hits
+
+
+def stream_window_experts(model, expert_bytes: float) -> int:
+    """Experts the pinned engine's stream window holds (controller.stream_window, in experts)."""
+    return min(model.n_expert, (DRAFT_MAX + 1) * model.top_k) + int((64 << 20) // expert_bytes)
+
+
 def trace_sets(smolmoe: bool) -> list[dict]:
     """[{name, trace, profile, model}]: each trace with the other of its pair as the profile."""
     gsm8k, humaneval = TRACES / "mixtral8x7b_gsm8k_routing.jsonl", TRACES / "mixtral8x7b_humaneval_routing.jsonl"
@@ -89,16 +134,34 @@ def trace_sets(smolmoe: bool) -> list[dict]:
     return sets
 
 
-def cell(trace, profile, model, device, per_layer: int, draft_k: float, policies=POLICIES, seed: int = 0) -> dict:
-    """{policy: {bytes_per_token, hit_rate}} for one trace, capacity and K, as `moespac sim` replays it."""
+def cell(
+    trace,
+    profile,
+    model,
+    device,
+    per_layer: int,
+    draft_k: float,
+    policies=POLICIES,
+    seed: int = 0,
+    pinned: bool = False,
+) -> dict:
+    """{policy: {bytes_per_token, hit_rate}} for one trace, capacity and K, as `moespac sim` replays it
+    (`pinned`: as `moespac sim --pinned --stream-window N` with the engine's N; `X-pin`: baseline X
+    made pinned)."""
     _, expert_b, other_b = model.sizes(None)
     capacity, _ = capacity_for(model, other_b, expert_b, device, per_layer, None)
     windows = make_windows(trace, draft_k, ACCEPTANCE, seed)
     warmup = warmup_of(profile, draft_k, ACCEPTANCE, seed)
+    window = stream_window_experts(model, expert_b) if pinned else 0
     out = {}
     for name in policies:
-        policy = name if not isinstance(name, str) else make_policy(name, trace, windows, device, expert_b, profile)
-        rep = replay(trace, windows, policy, capacity, warmup)
+        if not isinstance(name, str):
+            policy = name
+        elif name.endswith("-pin"):
+            policy = PinnedBaseline(make_policy(name[: -len("-pin")], trace, windows, device, expert_b, profile))
+        else:
+            policy = make_policy(name, trace, windows, device, expert_b, profile, pinned=pinned)
+        rep = replay(trace, windows, policy, capacity, warmup, stream_window=window)
         out[policy.name if not isinstance(name, str) else name] = {
             "bytes_per_token": rep.bytes_per_token(expert_b),
             "hit_rate": float(rep.hits.sum() / max(1, rep.needed.sum())),
@@ -122,7 +185,14 @@ def verdict(row: dict, draft_k: float) -> dict:
     return {"beats": beats, "share": share, "share_needed": need, "met": all(beats.values()) and share >= need}
 
 
-def run(smolmoe: bool) -> dict:
+def pinned_verdict(row: dict) -> dict:
+    """The pinned moespac against each pinned baseline: its bytes over theirs."""
+    mine = row["moespac"]["bytes_per_token"]
+    ratio = {p: mine / row[p]["bytes_per_token"] for p in PINNED_BASELINES}
+    return {"ratio": ratio, "beats_all": all(r <= 1 + 1e-12 for r in ratio.values())}
+
+
+def run(smolmoe: bool, pinned: bool = False) -> dict:
     device = load_device(DEVICE)
     rows = []
     for ts in trace_sets(smolmoe):
@@ -132,7 +202,9 @@ def run(smolmoe: bool) -> dict:
             per_layer = round(frac * model.n_expert)
             for k in DRAFT_K:
                 t0 = time.perf_counter()
-                row = cell(trace, profile, model, device, per_layer, k)
+                row = cell(
+                    trace, profile, model, device, per_layer, k, PINNED_POLICIES if pinned else POLICIES, 0, pinned
+                )
                 sh = shares(row)
                 rows.append(
                     {
@@ -144,13 +216,15 @@ def run(smolmoe: bool) -> dict:
                         "cache_per_layer": per_layer,
                         "fraction": frac,
                         "draft_k": k,
+                        "stream_window": stream_window_experts(model, model.sizes(None)[1]) if pinned else 0,
                         "policies": {p: {**r, "belady_share": sh[p]} for p, r in row.items()},
-                        "target": verdict(row, k),
+                        "target": pinned_verdict(row) if pinned else verdict(row, k),
                     }
                 )
                 print(f"{ts['name']} C={per_layer} K={k}: {time.perf_counter() - t0:.1f} s", flush=True)
     return {
-        "command": "bench/policy_table.py",
+        "command": "bench/policy_table.py" + (" --pinned" if pinned else ""),
+        "pinned": pinned,
         "device": DEVICE,
         "acceptance": ACCEPTANCE,
         "seed": 0,
@@ -197,17 +271,48 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_pinned(res: dict) -> str:
+    lines = [
+        f"Pinned (the engine under a memory cap: `moespac sim --pinned --stream-window N`, N the engine's "
+        f"stream window in experts, column W). Bytes moved per token (MB) / hit rate / share of belady's "
+        f"savings over lru, {res['device']} device model, acceptance {res['acceptance']}, seed {res['seed']}, "
+        "each trace warmed up on its profile (uncounted). lru and belady keep misses for free (references: "
+        "belady bounds any pinned policy); lru-pin and spac-pin are those baselines made pinned (a kept "
+        "miss is a fetch unless still in the stream window); static is the same either way. Last column: "
+        f"moespac's bytes over each pinned baseline's. `bench/policy_table.py --pinned`, {res['date']}.",
+        "",
+        "| trace | C/E | K | W | " + " | ".join(PINNED_POLICIES) + " | moespac / " + ", ".join(PINNED_BASELINES) + " |",
+        "|---|---|---|---|" + "---|" * len(PINNED_POLICIES) + "---|",
+    ]
+    for r in res["rows"]:
+        cells = []
+        for p in PINNED_POLICIES:
+            c = r["policies"][p]
+            share = "" if p in ("lru", "belady") else f" / {c['belady_share']:.2f}"
+            cells.append(f"{c['bytes_per_token'] / MB:.0f} / {c['hit_rate']:.3f}{share}")
+        ratios = ", ".join(f"{r['target']['ratio'][p]:.2f}" for p in PINNED_BASELINES)
+        tuned = " (tuned on)" if r["tuned_on"] else ""
+        lines.append(
+            f"| {r['trace']}{tuned} | {r['cache_per_layer']}/{r['n_expert']} | {r['draft_k']} | {r['stream_window']} | "
+            + " | ".join(cells)
+            + f" | {ratios} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--no-smolmoe", action="store_true", help="only the shared Mixtral traces")
+    ap.add_argument("--pinned", action="store_true", help="the pinned engine's cells (policy_table_pinned.*)")
     args = ap.parse_args()
-    res = run(not args.no_smolmoe)
+    res = run(not args.no_smolmoe, args.pinned)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "policy_table.json").write_text(json.dumps(res, indent=1))
-    md = markdown(res)
-    (out / "policy_table.md").write_text(md)
+    stem = "policy_table_pinned" if args.pinned else "policy_table"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    md = markdown_pinned(res) if args.pinned else markdown(res)
+    (out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 

@@ -389,3 +389,22 @@ def test_reuse_tells_a_windows_last_rows_from_its_first():
         last = int(rows[-1])
     first_row = rows[0]
     assert predictor.reuse()[0, last] > predictor.reuse()[0, first_row] + 0.3
+
+
+def _policy_table():
+    import importlib.util
+
+    from moespac_gguf.core.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("policy_table", REPO_ROOT / "bench" / "policy_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_baseline_made_pinned_pays_to_hold_what_it_kept_for_free():
+    # LRU with one slot keeps its miss for free; pinned, holding it next window is a fetch
+    assert drive(Lru(), single(0, 0, 0), 1, 2, Capacity(1)) == ([0, 1, 1], [1, 0, 0])
+    pinned = _policy_table().PinnedBaseline(Lru())
+    assert pinned.name == "lru-pin"
+    assert drive(pinned, single(0, 0, 0, 1, 1), 1, 2, Capacity(1)) == ([0, 1, 1, 0, 1], [1, 1, 0, 1, 1])

@@ -274,6 +274,19 @@ def test_moespac_with_free_keeps_never_fetches_ahead_of_use():
     assert loads == misses
 
 
+def test_moespac_with_free_keeps_and_a_lookahead_takes_nothing_back():
+    # with free keeps the last window's experts were kept or let go already: whatever the draft's
+    # rows ahead predict, the held set before a window is a subset of what was held after the last
+    rng = np.random.default_rng(11)
+    policy = MoeSpacPolicy(COSTS, 1e6)
+    policy.reset(2, 6, Capacity(4, 2))
+    for experts in random_windows(rng, 60, 2, 6, max_tokens=4, k=2):
+        held = policy.resident.copy()
+        ahead = rng.integers(0, 6, size=(2, 3, 2))
+        assert not (policy.before_window(None, ahead) & ~held).any()
+        policy.access([0] * experts.shape[1], experts)
+
+
 def test_moespac_does_not_keep_a_one_off_expert():
     # one layer, top-1, 2 slots: experts 0 and 1 alternate; every 5th window a never-seen-again expert
     # (2..) cuts in. LRU keeps each one-off and evicts a regular; moespac learns that an expert seen

@@ -54,7 +54,9 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 # flip near-tied top-k choices later), so a speculative verification batch would
 # not reproduce the target's own greedy output; without it every batch size uses
 # the same vec_dot kernels.
-DEFAULT_CMAKE_ARGS = "-DLLAVA_BUILD=OFF -DGGML_LLAMAFILE=OFF"
+# -DGGML_RPC=ON: llama.cpp's RPC backend (another machine's memory and compute as one more ggml
+# device: `moespac rpc-server`, `--rpc HOST:PORT`); small, so every variant has it.
+DEFAULT_CMAKE_ARGS = "-DLLAVA_BUILD=OFF -DGGML_LLAMAFILE=OFF -DGGML_RPC=ON"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the package may not be installed yet; its core needs only the standard library

@@ -28,6 +28,7 @@ from ..llama.abi import set_verbose
 from ..llama.capture import RouterCapture
 from ..llama.chat import chat_tokens
 from ..llama.devices import gpu_devices
+from ..llama.rpc import add_servers
 from ..llama.session import Session
 from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
@@ -146,7 +147,13 @@ class MoeSpac:
         self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
         flash_attn = flash_attention(opt.flash_attn, drafted=source is not None)
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
-        n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() else 0
+        rpc = opt.rpc_servers.split(",") if isinstance(opt.rpc_servers, str) else list(opt.rpc_servers or [])
+        if rpc and budgeted:
+            raise MoespacError(
+                "--rpc with the residency engine is not supported yet: give a model that fits (--mem-budget off)"
+            )
+        add_servers([r.strip() for r in rpc if r.strip()])
+        n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() or rpc else 0
         gpu_budget = opt.gpu_budget
         if gpu_budget is not None:
             gpu_budget = parse_size(gpu_budget) if isinstance(gpu_budget, str) else int(gpu_budget)

@@ -96,6 +96,13 @@ class ModelOptions:
         "put the others' on the GPU, as llama.cpp's --n-cpu-moe (default: every layer's, as --cpu-moe)",
     )
     main_gpu: int = option(0, "-mg", "--main-gpu", type=int, metavar="I", help="the GPU to use (default 0)")
+    rpc_servers: str | list[str] | None = option(
+        None,
+        "--rpc",
+        metavar="HOST:PORT[,...]",
+        help="llama.cpp RPC servers (moespac rpc-server on another machine) whose devices hold layers first, "
+        "as llama.cpp's --rpc (-ngl default: all). The protocol has no authentication: trusted networks only",
+    )
     flash_attn: str = option(
         "auto",
         "-fa",

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "run": "generate text (speculative with -md DRAFT)",
     "chat": "chat with the model's template (stdin line by line)",
     "serve": "an OpenAI-compatible HTTP server with a chat page showing the experts",
+    "rpc-server": "serve this machine's CPU to --rpc clients (llama.cpp's RPC backend)",
     "bench": "tokens/s and bytes read under a memory cap (or with a GPU budget, or --no-cap), vs llama.cpp",
     "calibrate": "measure disk, memory and expert costs of this machine",
     "inspect": "show the expert layout of a GGUF MoE model",

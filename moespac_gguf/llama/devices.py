@@ -32,6 +32,11 @@ _SIGS = {
     ),
     "ggml_backend_dev_buffer_type": (ctypes.c_void_p, [ctypes.c_void_p]),
     "ggml_backend_dev_by_type": (ctypes.c_void_p, [ctypes.c_int]),
+    "ggml_backend_dev_backend_reg": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "ggml_backend_reg_name": (ctypes.c_char_p, [ctypes.c_void_p]),
+    "ggml_backend_reg_by_name": (ctypes.c_void_p, [ctypes.c_char_p]),
+    "ggml_backend_reg_get_proc_address": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+    "ggml_backend_register": (None, [ctypes.c_void_p]),
 }
 for _name, (_restype, _argtypes) in _SIGS.items():
     _fn = getattr(_ggml, _name)
@@ -67,23 +72,37 @@ class Device:
         return int(_ggml.ggml_backend_dev_buffer_type(self.handle))
 
 
-def gpu_devices() -> list[Device]:
-    """The build's GPU devices in registry order (none on a CPU-only build). llama.cpp's backend
-    init registers them; a Vulkan device on the CPU (lavapipe) is listed only when
-    GGML_VK_VISIBLE_DEVICES names it, as ggml-vulkan decides. MOESPAC_NO_GPU=1 hides them all
-    (the CPU test suite sets it, so a GPU build computes there exactly as a CPU-only one)."""
-    if os.environ.get("MOESPAC_NO_GPU") == "1":
-        return []
+def _devices(rpc: bool) -> list[Device]:
+    """GPU-type devices of the registry, in its order: the local ones, or (`rpc`) the RPC
+    backend's (another machine's, llama.rpc; ggml lists them as GPUs too)."""
     llama_cpp.llama_backend_init()
     out = []
     for i in range(_ggml.ggml_backend_dev_count()):
         dev = _ggml.ggml_backend_dev_get(i)
         kind = _ggml.ggml_backend_dev_type(dev)
-        if kind in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
-            name = _ggml.ggml_backend_dev_name(dev).decode()
-            description = _ggml.ggml_backend_dev_description(dev).decode()
-            out.append(Device(len(out), name, description, dev, kind == GGML_BACKEND_DEVICE_TYPE_IGPU))
+        if kind not in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
+            continue
+        if (_ggml.ggml_backend_reg_name(_ggml.ggml_backend_dev_backend_reg(dev)) == b"RPC") != rpc:
+            continue
+        name = _ggml.ggml_backend_dev_name(dev).decode()
+        description = _ggml.ggml_backend_dev_description(dev).decode()
+        out.append(Device(len(out), name, description, dev, kind == GGML_BACKEND_DEVICE_TYPE_IGPU))
     return out
+
+
+def gpu_devices() -> list[Device]:
+    """The build's local GPU devices in registry order (none on a CPU-only build). llama.cpp's
+    backend init registers them; a Vulkan device on the CPU (lavapipe) is listed only when
+    GGML_VK_VISIBLE_DEVICES names it, as ggml-vulkan decides. MOESPAC_NO_GPU=1 hides them all
+    (the CPU test suite sets it, so a GPU build computes there exactly as a CPU-only one)."""
+    if os.environ.get("MOESPAC_NO_GPU") == "1":
+        return []
+    return _devices(rpc=False)
+
+
+def rpc_devices() -> list[Device]:
+    """The devices of the RPC servers added so far (llama.rpc.add_servers), in registry order."""
+    return _devices(rpc=True)
 
 
 def pick_gpu(main_gpu: int = 0) -> Device | None:

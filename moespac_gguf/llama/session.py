@@ -19,7 +19,7 @@ from ..core.gguf import check_gguf
 from ..core.mapping import Mapping
 from ..core.routing import Routing
 from .abi import MappingEntry, clear_log, last_log_line, lib, llama_cpp
-from .devices import cpu_buffer_type, pick_gpu
+from .devices import cpu_buffer_type, gpu_devices, pick_gpu, rpc_devices
 from .tap import RoutingTap
 
 L = llama_cpp  # the low-level bindings (llama_cpp.llama_cpp re-exported by the package)
@@ -59,7 +59,8 @@ class Session:
         `overrides`: integer metadata llama.cpp reads in place of the file's (kv_overrides),
         e.g. `{"llama.expert_used_count": 1}` for the target as its own draft.
 
-        Devices are chosen explicitly: with `n_gpu_layers` 0 the model sees no GPU at all (so a
+        Devices are chosen explicitly (the devices of RPC servers added with llama.rpc come
+        first, as in llama.cpp): with `n_gpu_layers` 0 the model sees no GPU at all (so a
         GPU build computes exactly as a CPU-only one: llama.cpp would otherwise offload large
         batches' host-weight ops to any GPU it finds); otherwise GPU `main_gpu` holds that many
         layers (-1: all, as llama.cpp's -ngl), with the expert tensors of the first `n_cpu_moe`
@@ -81,8 +82,10 @@ class Session:
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.use_mmap = use_mmap
-        self.gpu = pick_gpu(main_gpu) if n_gpu_layers else None
-        self._devices = (ctypes.c_void_p * 2)(self.gpu.handle if self.gpu else None, None)
+        # RPC servers' devices first, as llama.cpp orders them (llama.rpc); then the local GPU
+        remote = [d.handle for d in rpc_devices()] if n_gpu_layers else []
+        self.gpu = pick_gpu(main_gpu) if n_gpu_layers and (gpu_devices() or not remote) else None
+        self._devices = (ctypes.c_void_p * (len(remote) + 2))(*remote, self.gpu.handle if self.gpu else None, None)
         mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         mparams.n_gpu_layers = n_gpu_layers
         if self.gpu is not None and n_cpu_moe != 0:

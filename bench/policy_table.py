@@ -234,6 +234,16 @@ def run(smolmoe: bool, pinned: bool = False) -> dict:
     }
 
 
+def _cells(row: dict, policies) -> list[str]:
+    """A row's table cells: MB per token / hit rate / share of belady's savings over lru."""
+    cells = []
+    for p in policies:
+        c = row["policies"][p]
+        share = "" if p in ("lru", "belady") else f" / {c['belady_share']:.2f}"
+        cells.append(f"{c['bytes_per_token'] / MB:.0f} / {c['hit_rate']:.3f}{share}")
+    return cells
+
+
 def markdown(res: dict) -> str:
     lines = [
         f"Bytes moved per token (MB) / hit rate / share of belady's savings over lru, {res['device']} device model, "
@@ -246,11 +256,7 @@ def markdown(res: dict) -> str:
         "|---|---|---|" + "---|" * len(POLICIES) + "---|",
     ]
     for r in res["rows"]:
-        cells = []
-        for p in POLICIES:
-            c = r["policies"][p]
-            share = "" if p in ("lru", "belady") else f" / {c['belady_share']:.2f}"
-            cells.append(f"{c['bytes_per_token'] / MB:.0f} / {c['hit_rate']:.3f}{share}")
+        cells = _cells(r, POLICIES)
         t = r["target"]
         lost = [p for p, ok in t["beats"].items() if not ok]
         mark = (
@@ -285,11 +291,7 @@ def markdown_pinned(res: dict) -> str:
         "|---|---|---|---|" + "---|" * len(PINNED_POLICIES) + "---|",
     ]
     for r in res["rows"]:
-        cells = []
-        for p in PINNED_POLICIES:
-            c = r["policies"][p]
-            share = "" if p in ("lru", "belady") else f" / {c['belady_share']:.2f}"
-            cells.append(f"{c['bytes_per_token'] / MB:.0f} / {c['hit_rate']:.3f}{share}")
+        cells = _cells(r, PINNED_POLICIES)
         ratios = ", ".join(f"{r['target']['ratio'][p]:.2f}" for p in PINNED_BASELINES)
         tuned = " (tuned on)" if r["tuned_on"] else ""
         lines.append(

@@ -59,10 +59,8 @@ class Totals:
     requests: dict[str, int] = field(default_factory=lambda: {"ok": 0, "cancelled": 0, "error": 0})
     prompt_tokens: int = 0
     tokens: int = 0
-    steps: int = 0
     drafted: int = 0
     accepted: int = 0
-    generating_s: float = 0.0
 
 
 class ModelWorker:
@@ -120,7 +118,6 @@ class ModelWorker:
     def _serve(self, job: Job) -> None:
         m = self.model
         call = m.create_completion if job.kind == "completion" else m.create_chat_completion
-        t0 = time.perf_counter()
         try:
             result = call(**job.args, stream=job.stream, cancel=job.cancelled.is_set)
             if job.stream:
@@ -147,8 +144,7 @@ class ModelWorker:
         t.requests["cancelled" if st.finish_reason == "cancelled" else "ok"] += 1
         t.prompt_tokens += len(m.prompt_tokens)
         t.tokens += len(m.completion_tokens)
-        t.steps, t.drafted, t.accepted = t.steps + st.n_steps, t.drafted + st.n_drafted, t.accepted + st.n_accepted
-        t.generating_s += time.perf_counter() - t0
+        t.drafted, t.accepted = t.drafted + st.n_drafted, t.accepted + st.n_accepted
         self.last = st.as_dict()
 
     def close(self, timeout: float = 30.0) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import MoespacError
+from ..core.errors import MoespacError, RemoteDeviceLost
 from ..core.layout import read_layout
 from ..core.units import format_size, parse_size
 from ..decode.draft import SELF_DRAFT, DraftSource, draft_source
@@ -28,7 +28,6 @@ from ..llama.abi import set_verbose
 from ..llama.capture import RouterCapture
 from ..llama.chat import chat_tokens
 from ..llama.devices import gpu_devices
-from ..llama.rpc import add_servers
 from ..llama.session import Session
 from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
@@ -120,6 +119,7 @@ class MoeSpac:
         self.completion_tokens: list[int] = []
         set_verbose(opt.verbose)
         self.model_path = str(model_path)
+        self._draft_arg = draft_model_path  # for a reload (_reload_without)
         self.layout = read_layout(model_path)  # one-line errors for missing / non-GGUF / dense targets
         source = draft_source(draft_model_path) if draft_model_path is not None else None
         draft_bytes = Path(source.file).stat().st_size if source is not None and source.file else 0
@@ -147,12 +147,11 @@ class MoeSpac:
         self.gate_tap = GateTap(lookahead_gate) if lookahead_gate is not None else None
         flash_attn = flash_attention(opt.flash_attn, drafted=source is not None)
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
-        rpc = opt.rpc_servers.split(",") if isinstance(opt.rpc_servers, str) else list(opt.rpc_servers or [])
+        rpc = opt.rpc_endpoints
         if rpc and budgeted:
             raise MoespacError(
                 "--rpc with the residency engine is not supported yet: give a model that fits (--mem-budget off)"
             )
-        add_servers([r.strip() for r in rpc if r.strip()])
         n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() or rpc else 0
         gpu_budget = opt.gpu_budget
         if gpu_budget is not None:
@@ -160,7 +159,7 @@ class MoeSpac:
             if gpu_budget < 0:
                 raise MoespacError(f"--gpu-budget must be 0 or more, got {gpu_budget}")
         gpu_slots = n_gpu_layers != 0 and gpu_budget != 0
-        devices = {"n_gpu_layers": n_gpu_layers, "main_gpu": opt.main_gpu}
+        devices = {"n_gpu_layers": n_gpu_layers, "main_gpu": opt.main_gpu, "rpc_servers": rpc}
         self.target = Session(
             model_path,
             n_ctx=opt.n_ctx,
@@ -336,8 +335,29 @@ class MoeSpac:
         gen = self.decoder.generate(req.tokens, req.max_tokens, req.sampler)
         try:
             yield from self._stream(gen, req.stops, req.cancel)
+        except RemoteDeviceLost as lost:
+            gen.close()
+            raise self._reload_without(lost) from None
         finally:
             gen.close()
+
+    def _reload_without(self, lost: RemoteDeviceLost) -> RemoteDeviceLost:
+        """After an RPC server stopped answering mid-request: load the model again on the devices
+        left (this machine's, and the other servers'), so this instance stays usable, and return
+        the one-line error that ends the request. The caller's turn and the request's tokens so far
+        (usage) are kept across the reload."""
+        turns, done = self._turns, (self.prompt_tokens, self.completion_tokens)
+        rest = [e for e in self.options.rpc_endpoints if e not in lost.endpoint.split(",")]
+        self.close()
+        try:
+            self.__init__(self.model_path, self._draft_arg, **{**asdict(self.options), "rpc_servers": rest or None})
+        except MoespacError as e:
+            return RemoteDeviceLost(lost.endpoint, f"{lost}; loading the model again without it failed: {e}")
+        self._turns, (self.prompt_tokens, self.completion_tokens) = turns, done
+        where = "without it" if rest else "on this machine alone"
+        return RemoteDeviceLost(
+            lost.endpoint, f"{lost}: the request ended there, and the model is loaded again {where}"
+        )
 
     def _streamed(self, req: _Request) -> Iterator[tuple[str, str | None]]:
         """_generate's pairs, holding the turn from the first pair until the last, or until the

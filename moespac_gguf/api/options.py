@@ -122,6 +122,12 @@ class ModelOptions:
     )
     verbose: bool = option(False, "--verbose", action="store_true", help="show llama.cpp's log and the memory plan")
 
+    @property
+    def rpc_endpoints(self) -> list[str]:
+        """rpc_servers as a list of HOST:PORT (a string is comma-separated, as --rpc takes it)."""
+        rpc = self.rpc_servers.split(",") if isinstance(self.rpc_servers, str) else list(self.rpc_servers or [])
+        return [r.strip() for r in rpc if r.strip()]
+
 
 @dataclass(frozen=True)
 class SamplingOptions:

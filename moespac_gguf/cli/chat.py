@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..core.errors import RemoteDeviceLost
 from .interrupt import Interrupt, interrupted
 from .options import add_model_args, add_n_predict, open_model, sampling
 
@@ -37,11 +38,16 @@ def main(argv: list[str]) -> int:
             messages.append({"role": "user", "content": line})
             reply = []
             request = dict(max_tokens=args.n_predict, stream=True, cancel=stop.cancelled, **sampling(args))
-            for chunk in m.create_chat_completion(messages, **request):
-                delta = chunk["choices"][0]["delta"].get("content", "")
-                reply.append(delta)
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+            try:
+                for chunk in m.create_chat_completion(messages, **request):
+                    delta = chunk["choices"][0]["delta"].get("content", "")
+                    reply.append(delta)
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            except RemoteDeviceLost as e:  # the model runs on without that server: ask again
+                print(f"\nmoespac chat: {e}", file=sys.stderr, flush=True)
+                messages.pop()
+                continue
             print(flush=True)
             if stop.requested:
                 break

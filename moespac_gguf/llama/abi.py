@@ -47,7 +47,7 @@ def choose_wait_policy() -> str | None:
 
 WAIT_POLICY = choose_wait_policy()
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 7
+ABI_VERSION = 8
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 try:
     import llama_cpp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from ..core.gguf import check_gguf
 from ..core.mapping import Mapping
 from ..core.routing import Routing
 from .abi import MappingEntry, clear_log, last_log_line, lib, llama_cpp
-from .devices import cpu_buffer_type, gpu_devices, pick_gpu, rpc_devices
+from .devices import cpu_buffer_type, gpu_devices, pick_gpu
+from .rpc import Link, add_servers, usable_devices
 from .tap import RoutingTap
 
 L = llama_cpp  # the low-level bindings (llama_cpp.llama_cpp re-exported by the package)
@@ -50,6 +52,7 @@ class Session:
         overrides: dict[str, int] | None = None,
         n_gpu_layers: int = 0,
         main_gpu: int = 0,
+        rpc_servers: Sequence[str] = (),
         n_cpu_moe: int | None = None,
         op_offload: bool = True,
         flash_attn: bool = False,
@@ -59,8 +62,8 @@ class Session:
         `overrides`: integer metadata llama.cpp reads in place of the file's (kv_overrides),
         e.g. `{"llama.expert_used_count": 1}` for the target as its own draft.
 
-        Devices are chosen explicitly (the devices of RPC servers added with llama.rpc come
-        first, as in llama.cpp): with `n_gpu_layers` 0 the model sees no GPU at all (so a
+        Devices are chosen explicitly (the devices of the RPC servers `rpc_servers`, HOST:PORT,
+        come first, as in llama.cpp; a server lost earlier is left out, llama.rpc): with `n_gpu_layers` 0 the model sees no GPU at all (so a
         GPU build computes exactly as a CPU-only one: llama.cpp would otherwise offload large
         batches' host-weight ops to any GPU it finds); otherwise GPU `main_gpu` holds that many
         layers (-1: all, as llama.cpp's -ngl), with the expert tensors of the first `n_cpu_moe`
@@ -83,7 +86,10 @@ class Session:
         mparams = L.llama_model_default_params()
         mparams.use_mmap = use_mmap
         # RPC servers' devices first, as llama.cpp orders them (llama.rpc); then the local GPU
-        remote = [d.handle for d in rpc_devices()] if n_gpu_layers else []
+        add_servers(rpc_servers)
+        remote = usable_devices(rpc_servers) if n_gpu_layers else []
+        self.link = Link(remote)  # decode raises RemoteDeviceLost when one of them stops answering
+        remote = [d.handle for d in remote]
         self.gpu = pick_gpu(main_gpu) if n_gpu_layers and (gpu_devices() or not remote) else None
         self._devices = (ctypes.c_void_p * (len(remote) + 2))(*remote, self.gpu.handle if self.gpu else None, None)
         mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
@@ -251,11 +257,13 @@ class Session:
                 self.tap.reset()
             rc = L.llama_decode(self.ctx, b)
             if rc != 0:
+                self.link.check()
                 raise MoespacError(f"llama_decode failed with code {rc}: {last_log_line()}")
             n_out = sum(flags)
             if n_out:
                 view = self._logits_view(n_out)
                 logits.append(view.copy() if copy or not last or start else view)
+            self.link.check()  # after the logits arrived: a lost RPC server zeroed them
             if self.tap is not None and routing:
                 routes.append(self.tap.read(len(chunk), np.flatnonzero(flags)))
             self.n_past += len(chunk)

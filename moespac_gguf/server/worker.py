@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from ..api.moespac import TIERS, MoeSpac
-from ..core.errors import MoespacError
+from ..core.errors import MoespacError, RemoteDeviceLost
 from ..residency import pages
 from .activity import ExpertActivity
 from .errors import ApiError
@@ -130,6 +130,11 @@ class ModelWorker:
             else:
                 result["model"] = self.model_id
                 job.send(("done", result))
+        except RemoteDeviceLost as e:  # the model was loaded again without that server: go on serving
+            self.totals.requests["error"] += 1
+            log.warning("%s", e)
+            job.send(("error", ApiError(502, str(e), code="rpc_server_lost")))
+            return
         except MoespacError as e:  # a request the model cannot serve (a prompt too long, no chat template)
             self.totals.requests["error"] += 1
             job.send(("error", ApiError(400, str(e))))

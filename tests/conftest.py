@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 
 from moespac_gguf.demo.synthetic import SyntheticSpec, write_synthetic_moe
 from moespac_gguf.llama.devices import gpu_devices
+from moespac_gguf.server.process import free_port
 
 # The CPU suite sees no GPU even on a GPU build (llama.cpp would offload to it); the GPU job of
 # `make test` (MOESPAC_REQUIRE_GPU=1) runs the tests marked gpu with the device visible.
@@ -66,3 +71,30 @@ def tiny_moe(tmp_path_factory) -> Callable[..., Path]:
         return cache[spec]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def rpc_server(tmp_path_factory):
+    """`moespac rpc-server` on 127.0.0.1 (one thread): (endpoint, process, log path). One for the
+    whole session: ggml keeps every server added in its registry, and a model loaded later would
+    put layers on a stopped one too."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("rpc") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--port", str(port), "-t", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    yield f"127.0.0.1:{port}", proc, log
+    proc.kill()
+    proc.wait()

@@ -4,11 +4,6 @@ same model computed locally; bad or unreachable endpoints are one-line errors.""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 
 from moespac_gguf import MoeSpac, MoespacError
@@ -17,30 +12,6 @@ from moespac_gguf.server.process import free_port
 
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=128, n_ff_exp=128, n_expert=8, seed=9)
 PROMPT = "layers computed on another machine"
-
-
-@pytest.fixture(scope="module")
-def rpc_server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("rpc") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--port", str(port), "-t", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-    yield f"127.0.0.1:{port}", proc, log
-    proc.kill()
-    proc.wait()
 
 
 def test_layers_on_an_rpc_device_give_the_local_greedy_output(tiny_moe, rpc_server, capfd):
@@ -66,9 +37,3 @@ def test_bad_and_unreachable_endpoints_are_one_line_errors(tiny_moe):
         MoeSpac(path, mem_budget="off", rpc_servers="localhost")
     with pytest.raises(MoespacError, match=r"cannot reach the RPC server at 127.0.0.1:\d+"):
         MoeSpac(path, mem_budget="off", rpc_servers=[f"127.0.0.1:{free_port()}"])
-
-
-def test_rpc_with_the_residency_engine_is_refused(tiny_moe, rpc_server):
-    endpoint = rpc_server[0]
-    with pytest.raises(MoespacError, match="--rpc with the residency engine"):
-        MoeSpac(tiny_moe(SPEC), mem_budget="1G", rpc_servers=[endpoint])

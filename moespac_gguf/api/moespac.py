@@ -28,7 +28,6 @@ from ..llama.abi import set_verbose
 from ..llama.capture import RouterCapture
 from ..llama.chat import chat_tokens
 from ..llama.devices import gpu_devices
-from ..llama.rpc import add_servers
 from ..llama.session import Session
 from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
@@ -148,11 +147,11 @@ class MoeSpac:
         flash_attn = flash_attention(opt.flash_attn, drafted=source is not None)
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
         rpc = opt.rpc_servers.split(",") if isinstance(opt.rpc_servers, str) else list(opt.rpc_servers or [])
-        if rpc and budgeted:
+        rpc = [r.strip() for r in rpc if r.strip()]
+        if rpc and budgeted and opt.n_cpu_moe is not None and opt.n_cpu_moe < self.layout.n_layer:
             raise MoespacError(
-                "--rpc with the residency engine is not supported yet: give a model that fits (--mem-budget off)"
+                "--rpc with the residency engine keeps every layer's expert tensors in host memory: drop --n-cpu-moe"
             )
-        add_servers([r.strip() for r in rpc if r.strip()])
         n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() or rpc else 0
         gpu_budget = opt.gpu_budget
         if gpu_budget is not None:
@@ -160,7 +159,7 @@ class MoeSpac:
             if gpu_budget < 0:
                 raise MoespacError(f"--gpu-budget must be 0 or more, got {gpu_budget}")
         gpu_slots = n_gpu_layers != 0 and gpu_budget != 0
-        devices = {"n_gpu_layers": n_gpu_layers, "main_gpu": opt.main_gpu}
+        devices = {"n_gpu_layers": n_gpu_layers, "main_gpu": opt.main_gpu, "rpc_servers": rpc}
         self.target = Session(
             model_path,
             n_ctx=opt.n_ctx,
@@ -223,7 +222,7 @@ class MoeSpac:
                     self.draft.tap.chain(None)
             if self.target.gpu is not None:
                 self.memory_plan = replace(self.memory_plan, gpu_free_bytes=self.target.gpu.memory()[0])
-            if gpu_slots and self.target.gpu is not None:
+            if gpu_slots and self.target.slot_device is not None:
                 self.slots = self._gpu_tier(gpu_budget, opt.n_cpu_moe)
         except Exception:
             self.close()
@@ -231,10 +230,12 @@ class MoeSpac:
         self.seed = opt.seed
 
     def _gpu_tier(self, gpu_budget: int | None, n_cpu_moe: int | None) -> SlotFiller | None:
-        """Expert slots in the GPU's memory for the layers whose experts are kept in host memory
-        (the first `n_cpu_moe`, default all), filled by the balancer from the speculative utility
-        (residency.slots.SlotFiller); None when the automatic budget holds no slot."""
-        free, total = self.target.gpu.memory()
+        """Expert slots in the slot device's memory (the GPU's, else an RPC server's: Session) for
+        the layers whose experts are kept in host memory (the first `n_cpu_moe`, default all),
+        filled by the balancer from the speculative utility (residency.slots.SlotFiller); None
+        when the automatic budget holds no slot."""
+        device = self.target.slot_device
+        free, total = device.memory()
         # by default what is free once the contexts' KV and compute buffers are allocated
         budget = free - GPU_HEADROOM - total // 20 if gpu_budget is None else gpu_budget
         host = self.layout
@@ -258,6 +259,7 @@ class MoeSpac:
             self.layout,
             costs,
             on_gpu=True,
+            device=f"{device.name} ({device.description})",
             estimator=r.policy.estimator if r is not None else None,
             engine=r.engine if r is not None else None,
             planner=BackgroundBalancer(partial(solve, gap=RUNTIME_GAP)),
@@ -286,7 +288,7 @@ class MoeSpac:
         if self.slots is not None:
             out[self.slots.in_slot.copy()] = gpu
         n_cpu_moe = self.options.n_cpu_moe
-        if self.target.gpu is not None and n_cpu_moe is not None:
+        if self.target.slot_device is not None and n_cpu_moe is not None:
             out[[l.index for l in self.layout.layers if l.index >= n_cpu_moe]] = gpu
         return out.astype(np.int8)
 

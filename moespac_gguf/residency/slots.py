@@ -48,6 +48,7 @@ class SlotStats(TypedDict):
     """SlotFiller.stats: a completion's `moespac["slots"]`."""
 
     on_gpu: bool
+    device: str | None  # the slots' device (a GPU, an RPC server's), None in host RAM
     slots: int  # over all layers
     buffer_bytes: int
     copies: int
@@ -97,6 +98,7 @@ class SlotFiller:
         costs: DeviceCosts,
         *,
         on_gpu: bool,
+        device: str | None = None,
         estimator: UtilityEstimator | None = None,
         engine=None,
         planner: Planner | None = None,
@@ -106,8 +108,9 @@ class SlotFiller:
     ):
         """`estimator`: a utility estimator someone else updates (the residency controller's);
         None: the filler keeps its own from the verifications it hears. `engine`: the page tier's
-        ResidencyEngine, or None when every expert stays in RAM."""
-        self.cache, self.costs, self.on_gpu = cache, costs, on_gpu
+        ResidencyEngine, or None when every expert stays in RAM. `device`: the slots' device as
+        stats name it (a GPU, an RPC server's device), None for host RAM."""
+        self.cache, self.costs, self.on_gpu, self.device = cache, costs, on_gpu, device
         self.own_estimator = estimator is None
         self.estimator = estimator or UtilityEstimator(cache.n_layer, cache.n_expert)
         self.engine, self.planner, self.plan_every = engine, planner, plan_every
@@ -231,6 +234,7 @@ class SlotFiller:
     def stats(self) -> SlotStats:
         return {
             "on_gpu": self.on_gpu,
+            "device": self.device,
             "slots": int(self.cache.n_slots.sum()),
             "buffer_bytes": self.cache.buffer_bytes,
             "copies": self.copies,

@@ -1,0 +1,97 @@
+"""The RPC tier (issue 25): an RPC server's device as the slot device, when there is no local GPU.
+
+`moespac rpc-server` runs here on 127.0.0.1 (conftest). llama.cpp puts the layers on its device
+with their expert tensors in host memory (--cpu-moe), and the hot experts get slots in the
+server's memory, computed there. The slots must not change the logits (the server computes
+on the same CPU kernels: the rows are in fact bit-identical, checked within test_slots' TOL),
+and they must really be the server's: its process grows by the slot buffer when the experts are
+copied in (slots created in host RAM by mistake leave it unchanged).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import psutil
+import pytest
+from test_slots import STEPS, TOL, max_diff, random_remap, reference
+
+from moespac_gguf import MoeSpac, MoespacError
+from moespac_gguf.core.layout import read_layout
+from moespac_gguf.demo.synthetic import SyntheticSpec
+from moespac_gguf.llama.session import Session
+from moespac_gguf.llama.slots import SlotCache
+
+# 768 KiB experts: 24 of them make the server's growth unmistakable
+SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=256, n_ff_exp=256, n_expert=8, seed=11)
+PROMPT = "hot experts computed on another machine"
+
+
+def test_remote_slots_leave_the_logits_unchanged(tiny_moe, rpc_server):
+    endpoint, proc, _ = rpc_server
+    path = tiny_moe(SPEC)
+    toks, ref = reference(path)
+    server = psutil.Process(proc.pid)
+    rng = np.random.default_rng(3)
+    with Session(path, n_ctx=256, n_gpu_layers=-1, op_offload=False, rpc_servers=[endpoint]) as s:
+        assert s.gpu is None and s.slot_device.description == endpoint
+        before = server.memory_info().rss
+        with SlotCache(s, [SPEC.n_expert] * s.n_layer) as cache:
+            for layer in cache.moe_layers:  # every slot filled once: the server holds them all
+                for e in range(cache.n_expert):
+                    cache.copy_async(layer, e, e)
+            cache.wait()
+            grown = server.memory_info().rss - before
+            assert grown >= 0.9 * cache.copied_bytes > 0, f"the server grew by {grown} bytes only"
+            random_remap(cache, rng)
+            got = [s.decode(toks, all_logits=True)]
+            assert cache.graph_layers == len(cache.moe_layers) == SPEC.n_layer
+            for t in STEPS:
+                random_remap(cache, rng)
+                got.append(s.decode([t]))
+            assert (cache.assignment() >= 0).any()
+    assert max_diff(ref, got) <= TOL
+    assert proc.poll() is None
+
+
+def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_server, capfd):
+    endpoint, proc, _ = rpc_server
+    path = tiny_moe(SPEC)
+    with MoeSpac(path, n_ctx=256, mem_budget="off") as local:
+        local.create_completion(PROMPT, max_tokens=32)
+        expected = local.completion_tokens
+    capfd.readouterr()
+    expert = read_layout(path).mean_bytes_per_expert
+    # 9 slots and each layer's zero slot: the balancer chooses which experts are remote
+    with MoeSpac(
+        path, n_ctx=256, mem_budget="off", rpc_servers=[endpoint], gpu_budget=int(12 * expert), verbose=True
+    ) as m:
+        out = m.create_completion(PROMPT, max_tokens=32)
+        assert m.completion_tokens == expected
+        slots = out["moespac"]["slots"]
+        assert slots["device"] == f"RPC0 ({endpoint})" and slots["slots"] == 9
+        assert slots["copies"] > 0 and slots["copied_bytes"] > 0 and slots["hit_rate"] > 0
+        assert m.slots.in_slot.any()
+    llama_log = capfd.readouterr().err
+    # the layers on the server's device, their expert tensors in host memory (--cpu-moe)
+    assert f"RPC0[{endpoint}] model buffer size" in llama_log
+    assert "ffn_up_exps.weight" in llama_log and "buffer type overridden to CPU" in llama_log
+    assert proc.poll() is None
+
+
+def test_the_residency_engine_runs_with_remote_slots(tiny_moe, rpc_server):
+    endpoint = rpc_server[0]
+    path = tiny_moe(SPEC)
+    layout = read_layout(path)
+    with MoeSpac(path, n_ctx=256, mem_budget="off") as local:
+        local.create_completion(PROMPT, max_tokens=24)
+        expected = local.completion_tokens
+    budget = layout.other_bytes + (600 << 20)
+    with MoeSpac(
+        path, n_ctx=256, mem_budget=budget, rpc_servers=[endpoint], gpu_budget=int(12 * layout.mean_bytes_per_expert)
+    ) as m:
+        assert m.residency is not None and m.slots is not None
+        out = m.create_completion(PROMPT, max_tokens=24)
+        assert m.completion_tokens == expected
+        assert out["moespac"]["slots"]["copied_bytes"] > 0
+    with pytest.raises(MoespacError, match="--rpc with the residency engine .* drop --n-cpu-moe"):
+        MoeSpac(path, mem_budget=budget, rpc_servers=[endpoint], n_cpu_moe=1)

@@ -10,12 +10,14 @@ copied in (slots created in host RAM by mistake leave it unchanged).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import psutil
 import pytest
 from test_slots import STEPS, TOL, max_diff, random_remap, reference
 
-from moespac_gguf import MoeSpac, MoespacError
+from moespac_gguf import MoeSpac, MoespacError, cli
 from moespac_gguf.core.layout import read_layout
 from moespac_gguf.demo.synthetic import SyntheticSpec
 from moespac_gguf.llama.session import Session
@@ -95,3 +97,18 @@ def test_the_residency_engine_runs_with_remote_slots(tiny_moe, rpc_server):
         assert out["moespac"]["slots"]["copied_bytes"] > 0
     with pytest.raises(MoespacError, match="--rpc with the residency engine .* drop --n-cpu-moe"):
         MoeSpac(path, mem_budget=budget, rpc_servers=[endpoint], n_cpu_moe=1)
+
+
+def test_calibrate_measures_an_rpc_server_and_keeps_its_profile(tiny_moe, rpc_server, tmp_path, capsys):
+    """`moespac calibrate --rpc`: the server's expert compute, the link's bandwidth and round trip,
+    under "rpc" by endpoint; a later calibration without --rpc keeps them."""
+    endpoint = rpc_server[0]
+    path, out = str(tiny_moe(SPEC)), tmp_path / "calibration.json"
+    assert cli.main(["calibrate", "-m", path, "--rpc", endpoint, "--out", str(out)]) == 0
+    assert "round trip" in capsys.readouterr().out
+    profile = json.loads(out.read_text())["rpc"][endpoint]
+    assert profile["device"] == f"RPC0 ({endpoint})"
+    assert 0 < profile["remote_s_per_token_expert"] < 0.01 and 0 < profile["round_trip_s"] < 0.05
+    assert profile["link_bps"] > 1e7  # 127.0.0.1
+    assert cli.main(["calibrate", "-m", path, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rpc"] == {endpoint: profile}

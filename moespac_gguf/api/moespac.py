@@ -252,7 +252,7 @@ class MoeSpac:
                 f"--gpu-budget {format_size(budget)} holds no expert slot: a layer's first slot and its zero "
                 f"slot take {one}"
             )
-        costs = load_costs(gpu=True)
+        costs = load_costs(gpu=True) if device is self.target.gpu else load_costs(rpc=device.description)
         r = self.residency
         filler = SlotFiller(
             SlotCache(self.target, counts),

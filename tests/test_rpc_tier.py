@@ -22,6 +22,7 @@ from moespac_gguf.core.layout import read_layout
 from moespac_gguf.demo.synthetic import SyntheticSpec
 from moespac_gguf.llama.session import Session
 from moespac_gguf.llama.slots import SlotCache
+from moespac_gguf.residency import costs as costs_mod
 
 # 768 KiB experts: 24 of them make the server's growth unmistakable
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=256, n_ff_exp=256, n_expert=8, seed=11)
@@ -55,9 +56,14 @@ def test_remote_slots_leave_the_logits_unchanged(tiny_moe, rpc_server):
     assert proc.poll() is None
 
 
-def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_server, capfd):
+def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_server, capfd, tmp_path, monkeypatch):
     endpoint, proc, _ = rpc_server
     path = tiny_moe(SPEC)
+    calibration = tmp_path / "calibration.json"
+    base = dict(flash_read_bps=1e9, memcpy_bps=5e9, mem_bps=9e9, cpu_s_per_token_expert=2e-4, page_in_latency_s=1e-4)
+    link = dict(device="RPC0", remote_s_per_token_expert=2e-5, link_bps=1e10, round_trip_s=1e-5)
+    calibration.write_text(json.dumps({**base, "rpc": {endpoint: link}}))
+    monkeypatch.setattr(costs_mod, "CALIBRATION_PATH", calibration)
     with MoeSpac(path, n_ctx=256, mem_budget="off") as local:
         local.create_completion(PROMPT, max_tokens=32)
         expected = local.completion_tokens
@@ -73,6 +79,10 @@ def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_s
         assert slots["device"] == f"RPC0 ({endpoint})" and slots["slots"] == 9
         assert slots["copies"] > 0 and slots["copied_bytes"] > 0 and slots["hit_rate"] > 0
         assert m.slots.in_slot.any()
+        # planned with the endpoint's measured link, activations of n_embd F32 charged to it
+        costs = m.slots.costs
+        assert (costs.gpu_s_per_token_expert, costs.memcpy_bps, costs.round_trip_s) == (2e-5, 1e10, 1e-5)
+        assert m.slots.token_bytes == 4 * SPEC.n_embd
     llama_log = capfd.readouterr().err
     # the layers on the server's device, their expert tensors in host memory (--cpu-moe)
     assert f"RPC0[{endpoint}] model buffer size" in llama_log

@@ -121,13 +121,15 @@ def _rpc_profile(raw: dict) -> dict:
     return out
 
 
-def load_costs(gpu: bool = False, rpc: str | None = None) -> DeviceCosts:
+def load_costs(gpu: bool = False, rpc: str | None = None, path: Path | None = None) -> DeviceCosts:
     """This machine's costs as `moespac calibrate` measured them, else DEFAULT_COSTS. With `gpu`
     (a GPU tier is running) the GPU's measured costs, else DEFAULT_GPU_S_PER_TOKEN_EXPERT and
     DEFAULT_H2D_BPS until the GPU is calibrated. With `rpc` (slots on the device of the RPC
     server at that HOST:PORT) that endpoint's measured compute and link, else (said once on
-    stderr) this machine's CPU behind DEFAULT_LINK_BPS and DEFAULT_ROUND_TRIP_S."""
-    c = read_calibration() if CALIBRATION_PATH.exists() else None
+    stderr) this machine's CPU behind DEFAULT_LINK_BPS and DEFAULT_ROUND_TRIP_S. `path`: the
+    calibration file (default CALIBRATION_PATH)."""
+    path = CALIBRATION_PATH if path is None else Path(path)
+    c = read_calibration(path) if path.exists() else None
     costs = (
         DEFAULT_COSTS if c is None else DeviceCosts(c["flash_read_bps"], c["memcpy_bps"], c["cpu_s_per_token_expert"])
     )

@@ -121,6 +121,7 @@ class SlotFiller:
         self.hits = self.uses = 0
         self.bytes = np.array([[l.bytes_per_expert] for l in layout.layers], dtype=np.float64)
         self.layers = np.array([l.index for l in layout.layers])
+        self.token_bytes = 4.0 * layout.n_embd  # a token's activations, F32: what a remote layer ships
         if engine is not None:
             engine.elsewhere = self.in_slot  # the engine reads the live mask
             if not on_gpu or costs.unified_memory:
@@ -171,6 +172,7 @@ class SlotFiller:
             resident_budget_bytes=budget + slot_bytes,  # slots have their own memory
             costs=self.costs,
             horizon_steps=float(self.plan_every),
+            token_bytes=self.token_bytes,
         )
 
     def _target(self, utility: np.ndarray) -> np.ndarray:

@@ -29,6 +29,24 @@ SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=256, n_ff_exp=256, n_exp
 PROMPT = "hot experts computed on another machine"
 
 
+FAST = dict(remote_s_per_token_expert=2e-5, link_bps=1e10, round_trip_s=1e-6)  # every remote expert pays
+SLOW = dict(remote_s_per_token_expert=2e-5, link_bps=1.25e6, round_trip_s=2e-2)  # 10 Mbit/s, 20 ms: none does
+
+
+@pytest.fixture
+def link_profile(tmp_path, monkeypatch):
+    """set(endpoint, link): the calibration the runtime reads then holds `link` (RPC_KEYS but the
+    device) as that server's profile; the server itself is on 127.0.0.1 whatever it says."""
+    calibration = tmp_path / "calibration.json"
+    monkeypatch.setattr(costs_mod, "CALIBRATION_PATH", calibration)
+    base = dict(flash_read_bps=1e9, memcpy_bps=5e9, mem_bps=9e9, cpu_s_per_token_expert=2e-4, page_in_latency_s=1e-4)
+
+    def set_link(endpoint: str, link: dict) -> None:
+        calibration.write_text(json.dumps({**base, "rpc": {endpoint: {"device": "RPC0", **link}}}))
+
+    return set_link
+
+
 def test_remote_slots_leave_the_logits_unchanged(tiny_moe, rpc_server):
     endpoint, proc, _ = rpc_server
     path = tiny_moe(SPEC)
@@ -56,14 +74,10 @@ def test_remote_slots_leave_the_logits_unchanged(tiny_moe, rpc_server):
     assert proc.poll() is None
 
 
-def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_server, capfd, tmp_path, monkeypatch):
+def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_server, capfd, link_profile):
     endpoint, proc, _ = rpc_server
     path = tiny_moe(SPEC)
-    calibration = tmp_path / "calibration.json"
-    base = dict(flash_read_bps=1e9, memcpy_bps=5e9, mem_bps=9e9, cpu_s_per_token_expert=2e-4, page_in_latency_s=1e-4)
-    link = dict(device="RPC0", remote_s_per_token_expert=2e-5, link_bps=1e10, round_trip_s=1e-5)
-    calibration.write_text(json.dumps({**base, "rpc": {endpoint: link}}))
-    monkeypatch.setattr(costs_mod, "CALIBRATION_PATH", calibration)
+    link_profile(endpoint, FAST)
     with MoeSpac(path, n_ctx=256, mem_budget="off") as local:
         local.create_completion(PROMPT, max_tokens=32)
         expected = local.completion_tokens
@@ -81,7 +95,7 @@ def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_s
         assert m.slots.in_slot.any()
         # planned with the endpoint's measured link, activations of n_embd F32 charged to it
         costs = m.slots.costs
-        assert (costs.gpu_s_per_token_expert, costs.memcpy_bps, costs.round_trip_s) == (2e-5, 1e10, 1e-5)
+        assert (costs.gpu_s_per_token_expert, costs.memcpy_bps, costs.round_trip_s) == (2e-5, 1e10, 1e-6)
         assert m.slots.token_bytes == 4 * SPEC.n_embd
     llama_log = capfd.readouterr().err
     # the layers on the server's device, their expert tensors in host memory (--cpu-moe)
@@ -90,9 +104,10 @@ def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_s
     assert proc.poll() is None
 
 
-def test_the_residency_engine_runs_with_remote_slots(tiny_moe, rpc_server):
+def test_the_residency_engine_runs_with_remote_slots(tiny_moe, rpc_server, link_profile):
     endpoint = rpc_server[0]
     path = tiny_moe(SPEC)
+    link_profile(endpoint, FAST)
     layout = read_layout(path)
     with MoeSpac(path, n_ctx=256, mem_budget="off") as local:
         local.create_completion(PROMPT, max_tokens=24)
@@ -122,3 +137,27 @@ def test_calibrate_measures_an_rpc_server_and_keeps_its_profile(tiny_moe, rpc_se
     assert profile["link_bps"] > 1e7  # 127.0.0.1
     assert cli.main(["calibrate", "-m", path, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["rpc"] == {endpoint: profile}
+
+
+def remote_run(path, endpoint) -> dict:
+    """The slot stats of a self-drafted greedy run with slots on the server, and its tokens."""
+    budget = int(12 * read_layout(path).mean_bytes_per_expert)
+    with MoeSpac(path, "self", n_ctx=256, mem_budget="off", rpc_servers=[endpoint], gpu_budget=budget) as m:
+        m.slots.plan_every = 2  # plans early in a short run
+        out = m.create_completion(PROMPT, max_tokens=32)
+        return {**out["moespac"]["slots"], "held": int(m.slots.in_slot.sum()), "tokens": m.completion_tokens}
+
+
+def test_the_runtime_keeps_experts_local_over_a_link_that_cannot_pay(tiny_moe, rpc_server, link_profile):
+    """The same run planned for a fast link fills remote slots; planned for 10 Mbit/s and 20 ms
+    round trips it copies nothing to the server and holds nothing there (no copies before the
+    first plan either), with the same greedy output."""
+    endpoint = rpc_server[0]
+    path = tiny_moe(SPEC)
+    link_profile(endpoint, FAST)
+    fast = remote_run(path, endpoint)
+    link_profile(endpoint, SLOW)
+    slow = remote_run(path, endpoint)
+    assert fast["planned_steps"] > 0 and fast["copies"] > 0 and fast["held"] > 0 and fast["hit_rate"] > 0
+    assert slow["planned_steps"] > 0 and slow["copies"] == slow["copied_bytes"] == slow["held"] == 0
+    assert slow["tokens"] == fast["tokens"]

@@ -63,9 +63,9 @@ class Session:
         e.g. `{"llama.expert_used_count": 1}` for the target as its own draft.
 
         Devices are chosen explicitly (the devices of the RPC servers at `rpc_servers`, HOST:PORT
-        endpoints, come first, as in llama.cpp): with `n_gpu_layers` 0 the model sees no GPU at all (so a
-        GPU build computes exactly as a CPU-only one: llama.cpp would otherwise offload large
-        batches' host-weight ops to any GPU it finds); otherwise GPU `main_gpu` holds that many
+        endpoints, come first, as in llama.cpp): with `n_gpu_layers` 0 the model sees no GPU at
+        all (so a GPU build computes exactly as a CPU-only one: llama.cpp would otherwise offload
+        large batches' host-weight ops to any GPU it finds); otherwise GPU `main_gpu` holds that many
         layers (-1: all, as llama.cpp's -ngl), with the expert tensors of the first `n_cpu_moe`
         layers kept in host memory (None: every layer's, as llama.cpp's --cpu-moe, the placement
         where the residency engine manages the experts and GPU slots copy from them; N: as

@@ -88,7 +88,7 @@ def read_calibration(path: Path | None = None) -> dict:
             io_overlap=float(raw.get("io_overlap", 1.0)),
             model=raw.get("model"),
             gpu=_gpu_profile(raw["gpu"]) if raw.get("gpu") else None,
-            rpc={str(endpoint): _rpc_profile(p) for endpoint, p in (raw.get("rpc") or {}).items()},
+            rpc={str(endpoint): _rpc_profile(p) for endpoint, p in dict(raw.get("rpc") or {}).items()},
         )
     except (ValueError, TypeError, KeyError) as e:
         raise MoespacError(

@@ -23,7 +23,10 @@ trip. The bound is deliberate: a charge of R/k for k remote experts (the latency
 slots) undercharges every layer the plan leaves with fewer, and one expert, charged R/slots_l,
 could then cost its layer the whole R (a 50 ms link, 8 slots: 6 ms planned, 50 ms paid); R is
 the only linear charge that never does. So the plan puts an expert on the server only where it
-pays even then, and a slower link (larger R, smaller M) never buys more remote slots.
+pays even then, and a slower link (larger R, smaller M) never buys more remote slots. Where the
+layers' other weights are on the server too (llama.session's placement without a local GPU),
+the trips are the CPU experts' (the split graph runs its CPU side in every layer) and paid
+whatever the plan: there the charge overstates a remote expert's cost, an upper bound still.
 
 `greedy` answers in milliseconds and is exact on CPU-only machines with equal expert sizes. With a
 GPU it is not: 1-2.5% slower than the best plan on 48x128 re-plans of 5 tokens a step, 35-50% with

@@ -256,9 +256,10 @@ def rpc_costs(layout, endpoint: str, threads: int | None = None) -> dict:
     round_trip_s (round_trip_s), and remote_s_per_token_expert its marginal_s: the marginal
     compute of a token's expert there, without the fixed costs of a step, which are the link's
     and which the planner charges as round trips (residency.plan). gpu_costs' one-token figure
-    (cpu_s_per_token_expert less the --cpu-moe saving) does not serve here: the saving holds the round trips
-    --cpu-moe adds to every layer, several per layer over a link, and what is left once they are
-    taken out is noise (measured on 127.0.0.1: from -40 to +26 us of 45 us, run to run).
+    (cpu_s_per_token_expert less the --cpu-moe saving) does not serve here: the saving holds the
+    round trips --cpu-moe adds to every layer, several per layer over a link, and what is left
+    once one per layer is taken out is noise (127.0.0.1, a 256-wide synthetic model with a CPU
+    expert at 44 us: +48 us, then -124 us, run to run).
     Measured only without a local GPU: one would hold the slots (llama.session), so the runtime
     would not use the figures (MOESPAC_NO_GPU=1 hides it)."""
     from ..llama.devices import gpu_devices  # lazy: libllama stays out of the 128 MiB read-costs child

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 
 from moespac_gguf.demo.synthetic import SyntheticSpec, write_synthetic_moe
 from moespac_gguf.llama.devices import gpu_devices
+from moespac_gguf.server.process import free_port
 
 # The CPU suite sees no GPU even on a GPU build (llama.cpp would offload to it); the GPU job of
 # `make test` (MOESPAC_REQUIRE_GPU=1) runs the tests marked gpu with the device visible.
@@ -66,3 +71,50 @@ def tiny_moe(tmp_path_factory) -> Callable[..., Path]:
         return cache[spec]
 
     return make
+
+
+def _start_rpc_server(log: Path) -> tuple[str, subprocess.Popen]:
+    """`moespac rpc-server` on 127.0.0.1 (one thread), accepting connections: (endpoint, process)."""
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--port", str(port), "-t", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"127.0.0.1:{port}", proc
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def rpc_server(tmp_path_factory):
+    """An RPC server for the whole session: (endpoint, process, log path). One, because ggml keeps
+    every server added in its registry."""
+    log = tmp_path_factory.mktemp("rpc") / "server.log"
+    endpoint, proc = _start_rpc_server(log)
+    yield endpoint, proc, log
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def start_rpc_server(tmp_path):
+    """A function starting a fresh RPC server for this test (one to kill): (endpoint, process);
+    every one is stopped after the test."""
+    started = []
+
+    def start() -> tuple[str, subprocess.Popen]:
+        started.append(_start_rpc_server(tmp_path / f"rpc-{len(started)}.log"))
+        return started[-1]
+
+    yield start
+    for _, proc in started:
+        proc.kill()
+        proc.wait()

@@ -66,3 +66,27 @@ def test_costs_with_a_gpu_come_from_the_profile_else_defaults(tmp_path, monkeypa
     path.write_text(json.dumps({**base, "gpu": {**gpu, "h2d_bps": -1}}))
     with pytest.raises(MoespacError, match="is not a calibration profile"):
         costs_mod.load_costs(gpu=True)
+
+
+def test_costs_of_an_rpc_device_come_from_its_endpoints_profile_else_defaults(tmp_path, monkeypatch, capsys):
+    from moespac_gguf.residency import costs as costs_mod
+
+    path = tmp_path / "calibration.json"
+    monkeypatch.setattr(costs_mod, "CALIBRATION_PATH", path)
+    monkeypatch.setattr(costs_mod, "_said_uncalibrated", set())
+    base = dict(flash_read_bps=1e9, memcpy_bps=5e9, mem_bps=9e9, cpu_s_per_token_expert=3e-4, page_in_latency_s=1e-4)
+    rpc = dict(device="RPC0 (10.0.0.2:50052)", remote_s_per_token_expert=5e-5, link_bps=1.2e8, round_trip_s=3e-4)
+    path.write_text(json.dumps({**base, "rpc": {"10.0.0.2:50052": rpc}}))
+    measured = costs_mod.load_costs(rpc="10.0.0.2:50052")
+    assert (measured.gpu_s_per_token_expert, measured.memcpy_bps, measured.round_trip_s) == (5e-5, 1.2e8, 3e-4)
+    assert capsys.readouterr().err == ""
+    for _ in range(2):  # another endpoint: this machine's CPU behind the default link, said once
+        default = costs_mod.load_costs(rpc="10.0.0.3:50052")
+        assert default.gpu_s_per_token_expert == 3e-4 and default.memcpy_bps == costs_mod.DEFAULT_LINK_BPS
+        assert default.round_trip_s == costs_mod.DEFAULT_ROUND_TRIP_S
+    err = capsys.readouterr().err
+    assert err.count("10.0.0.3:50052 is not calibrated") == 1 and err.count("\n") == 1
+    assert costs_mod.load_costs(gpu=True).round_trip_s is None  # a local GPU has no link
+    path.write_text(json.dumps({**base, "rpc": {"10.0.0.2:50052": {**rpc, "round_trip_s": 0}}}))
+    with pytest.raises(MoespacError, match="is not a calibration profile"):
+        costs_mod.load_costs(rpc="10.0.0.2:50052")

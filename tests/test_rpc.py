@@ -4,7 +4,6 @@ same model computed locally; bad or unreachable endpoints are one-line errors.""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -19,36 +18,6 @@ from moespac_gguf.server.process import free_port, serve
 
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=128, n_ff_exp=128, n_expert=8, seed=9)
 PROMPT = "layers computed on another machine"
-
-
-def start_rpc_server(log):
-    """A `moespac rpc-server` on 127.0.0.1 accepting connections: (endpoint, process)."""
-    port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--port", str(port), "-t", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-    return f"127.0.0.1:{port}", proc
-
-
-@pytest.fixture(scope="module")
-def rpc_server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("rpc") / "server.log"
-    endpoint, proc = start_rpc_server(log)
-    yield endpoint, proc, log
-    proc.kill()
-    proc.wait()
 
 
 def test_layers_on_an_rpc_device_give_the_local_greedy_output(tiny_moe, rpc_server, capfd):
@@ -90,48 +59,38 @@ def test_bad_and_unreachable_endpoints_are_one_line_errors(tiny_moe):
         MoeSpac(path, mem_budget="off", rpc_servers=[f"127.0.0.1:{free_port()}"])
 
 
-def test_rpc_with_the_residency_engine_is_refused(tiny_moe, rpc_server):
-    endpoint = rpc_server[0]
-    with pytest.raises(MoespacError, match="--rpc with the residency engine"):
-        MoeSpac(tiny_moe(SPEC), mem_budget="1G", rpc_servers=[endpoint])
-
-
-def test_a_server_killed_mid_generation_ends_the_request_and_the_model_runs_on(tiny_moe, tmp_path):
+def test_a_server_killed_mid_generation_ends_the_request_and_the_model_runs_on(tiny_moe, start_rpc_server):
     """ggml-rpc used to abort the process here (patches/0015): the request ends with a one-line
     RemoteDeviceLost, and the same instance answers the next request on this machine alone."""
     path = tiny_moe(SPEC)
     with MoeSpac(path, n_ctx=2048, mem_budget="off") as local:
         local.create_completion(PROMPT, max_tokens=24)
         expected = local.completion_tokens
-    endpoint, proc = start_rpc_server(tmp_path / "server.log")
-    try:
-        with MoeSpac(path, n_ctx=2048, mem_budget="off", rpc_servers=[endpoint]) as m:
-            stream = m.create_completion(PROMPT, max_tokens=2000, stream=True)
-            started = time.monotonic()
-            with pytest.raises(RemoteDeviceLost) as lost:
-                for i, _ in enumerate(stream):
-                    if i == 3:
-                        proc.kill()
-            assert time.monotonic() - started < 10
-            assert lost.value.endpoint == endpoint
-            message = str(lost.value)
-            assert "\n" not in message
-            assert f"the RPC server at {endpoint} stopped answering" in message
-            assert "loaded again on this machine alone" in message
-            assert 3 < len(m.completion_tokens) < 2000
-            m.create_completion(PROMPT, max_tokens=24)
-            assert m.completion_tokens == expected
-    finally:
-        proc.kill()
-        proc.wait()
+    endpoint, proc = start_rpc_server()
+    with MoeSpac(path, n_ctx=2048, mem_budget="off", rpc_servers=[endpoint]) as m:
+        stream = m.create_completion(PROMPT, max_tokens=2000, stream=True)
+        started = time.monotonic()
+        with pytest.raises(RemoteDeviceLost) as lost:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    proc.kill()
+        assert time.monotonic() - started < 10
+        assert lost.value.endpoint == endpoint
+        message = str(lost.value)
+        assert "\n" not in message
+        assert f"the RPC server at {endpoint} stopped answering" in message
+        assert "loaded again on this machine alone" in message
+        assert 3 < len(m.completion_tokens) < 2000
+        m.create_completion(PROMPT, max_tokens=24)
+        assert m.completion_tokens == expected
 
 
-def test_run_and_serve_survive_a_killed_server(tiny_moe, tmp_path):
+def test_run_and_serve_survive_a_killed_server(tiny_moe, start_rpc_server):
     """`moespac run` ends with one line and a non-zero exit, no traceback; `moespac chat` says so
     and answers the next message; `moespac serve` answers the request with a 502 event and the
     next request from this machine alone."""
     path = str(tiny_moe(SPEC))
-    endpoint, proc = start_rpc_server(tmp_path / "run.log")
+    endpoint, proc = start_rpc_server()
     cmd = [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", path, "-c", "4096", "-n", "4000", "--rpc", endpoint]
     run = subprocess.Popen(cmd + ["-p", PROMPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run.stdout.read(64)  # generating
@@ -145,7 +104,7 @@ def test_run_and_serve_survive_a_killed_server(tiny_moe, tmp_path):
         err.strip().splitlines()[-1].startswith(f"moespac run: error: the RPC server at {endpoint} stopped answering")
     )
 
-    endpoint, proc = start_rpc_server(tmp_path / "chat.log")
+    endpoint, proc = start_rpc_server()
     chat = [sys.executable, "-m", "moespac_gguf.cli", "chat", "-m", path, "-c", "4096", "-n", "3000", "--rpc", endpoint]
     chat = subprocess.Popen(chat, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chat.stdin.write(b"tell me everything\n")
@@ -159,21 +118,17 @@ def test_run_and_serve_survive_a_killed_server(tiny_moe, tmp_path):
     assert "Traceback" not in err.decode()
     assert out.decode().strip()  # the second message was answered, on this machine
 
-    endpoint, proc = start_rpc_server(tmp_path / "serve.log")
-    try:
-        with serve("-m", path, "-c", "4096", "--rpc", endpoint, "--alias", "tiny") as server:
-            client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
-            stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4000, temperature=0, stream=True)
-            with pytest.raises(openai.APIError, match=f"the RPC server at {endpoint} stopped answering") as e:
-                for i, _ in enumerate(stream):
-                    if i == 3:
-                        proc.kill()
-            assert e.value.body["code"] == "rpc_server_lost"
-            r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
-            assert r.usage.completion_tokens >= 1
-            assert server.get_json("/health")
-            log = server.log()
-            assert "loaded again on this machine alone" in log and "Traceback" not in log
-    finally:
-        proc.kill()
-        proc.wait()
+    endpoint, proc = start_rpc_server()
+    with serve("-m", path, "-c", "4096", "--rpc", endpoint, "--alias", "tiny") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+        stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4000, temperature=0, stream=True)
+        with pytest.raises(openai.APIError, match=f"the RPC server at {endpoint} stopped answering") as e:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    proc.kill()
+        assert e.value.body["code"] == "rpc_server_lost"
+        r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        assert server.get_json("/health")
+        log = server.log()
+        assert "loaded again on this machine alone" in log and "Traceback" not in log

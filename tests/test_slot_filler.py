@@ -6,6 +6,8 @@ here only what the filler asks of them: which experts go where, when, and what i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,47 @@ def test_the_balancer_plan_decides_what_the_slots_hold(layout):
     problem = planner.problems[-1]
     assert (problem.current[:, 7] == SLOT).all() and (problem.slot_capacity == 2).all()
     assert filler.stats()["planned_steps"] == 3
+
+
+class LatePlanner(FixedPlanner):
+    """A planner whose plan arrives after `delay` questions."""
+
+    def __init__(self, plan, delay: int):
+        super().__init__(plan)
+        self.delay = delay
+
+    def latest(self):
+        return self.plan if len(self.problems) > self.delay else None
+
+
+def test_a_plan_evicts_the_occupants_it_leaves_out(layout):
+    # the utility ranking fills both slots of each layer until the plan comes; it wants none
+    cache = FakeSlots(2, 8, [2, 2])
+    none_in_slots = Plan(np.full((2, 8), RESIDENT, np.int8), np.zeros((2, 8), np.int8), 0.0, "highs", 0.0, "optimal")
+    filler = SlotFiller(cache, layout, DEFAULT_COSTS, on_gpu=True, planner=LatePlanner(none_in_slots, 1), plan_every=1)
+    filler.on_verify(event(2, [[1, 2]] * 4, 2))
+    filler.on_draft([])
+    assert (cache.map >= 0).sum() == 4 and filler.in_slot.sum() == 4
+    filler.on_verify(event(2, [[1, 2]] * 4, 2))
+    assert (cache.map >= 0).sum() == 0 and filler.in_slot.sum() == 0 and len(cache.copied) == 4
+
+
+def test_slots_across_a_link_wait_for_the_plan(layout):
+    """Over a link (costs.round_trip_s) the utility ranking fills nothing: only the balancer,
+    which weighs the link, puts experts on the remote device."""
+    cache = FakeSlots(2, 8, [2, 2])
+    link = replace(DEFAULT_COSTS, gpu_s_per_token_expert=2e-5, memcpy_bps=1.25e8, round_trip_s=1e-3)
+    tier = np.full((2, 8), RESIDENT, np.int8)
+    tier[:, 1] = SLOT
+    planner = LatePlanner(Plan(tier, np.zeros_like(tier), 0.0, "highs", 0.0, "optimal"), 2)
+    filler = SlotFiller(cache, layout, link, on_gpu=True, planner=planner, plan_every=1)
+    for _ in range(2):
+        filler.on_verify(event(2, [[1, 2]] * 4, 2))
+        filler.on_draft([])
+        assert not cache.copied and planner.problems[-1].token_bytes == 4 * layout.n_embd
+    filler.on_verify(event(2, [[1, 2]] * 4, 2))
+    filler.on_draft([])
+    assert (cache.map[:, 1] >= 0).all() and (cache.map >= 0).sum() == 2
 
 
 class FakeEngine:

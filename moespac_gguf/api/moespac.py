@@ -148,9 +148,9 @@ class MoeSpac:
         flash_attn = flash_attention(opt.flash_attn, drafted=source is not None)
         n_batch, draft_batch = batch_sizes(opt.n_batch, opt.n_ctx, budgeted=budgeted)
         rpc = opt.rpc_endpoints
-        if rpc and budgeted:
+        if rpc and budgeted and opt.n_cpu_moe is not None and opt.n_cpu_moe < self.layout.n_layer:
             raise MoespacError(
-                "--rpc with the residency engine is not supported yet: give a model that fits (--mem-budget off)"
+                "--rpc with the residency engine keeps every layer's expert tensors in host memory: drop --n-cpu-moe"
             )
         n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() or rpc else 0
         gpu_budget = opt.gpu_budget
@@ -222,7 +222,7 @@ class MoeSpac:
                     self.draft.tap.chain(None)
             if self.target.gpu is not None:
                 self.memory_plan = replace(self.memory_plan, gpu_free_bytes=self.target.gpu.memory()[0])
-            if gpu_slots and self.target.gpu is not None:
+            if gpu_slots and self.target.slot_device is not None:
                 self.slots = self._gpu_tier(gpu_budget, opt.n_cpu_moe)
         except Exception:
             self.close()
@@ -230,10 +230,12 @@ class MoeSpac:
         self.seed = opt.seed
 
     def _gpu_tier(self, gpu_budget: int | None, n_cpu_moe: int | None) -> SlotFiller | None:
-        """Expert slots in the GPU's memory for the layers whose experts are kept in host memory
-        (the first `n_cpu_moe`, default all), filled by the balancer from the speculative utility
-        (residency.slots.SlotFiller); None when the automatic budget holds no slot."""
-        free, total = self.target.gpu.memory()
+        """Expert slots in the slot device's memory (the GPU's, else an RPC server's: Session) for
+        the layers whose experts are kept in host memory (the first `n_cpu_moe`, default all),
+        filled by the balancer from the speculative utility (residency.slots.SlotFiller); None
+        when the automatic budget holds no slot."""
+        device = self.target.slot_device
+        free, total = device.memory()
         # by default what is free once the contexts' KV and compute buffers are allocated
         budget = free - GPU_HEADROOM - total // 20 if gpu_budget is None else gpu_budget
         host = self.layout
@@ -250,13 +252,14 @@ class MoeSpac:
                 f"--gpu-budget {format_size(budget)} holds no expert slot: a layer's first slot and its zero "
                 f"slot take {one}"
             )
-        costs = load_costs(gpu=True)
+        costs = load_costs(gpu=True) if device is self.target.gpu else load_costs(rpc=device.description)
         r = self.residency
         filler = SlotFiller(
             SlotCache(self.target, counts),
             self.layout,
             costs,
             on_gpu=True,
+            device=f"{device.name} ({device.description})",
             estimator=r.policy.estimator if r is not None else None,
             engine=r.engine if r is not None else None,
             planner=BackgroundBalancer(partial(solve, gap=RUNTIME_GAP)),
@@ -285,7 +288,7 @@ class MoeSpac:
         if self.slots is not None:
             out[self.slots.in_slot.copy()] = gpu
         n_cpu_moe = self.options.n_cpu_moe
-        if self.target.gpu is not None and n_cpu_moe is not None:
+        if self.target.slot_device is not None and n_cpu_moe is not None:
             out[[l.index for l in self.layout.layers if l.index >= n_cpu_moe]] = gpu
         return out.astype(np.int8)
 

@@ -101,7 +101,8 @@ class ModelOptions:
         "--rpc",
         metavar="HOST:PORT[,...]",
         help="llama.cpp RPC servers (moespac rpc-server on another machine) whose devices hold layers first, "
-        "as llama.cpp's --rpc (-ngl default: all). The protocol has no authentication: trusted networks only",
+        "as llama.cpp's --rpc (-ngl default: all); without a local GPU the first one's device also holds the "
+        "expert slots, as a GPU would. The protocol has no authentication: trusted networks only",
     )
     flash_attn: str = option(
         "auto",

@@ -14,7 +14,7 @@ from .options import add_model_args, add_n_predict, open_model, sampling
 
 def slots_summary(st: SlotStats) -> str:
     """One line for a terminal: the slot tier's size, hit rate and copies."""
-    where = "GPU" if st["on_gpu"] else "host RAM"
+    where = st["device"] or ("GPU" if st["on_gpu"] else "host RAM")
     hits = "n/a" if st["hit_rate"] is None else f"{st['hit_rate']:.0%}"
     return (
         f"[{where} expert slots: {st['slots']} ({format_size(st['buffer_bytes'])}), hit rate {hits}, "

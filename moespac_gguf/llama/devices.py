@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,11 @@ def gpu_devices() -> list[Device]:
     return _devices(rpc=False)
 
 
-def rpc_devices() -> list[Device]:
-    """The devices of the RPC servers added so far (llama.rpc.add_servers), in registry order."""
-    return _devices(rpc=True)
+def rpc_devices(endpoints: Sequence[str]) -> list[Device]:
+    """The devices of the RPC servers at `endpoints` (added with llama.rpc.add_servers), in
+    registry order. ggml keeps every server ever added to the process, so a model names the
+    ones it uses (ggml-rpc gives each device its endpoint as description)."""
+    return [d for d in _devices(rpc=True) if d.description in endpoints]
 
 
 def pick_gpu(main_gpu: int = 0) -> Device | None:

@@ -76,7 +76,7 @@ def add_servers(endpoints: Sequence[str], timeout: float = 5.0) -> None:
 def usable_devices(endpoints: Sequence[str]) -> list[Device]:
     """The devices of the servers at `endpoints` (added) that a model may be put on now: those
     not lost since they were added."""
-    return [d for d in rpc_devices() if d.description in endpoints and d.description not in _lost]
+    return [d for d in rpc_devices(endpoints) if d.description not in _lost]
 
 
 def _failures() -> int:

@@ -62,15 +62,21 @@ class Session:
         `overrides`: integer metadata llama.cpp reads in place of the file's (kv_overrides),
         e.g. `{"llama.expert_used_count": 1}` for the target as its own draft.
 
-        Devices are chosen explicitly (the devices of the RPC servers `rpc_servers`, HOST:PORT,
-        come first, as in llama.cpp; a server lost earlier is left out, llama.rpc): with `n_gpu_layers` 0 the model sees no GPU at all (so a
-        GPU build computes exactly as a CPU-only one: llama.cpp would otherwise offload large
-        batches' host-weight ops to any GPU it finds); otherwise GPU `main_gpu` holds that many
+        Devices are chosen explicitly (the devices of the RPC servers at `rpc_servers`, HOST:PORT
+        endpoints, come first, as in llama.cpp; a server lost earlier is left out, llama.rpc):
+        with `n_gpu_layers` 0 the model sees no GPU at all (so a GPU build computes exactly as a
+        CPU-only one: llama.cpp would otherwise offload large batches' host-weight ops to any GPU
+        it finds); otherwise GPU `main_gpu` holds that many
         layers (-1: all, as llama.cpp's -ngl), with the expert tensors of the first `n_cpu_moe`
         layers kept in host memory (None: every layer's, as llama.cpp's --cpu-moe, the placement
         where the residency engine manages the experts and GPU slots copy from them; N: as
         --n-cpu-moe N). `op_offload`: llama.cpp's offload of large batches' host-weight ops to
         the GPU; off for a context that gets expert slots.
+
+        `slot_device` is where expert slots go (llama.slots) and decides the expert placement
+        above: the local GPU when there is one (RPC devices then hold layers only), else the
+        first RPC server's device, which then plays the GPU's part: layers there, their expert
+        tensors in host memory, slots (the hot experts, computed there) in its memory.
 
         `flash_attn`: llama.cpp's flash attention where the device has it (its "auto"), else
         off. Off is what exact speculative decoding needs: the CPU kernel tiles a multi-token
@@ -89,12 +95,14 @@ class Session:
         add_servers(rpc_servers)
         remote = usable_devices(rpc_servers) if n_gpu_layers else []
         self.link = Link(remote)  # decode raises RemoteDeviceLost when one of them stops answering
-        remote = [d.handle for d in remote]
         self.gpu = pick_gpu(main_gpu) if n_gpu_layers and (gpu_devices() or not remote) else None
-        self._devices = (ctypes.c_void_p * (len(remote) + 2))(*remote, self.gpu.handle if self.gpu else None, None)
+        # the expert slots' device: the local GPU, else the first RPC server's device (issue 25)
+        self.slot_device = self.gpu or (remote[0] if remote else None)
+        handles = [d.handle for d in remote] + [self.gpu.handle if self.gpu else None, None]
+        self._devices = (ctypes.c_void_p * len(handles))(*handles)
         mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         mparams.n_gpu_layers = n_gpu_layers
-        if self.gpu is not None and n_cpu_moe != 0:
+        if self.slot_device is not None and n_cpu_moe != 0:
             layers = rb"" if n_cpu_moe is None else rb"blk\.(" + b"|".join(b"%d" % i for i in range(n_cpu_moe)) + rb")"
             self._pattern = layers + EXPERT_TENSORS
             self._buft_overrides = (_BuftOverride * 2)(_BuftOverride(self._pattern, cpu_buffer_type()))

@@ -49,18 +49,18 @@ class SlotCache:
         if not session.ctx:
             raise MoespacError("the session is closed")
         arr = (ctypes.c_int32 * n_layer)(*counts)
-        gpu = session.gpu
+        device = session.slot_device
         where = ""
-        if gpu is not None:  # checked first: some drivers (lavapipe) overcommit instead of failing
-            free = gpu.memory()[0]
-            where = f" in GPU memory ({format_size(free)} free on {gpu.name})"
+        if device is not None:  # checked first: some drivers (lavapipe) overcommit instead of failing
+            free = device.memory()[0]
+            where = f" in {device.name}'s memory ({format_size(free)} free)"
             # + 1: a GPU layer's spare all-zero slot (patches/0006)
             need = sum(
                 (counts[l.index] + 1) * l.bytes_per_expert for l in read_layout(session.path).layers if counts[l.index]
             )
             if need > free:
                 raise MoespacError(f"cannot create expert slots{where}: they need {format_size(need)}")
-        self.handle = lib.llama_moespac_slots_new(session.model, arr, n_layer, gpu and gpu.buffer_type)
+        self.handle = lib.llama_moespac_slots_new(session.model, arr, n_layer, device and device.buffer_type)
         if not self.handle:
             raise MoespacError(f"cannot create expert slots{where}: {last_log_line() or 'unknown error'}")
         self.session = session

@@ -12,6 +12,22 @@ Binaries s (slot) and r (resident) per expert; flash = 1 - s - r.
     s.t. s + r <= 1 (= 1 if must_have),  sum_e s <= slots_l,  sum b*(s + r) <= budget
 Without a GPU both branches run on the CPU: z_l is their sum, slot experts computed at c_cpu.
 
+Slots on an RPC server's device (costs.round_trip_s = R, the link's latency; M its bandwidth,
+c_gpu the server's compute): moving an expert in costs b/M as above, and a layer that computes
+on the server pays a round trip, R + 2*n*a/M for n tokens of a bytes of activations (a =
+`token_bytes`, n_embd F32) out and back. The program stays linear by charging it per slot expert:
+    s * (u*(c_gpu + 2a/M) + R + moves)
+an upper bound of the slot branch: exact for a layer with one remote expert, k experts pay k
+latencies and a token's several remote experts each their activations, where they share one
+trip. The bound is deliberate: a charge of R/k for k remote experts (the latency shared by the
+slots) undercharges every layer the plan leaves with fewer, and one expert, charged R/slots_l,
+could then cost its layer the whole R (a 50 ms link, 8 slots: 6 ms planned, 50 ms paid); R is
+the only linear charge that never does. So the plan puts an expert on the server only where it
+pays even then, and a slower link (larger R, smaller M) never buys more remote slots. Where the
+layers' other weights are on the server too (llama.session's placement without a local GPU),
+the trips are the CPU experts' (the split graph runs its CPU side in every layer) and paid
+whatever the plan: there the charge overstates a remote expert's cost, an upper bound still.
+
 `greedy` answers in milliseconds and is exact on CPU-only machines with equal expert sizes. With a
 GPU it is not: 1-2.5% slower than the best plan on 48x128 re-plans of 5 tokens a step, 35-50% with
 1 token a step or a 1-step horizon (bench/results/balancer_gpu.md).
@@ -44,6 +60,7 @@ class PlanProblem:
     costs: DeviceCosts
     must_have: np.ndarray | None = None  # bool [n_layer, n_expert]: must end in T0/T1
     horizon_steps: float = 8.0  # steps until the next plan: one-off moves are amortized over it
+    token_bytes: float = 0.0  # a token's activations (n_embd F32): what a remote layer ships each way
 
     def __post_init__(self):
         self.utility = np.asarray(self.utility, dtype=np.float64)
@@ -66,6 +83,8 @@ class PlanProblem:
         )
         if self.horizon_steps <= 0:
             raise MoespacError(f"horizon_steps must be positive, got {self.horizon_steps}")
+        if self.token_bytes < 0:
+            raise MoespacError(f"token_bytes must be non-negative, got {self.token_bytes}")
         must_bytes = float(self.expert_bytes[self.must_have].sum())
         if must_bytes > self.resident_budget_bytes:
             raise MoespacError(
@@ -93,6 +112,8 @@ def tier_costs(problem: PlanProblem) -> np.ndarray:
     fetch = b / c.flash_read_bps
     cpu = u * c.cpu_s_per_token_expert
     slot_compute = u * (c.gpu_s_per_token_expert if c.has_gpu else c.cpu_s_per_token_expert)
+    if c.round_trip_s is not None:  # the slots are across a link (module docstring)
+        slot_compute = slot_compute + c.round_trip_s + u * 2 * problem.token_bytes / c.memcpy_bps
     moves = 1.0 / problem.horizon_steps
     costs = np.empty((3,) + u.shape)
     costs[SLOT] = slot_compute + moves * ((problem.current != SLOT) * b / c.memcpy_bps + from_flash * fetch)

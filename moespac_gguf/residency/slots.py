@@ -48,6 +48,7 @@ class SlotStats(TypedDict):
     """SlotFiller.stats: a completion's `moespac["slots"]`."""
 
     on_gpu: bool
+    device: str | None  # the slots' device (a GPU, an RPC server's), None in host RAM
     slots: int  # over all layers
     buffer_bytes: int
     copies: int
@@ -79,10 +80,11 @@ class SlotFiller:
     After each verification the utility estimate (the residency controller's, which the page
     engine also follows, or the filler's own when there is no memory budget) ranks experts;
     every `plan_every` steps the balancer (a `Planner`, off the decode thread) is asked where
-    each expert should live given the costs, and its SLOT set becomes the target; until a plan
-    arrives, each layer's top-S experts by utility are. Experts missing from a slot are copied,
-    on the native worker while the draft runs, into slots whose occupants dropped out (an
-    occupant is replaced only by an expert with (1 + margin)x its utility: copies cost bytes,
+    each expert should live given the costs, and its SLOT set becomes the target, occupants it
+    leaves out evicted; until a plan arrives, each layer's top-S experts by utility are (none
+    for slots across a link). Experts missing from a slot are copied, on the native worker
+    while the draft runs, into free slots or slots whose occupants dropped out (without a plan
+    an occupant is replaced only by an expert with (1 + margin)x its utility: copies cost bytes,
     churn buys nothing), at most `max_copies` per step, and assigned at the next draft/verify
     boundary: never into a slot the running graph reads (SlotCache refuses that).
 
@@ -97,6 +99,7 @@ class SlotFiller:
         costs: DeviceCosts,
         *,
         on_gpu: bool,
+        device: str | None = None,
         estimator: UtilityEstimator | None = None,
         engine=None,
         planner: Planner | None = None,
@@ -106,8 +109,9 @@ class SlotFiller:
     ):
         """`estimator`: a utility estimator someone else updates (the residency controller's);
         None: the filler keeps its own from the verifications it hears. `engine`: the page tier's
-        ResidencyEngine, or None when every expert stays in RAM."""
-        self.cache, self.costs, self.on_gpu = cache, costs, on_gpu
+        ResidencyEngine, or None when every expert stays in RAM. `device`: the slots' device as
+        stats name it (a GPU, an RPC server's device), None for host RAM."""
+        self.cache, self.costs, self.on_gpu, self.device = cache, costs, on_gpu, device
         self.own_estimator = estimator is None
         self.estimator = estimator or UtilityEstimator(cache.n_layer, cache.n_expert)
         self.engine, self.planner, self.plan_every = engine, planner, plan_every
@@ -118,6 +122,7 @@ class SlotFiller:
         self.hits = self.uses = 0
         self.bytes = np.array([[l.bytes_per_expert] for l in layout.layers], dtype=np.float64)
         self.layers = np.array([l.index for l in layout.layers])
+        self.token_bytes = 4.0 * layout.n_embd  # a token's activations, F32: what a remote layer ships
         if engine is not None:
             engine.elsewhere = self.in_slot  # the engine reads the live mask
             if not on_gpu or costs.unified_memory:
@@ -149,7 +154,7 @@ class SlotFiller:
             if self.steps % self.plan_every == 0:
                 self.planner.submit(self._problem(utility))
             self.steps += 1
-        self._move(utility, self._target(utility))
+        self._move(utility, *self._target(utility))
 
     def _problem(self, utility: np.ndarray) -> PlanProblem:
         """Where should each expert live for the next `plan_every` steps (layers with experts)."""
@@ -168,23 +173,34 @@ class SlotFiller:
             resident_budget_bytes=budget + slot_bytes,  # slots have their own memory
             costs=self.costs,
             horizon_steps=float(self.plan_every),
+            token_bytes=self.token_bytes,
         )
 
-    def _target(self, utility: np.ndarray) -> np.ndarray:
-        """bool [n_layer, n_expert]: the balancer's SLOT set, else each layer's top-S by utility."""
+    def _target(self, utility: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(bool [n_layer, n_expert], planned): the balancer's SLOT set (planned), else each
+        layer's top-S by utility; none for slots across a link (costs.round_trip_s) until the
+        balancer has weighed it: over a slow one every copy and every remote expert costs more
+        than it saves, and the ranking knows nothing of that."""
         plan = self.planner.latest() if self.planner is not None else None
         want = np.zeros_like(self.in_slot)
         if plan is not None:
             self.planned_steps += 1
             want[self.layers] = plan.tier == SLOT
-            return want
+            return want, True
+        if self.costs.round_trip_s is not None:
+            return want, False
         for layer in self.cache.moe_layers:
             u = utility[layer]
             top = np.argsort(-u, kind="stable")[: int(self.cache.n_slots[layer])]
             want[layer, top[u[top] > 0]] = True
-        return want
+        return want, False
 
-    def _move(self, utility: np.ndarray, want: np.ndarray) -> None:
+    def _move(self, utility: np.ndarray, want: np.ndarray, planned: bool) -> None:
+        """Copy and assign the experts of `want` missing from the slots. `planned`: the balancer's
+        plan, which weighed every move, decides alone: an occupant it leaves out is evicted now
+        (free: the slot keeps its bytes) and computed on the CPU again; an expert over a link
+        pays a round trip whether it helps or not. Else the utility ranking: an occupant gives
+        way only to a missing expert of (1 + margin)x its utility."""
         cache = self.cache
         assignment = cache.assignment()
         moves = []  # the most useful candidates first, across layers, under a per-step copy budget
@@ -193,6 +209,12 @@ class SlotFiller:
             held = {int(e): int(s) for e, s in enumerate(assignment[layer]) if s >= 0}
             free = [s for s in range(int(cache.n_slots[layer])) if s not in held.values()]
             victims = sorted((e for e in held if not want[layer, e]), key=lambda e: u[e])  # weakest first
+            if planned:
+                for e in victims:
+                    cache.evict(layer, e)
+                    self.in_slot[layer, e] = False
+                free += [held[e] for e in victims]
+                victims = []
             missing = np.flatnonzero(want[layer] & ~self.in_slot[layer])
             for e in missing[np.argsort(-u[missing], kind="stable")].tolist():
                 if free:
@@ -231,6 +253,7 @@ class SlotFiller:
     def stats(self) -> SlotStats:
         return {
             "on_gpu": self.on_gpu,
+            "device": self.device,
             "slots": int(self.cache.n_slots.sum()),
             "buffer_bytes": self.cache.buffer_bytes,
             "copies": self.copies,

@@ -10,7 +10,8 @@ the marginal cost of one more token in a batch (9 tokens vs 1) divided by the
 expert matmuls a token runs, cpu_s_per_token_expert (an upper bound: it includes
 attention), the rest of a one-token step, step_overhead_s, and with -md the
 draft's time per token, draft_s_per_token. Where the build has a GPU device, also the GPU tier's
-costs under "gpu" (gpu_costs).
+costs under "gpu" (gpu_costs); with --rpc HOST:PORT, an RPC server's as the slot device under
+"rpc", keyed by endpoint (rpc_costs).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import psutil
@@ -164,52 +166,128 @@ def draft_s_per_token(draft: str, layout, threads: int | None = None, repeat: in
         return _decode_s(s, [s.bos], repeat)
 
 
-def gpu_costs(layout, cpu_s_per_token_expert: float, threads: int | None = None, verify_batch: int = 9) -> dict | None:
-    """The GPU tier's costs (residency.costs.GPU_KEYS) on GPU device 0, None without one:
-    - gpu_s_per_token_expert_batch: with every expert on the GPU, the marginal time of a token in
-      a verification batch of `verify_batch` (vs 1), per expert matmul it runs;
-    - gpu_s_per_token_expert (one token): the experts moved from the CPU side (llama.cpp's
-      --cpu-moe, everything else on the GPU) to the GPU save (t_cpu_moe - t_gpu) per token over
-      L x k expert matmuls, so a GPU expert costs cpu_s_per_token_expert less that share (floored
-      at a tenth of the batch figure: the difference also holds the activations' round trips);
-    - h2d_bps: expert copies into GPU slots, the path the slot tier takes (bytes / wall time);
-    - unified_memory: whether the GPU computes from the host's DRAM (llama.devices)."""
-    from ..llama.devices import gpu_devices  # lazy: libllama stays out of the 128 MiB read-costs child
-    from ..llama.session import Session  # lazy: as above
+def step_times(layout, n_cpu_moe: int | None, threads: int | None, verify_batch: int, **devices) -> tuple[float, float]:
+    """(one token, a batch of `verify_batch`) step times with every layer on the slot device
+    (llama.session.Session.slot_device of a session opened with `devices`) and the expert
+    tensors of the first `n_cpu_moe` layers (None: all) in host memory."""
+    from ..llama.session import Session  # lazy: libllama stays out of the 128 MiB read-costs child
+
+    with Session(
+        layout.path, n_ctx=256, n_threads=threads, tap=False, n_gpu_layers=-1, n_cpu_moe=n_cpu_moe, **devices
+    ) as s:
+        s.decode(s.tokenize("warm up the page cache, the threads and the shaders"))
+        tok = s.bos
+        _decode_s(s, [tok] * verify_batch, 2)  # warm-up
+        return _decode_s(s, [tok], 8), _decode_s(s, [tok] * verify_batch, 8)
+
+
+def slot_device_costs(layout, threads: int | None = None, verify_batch: int = 9, **devices) -> dict:
+    """What the slot device of a session opened with `devices` costs, for gpu_costs and rpc_costs:
+    - one_s: the step time of a token with every expert on the device (step_times);
+    - marginal_s: the marginal time of a token in a verification batch of `verify_batch` (vs 1)
+      there, per expert matmul it runs;
+    - copy_bps: expert copies into slots on the device, the path the slot tier takes (bytes /
+      wall time, up to a round trip after the last copy: a remote device has then taken them);
+    - device: the slot device (a llama.devices.Device)."""
+    from ..llama.session import Session  # lazy: libllama stays out of the 128 MiB read-costs child
     from ..llama.slots import SlotCache  # lazy: as above
 
-    gpus = gpu_devices()
-    if not gpus:
-        return None
-    ops = len(layout.layers) * layout.n_expert_used
-    times = {}
-    for name, n_cpu_moe in (("gpu", 0), ("cpu_moe", None)):
-        with Session(layout.path, n_ctx=256, n_threads=threads, tap=False, n_gpu_layers=-1, n_cpu_moe=n_cpu_moe) as s:
-            s.decode(s.tokenize("warm up the page cache, the threads and the shaders"))
-            tok = s.bos
-            _decode_s(s, [tok] * verify_batch, 2)  # warm-up
-            times[name] = _decode_s(s, [tok], 8), _decode_s(s, [tok] * verify_batch, 8)
-    batch = max(times["gpu"][1] - times["gpu"][0], 0.0) / (verify_batch - 1) / ops
-    saved = (times["cpu_moe"][0] - times["gpu"][0]) / ops
-    with Session(layout.path, n_ctx=64, n_threads=threads, tap=False, n_gpu_layers=-1, op_offload=False) as s:
+    one, batch = step_times(layout, 0, threads, verify_batch, **devices)
+    with Session(
+        layout.path, n_ctx=64, n_threads=threads, tap=False, n_gpu_layers=-1, op_offload=False, **devices
+    ) as s:
         with SlotCache(s, [min(4, layout.n_expert)] * s.n_layer) as cache:
             t = time.perf_counter()
             for layer in cache.moe_layers:
                 for slot in range(int(cache.n_slots[layer])):
                     cache.copy_async(layer, slot, slot)
             cache.wait()
-            h2d = cache.copied_bytes / (time.perf_counter() - t)
+            s.slot_device.memory()  # ggml-rpc answers it after the copies sent before it
+            copy_bps = cache.copied_bytes / (time.perf_counter() - t)
+    ops = len(layout.layers) * layout.n_expert_used
     return {
-        "device": f"{gpus[0].name} ({gpus[0].description})",
-        "gpu_s_per_token_expert": max(cpu_s_per_token_expert - saved, batch / 10, 1e-9),
-        "gpu_s_per_token_expert_batch": max(batch, 1e-9),
-        "h2d_bps": h2d,
-        "unified_memory": gpus[0].unified_memory,
+        "one_s": one,
+        "marginal_s": max(batch - one, 0.0) / (verify_batch - 1) / ops,
+        "copy_bps": copy_bps,
+        "device": s.slot_device,
     }
 
 
-def calibrate(model: str, draft: str | None = None, threads: int | None = None, under_pressure: bool = False) -> dict:
-    """Every measurement of the module docstring, as the calibration file stores it."""
+def gpu_costs(layout, cpu_s_per_token_expert: float, threads: int | None = None, verify_batch: int = 9) -> dict | None:
+    """The GPU tier's costs (residency.costs.GPU_KEYS) on GPU device 0, None without one, from
+    slot_device_costs: gpu_s_per_token_expert_batch its marginal_s; gpu_s_per_token_expert (one
+    token): the experts moved from the CPU side (llama.cpp's --cpu-moe, everything else on the
+    GPU) to the GPU save (t_cpu_moe - t_gpu) per token over L x k expert matmuls, so a GPU expert
+    costs cpu_s_per_token_expert less that share (floored at a tenth of the batch figure: the
+    difference also holds the activations' round trips); h2d_bps its copy_bps; unified_memory
+    whether the GPU computes from the host's DRAM (llama.devices)."""
+    from ..llama.devices import gpu_devices  # lazy: libllama stays out of the 128 MiB read-costs child
+
+    if not gpu_devices():
+        return None
+    m = slot_device_costs(layout, threads, verify_batch)
+    saved = (step_times(layout, None, threads, verify_batch)[0] - m["one_s"]) / (
+        len(layout.layers) * layout.n_expert_used
+    )
+    gpu = m["device"]
+    return {
+        "device": f"{gpu.name} ({gpu.description})",
+        "gpu_s_per_token_expert": max(cpu_s_per_token_expert - saved, m["marginal_s"] / 10, 1e-9),
+        "gpu_s_per_token_expert_batch": max(m["marginal_s"], 1e-9),
+        "h2d_bps": m["copy_bps"],
+        "unified_memory": gpu.unified_memory,
+    }
+
+
+def round_trip_s(device, n: int = 64) -> float:
+    """The median time of asking `device` its free memory: one round trip with a few bytes each
+    way for an RPC server's device (ggml-rpc sends every call and waits for the answer)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        device.memory()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def rpc_costs(layout, endpoint: str, threads: int | None = None) -> dict:
+    """The costs of the RPC server at `endpoint` as the slot device (residency.costs.RPC_KEYS),
+    from slot_device_costs on its device: link_bps its copy_bps (expert copies over the link),
+    round_trip_s (round_trip_s), and remote_s_per_token_expert its marginal_s: the marginal
+    compute of a token's expert there, without the fixed costs of a step, which are the link's
+    and which the planner charges as round trips (residency.plan). gpu_costs' one-token figure
+    (cpu_s_per_token_expert less the --cpu-moe saving) does not serve here: the saving holds the
+    round trips --cpu-moe adds to every layer, several per layer over a link, and what is left
+    once one per layer is taken out is noise (127.0.0.1, a 256-wide synthetic model with a CPU
+    expert at 44 us: +48 us, then -124 us, run to run).
+    Measured only without a local GPU: one would hold the slots (llama.session), so the runtime
+    would not use the figures (MOESPAC_NO_GPU=1 hides it)."""
+    from ..llama.devices import gpu_devices  # lazy: libllama stays out of the 128 MiB read-costs child
+
+    if gpu_devices():
+        raise MoespacError(
+            "calibrate --rpc measures an RPC server as the slot device, which it is only without a local GPU: "
+            "run it with MOESPAC_NO_GPU=1"
+        )
+    m = slot_device_costs(layout, threads, rpc_servers=[endpoint])
+    device = m["device"]
+    return {
+        "device": f"{device.name} ({device.description})",
+        "remote_s_per_token_expert": max(m["marginal_s"], 1e-9),
+        "link_bps": m["copy_bps"],
+        "round_trip_s": round_trip_s(device),
+    }
+
+
+def calibrate(
+    model: str,
+    draft: str | None = None,
+    threads: int | None = None,
+    under_pressure: bool = False,
+    rpc: Sequence[str] = (),
+) -> dict:
+    """Every measurement of the module docstring, as the calibration file stores it, with the
+    RPC servers at the endpoints `rpc` under "rpc" (rpc_costs)."""
     layout = read_layout(model)  # one-line errors for bad models
     copy, read = memory_bps()
     profile = {
@@ -230,4 +308,6 @@ def calibrate(model: str, draft: str | None = None, threads: int | None = None, 
     gpu = gpu_costs(layout, profile["cpu_s_per_token_expert"], threads=threads)
     if gpu is not None:
         profile["gpu"] = gpu
+    if rpc:
+        profile["rpc"] = {e: rpc_costs(layout, e, threads=threads) for e in rpc}
     return profile

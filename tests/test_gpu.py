@@ -150,7 +150,7 @@ def test_gpu_too_small_for_the_slots_is_one_line(tiny_moe):
         free, _ = s.gpu.memory()
         per_slot = 3 * 4 * 64 * 32  # one expert of the default spec: 3 F32 projections of 64 x 32
         too_many = int(2 * max(free, 1 << 30) // per_slot)
-        with pytest.raises(MoespacError, match="cannot create expert slots in GPU memory") as err:
+        with pytest.raises(MoespacError, match=r"cannot create expert slots in \S+'s memory \(") as err:
             SlotCache(s, [too_many] * s.n_layer)
         assert "\n" not in str(err.value)
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from moespac_gguf.demo.synthetic import SyntheticSpec, write_synthetic_moe
 from moespac_gguf.llama.devices import gpu_devices
-from moespac_gguf.server.process import free_port
+from moespac_gguf.server.process import rpc_server as start_rpc_server_process
 
 # The CPU suite sees no GPU even on a GPU build (llama.cpp would offload to it); the GPU job of
 # `make test` (MOESPAC_REQUIRE_GPU=1) runs the tests marked gpu with the device visible.
@@ -73,48 +71,22 @@ def tiny_moe(tmp_path_factory) -> Callable[..., Path]:
     return make
 
 
-def _start_rpc_server(log: Path) -> tuple[str, subprocess.Popen]:
-    """`moespac rpc-server` on 127.0.0.1 (one thread), accepting connections: (endpoint, process)."""
-    port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--port", str(port), "-t", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return f"127.0.0.1:{port}", proc
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
-def rpc_server(tmp_path_factory):
+def rpc_server():
     """An RPC server for the whole session: (endpoint, process, log path). One, because ggml keeps
     every server added in its registry."""
-    log = tmp_path_factory.mktemp("rpc") / "server.log"
-    endpoint, proc = _start_rpc_server(log)
-    yield endpoint, proc, log
-    proc.kill()
-    proc.wait()
+    with start_rpc_server_process() as server:
+        yield server.endpoint, server.proc, server.log_path
 
 
 @pytest.fixture
-def start_rpc_server(tmp_path):
+def start_rpc_server():
     """A function starting a fresh RPC server for this test (one to kill): (endpoint, process);
     every one is stopped after the test."""
-    started = []
+    with ExitStack() as servers:
 
-    def start() -> tuple[str, subprocess.Popen]:
-        started.append(_start_rpc_server(tmp_path / f"rpc-{len(started)}.log"))
-        return started[-1]
+        def start() -> tuple[str, subprocess.Popen]:
+            server = servers.enter_context(start_rpc_server_process())
+            return server.endpoint, server.proc
 
-    yield start
-    for _, proc in started:
-        proc.kill()
-        proc.wait()
+        yield start

@@ -31,7 +31,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,7 +47,7 @@ def _remove_orphans(path: Path) -> None:
     prefix = f".{path.name}.tmp-"
     for p in path.parent.iterdir():
         pid = p.name[len(prefix) :].split("-")[0] if p.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             _remove(p)
 
 

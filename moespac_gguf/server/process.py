@@ -54,7 +54,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds; returns once the process has exited."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -92,7 +92,7 @@ def serve(*args: str, timeout: float = 180.0, env: dict | None = None) -> Iterat
             time.sleep(0.2)
         yield server
     finally:
-        _stop(proc)
+        stop(proc)
         log.close()
         os.unlink(log.name)
 
@@ -101,13 +101,9 @@ def serve(*args: str, timeout: float = 180.0, env: dict | None = None) -> Iterat
 class RpcServer:
     endpoint: str  # HOST:PORT, as --rpc takes it
     proc: subprocess.Popen
-    log_path: str
-
-    def log(self) -> str:
-        return _read(self.log_path)
 
 
-def wait_accepting(host: str, port: int, proc: subprocess.Popen, what: str, log_path: str, timeout: float) -> None:
+def _wait_accepting(host: str, port: int, proc: subprocess.Popen, what: str, log_path: str, timeout: float) -> None:
     """Return once HOST:PORT accepts a TCP connection; a one-line MoespacError (with the last line
     of the log at `log_path`) if `proc` exits first or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -125,6 +121,25 @@ def wait_accepting(host: str, port: int, proc: subprocess.Popen, what: str, log_
 
 
 @contextmanager
+def listening_child(
+    cmd: list[str], host: str, port: int, what: str, timeout: float = 60.0, preexec_fn=None
+) -> Iterator[subprocess.Popen]:
+    """`cmd` in a child process (stdout and stderr to a log), ready when this yields: HOST:PORT
+    accepted a TCP connection. However the block ends, the child is stopped (SIGTERM, then SIGKILL)
+    and its log removed. A child that exits or does not listen within `timeout` seconds is a
+    MoespacError naming `what`, with the log's last line."""
+    log = tempfile.NamedTemporaryFile("w", prefix="moespac-child-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+    try:
+        _wait_accepting(host, port, proc, what, log.name, timeout)
+        yield proc
+    finally:
+        stop(proc, grace=5)
+        log.close()
+        os.unlink(log.name)
+
+
+@contextmanager
 def rpc_server(
     host: str = "127.0.0.1",
     port: int | None = None,
@@ -133,19 +148,9 @@ def rpc_server(
     timeout: float = 60.0,
     preexec_fn=None,
 ) -> Iterator[RpcServer]:
-    """`moespac rpc-server --host HOST --port PORT -t THREADS` in a child process, run under the
-    command `prefix` (e.g. `ip netns exec NS`; `port` default: a free one here), ready when this
-    yields: HOST:PORT accepted a TCP connection. On exit, however the block ends, the server is
-    stopped (SIGTERM, then SIGKILL) and its log removed. A server that exits or does not listen
-    within `timeout` seconds is a MoespacError."""
+    """`moespac rpc-server --host HOST --port PORT -t THREADS` as a listening_child, run under the
+    command `prefix` (e.g. `ip netns exec NS`; `port` default: a free one here)."""
     port = port or free_port()
-    log = tempfile.NamedTemporaryFile("w", prefix="moespac-rpc-server-", suffix=".log", delete=False)
     cmd = [*prefix, sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--host", host, "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "-t", str(threads)], stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-    try:
-        wait_accepting(host, port, proc, "moespac rpc-server", log.name, timeout)
-        yield RpcServer(f"{host}:{port}", proc, log.name)
-    finally:
-        _stop(proc, grace=5)
-        log.close()
-        os.unlink(log.name)
+    with listening_child([*cmd, "-t", str(threads)], host, port, "moespac rpc-server", timeout, preexec_fn) as proc:
+        yield RpcServer(f"{host}:{port}", proc)

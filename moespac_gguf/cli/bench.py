@@ -3,7 +3,9 @@
 mode: tokens/s, host->device bytes and slot hit rates with the same GPU memory for experts
 (tools.bench_gpu), each contender in its own child process; with `--no-cap`, the uncapped
 comparison: prompt and decode tokens/s of moespac against stock llama.cpp's llama-bench and
-llama-cpp-python where the model fits, in interleaved rounds (tools.bench_uncapped)."""
+llama-cpp-python where the model fits, in interleaved rounds (tools.bench_uncapped); with `--rpc
+HOST:PORT` or `--link RATE,DELAY`, the RPC mode: this machine alone against the same plus another
+machine's device, the same memory cap here, over a real or an emulated link (tools.bench_rpc)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from ..core.errors import MoespacError
 from ..core.units import parse_size
 from ..decode.draft import SELF_DRAFT
 from ..demo.catalog import resolve_model
-from ..tools import bench_gpu, bench_uncapped
+from ..tools import bench_gpu, bench_rpc, bench_uncapped
 from ..tools.bench import CONTENDERS, DEFAULT_CONTENDERS, SLOT_FRACTION, BenchConfig, markdown, run, run_contender
 from .options import MODEL_HELP, add_options, resolve_draft
 
-BENCH_OPTIONS = ("n_ctx", "n_threads", "draft_max", "draft_ahead", "gate")
+BENCH_OPTIONS = ("n_ctx", "n_threads", "draft_max", "draft_ahead", "gate", "rpc_servers")
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str]) -> int:
             child = bench_gpu.run_contender
         elif cfg.uncapped:
             child = bench_uncapped.run_contender
+        elif cfg.rpc_servers or cfg.links:
+            child = bench_rpc.run_contender
         else:
             child = run_contender
         print(json.dumps(child(name, cfg)))
@@ -45,7 +49,9 @@ def main(argv: list[str]) -> int:
         "slot hit rates with the same GPU memory for experts (llama.cpp --n-cpu-moe N, the same + "
         "speculative decoding, an LRU expert cache, moespac). With --no-cap, the uncapped comparison: "
         "prompt and decode tokens/s against stock llama.cpp's llama-bench and llama-cpp-python "
-        f"({', '.join(bench_uncapped.UNCAPPED_CONTENDERS)}), the model in memory, interleaved rounds.",
+        f"({', '.join(bench_uncapped.UNCAPPED_CONTENDERS)}), the model in memory, interleaved rounds. With --rpc "
+        "HOST:PORT or --link RATE,DELAY, the RPC mode: local (this machine alone) against local+rpc (the same "
+        "memory cap, plus an RPC server's device): tokens/s, bytes read, bytes over the link, same output.",
     )
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument(
@@ -85,7 +91,7 @@ def main(argv: list[str]) -> int:
         "--n-gpu-layers",
         type=int,
         metavar="N",
-        help="GPU mode: layers on the GPU, as llama.cpp's -ngl (default -1: all)",
+        help="GPU mode: layers on the GPU; RPC mode: layers on the remote; as llama.cpp's -ngl (default -1: all)",
     )
     p.add_argument("--prompts", default=BenchConfig.prompts)
     p.add_argument(
@@ -96,6 +102,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("-n", "--n-predict", type=int, default=BenchConfig.n_predict)
     add_options(p, ModelOptions, only=BENCH_OPTIONS, n_ctx=BenchConfig.n_ctx)
     p.add_argument(
+        "--link",
+        dest="links",
+        action="append",
+        default=[],
+        metavar="RATE,DELAY",
+        help="the RPC mode with an emulated remote: our own rpc-server in a network namespace behind a link "
+        "shaped to RATE and one-way DELAY in tc's units (e.g. 1gbit,1ms); repeat it for a sweep, one local+rpc "
+        "row per link (Linux, root; instead of --rpc)",
+    )
+    p.add_argument(
         "--sd-draft",
         metavar="FILE",
         help="llama.cpp+sd's draft GGUF instead of -md (e.g. a dense draft beside -md self, whose "
@@ -105,7 +121,8 @@ def main(argv: list[str]) -> int:
         "--contenders",
         help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots); "
         f"with --gpu-budget from {', '.join(bench_gpu.GPU_CONTENDERS)} (default: all); "
-        f"with --no-cap from {', '.join(bench_uncapped.UNCAPPED_CONTENDERS)} (default: all)",
+        f"with --no-cap from {', '.join(bench_uncapped.UNCAPPED_CONTENDERS)} (default: all); "
+        f"with --rpc or --link from {', '.join(bench_rpc.RPC_CONTENDERS)} (default: both)",
     )
     p.add_argument(
         "--slot-fraction",
@@ -117,10 +134,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="also write the JSON here, and the table beside it (.md)")
     args = p.parse_args(argv)
     gpu = args.gpu_budget is not None
+    if args.rounds is not None and not args.uncapped:
+        raise MoespacError("--rounds is for the uncapped comparison (--no-cap)")
+    if args.rpc_servers or args.links:
+        return rpc(args)
     if args.uncapped:
         return uncapped(args)
-    if args.rounds is not None:
-        raise MoespacError("--rounds is for the uncapped comparison (--no-cap)")
     if not gpu and args.mem_cap is None:
         p.error("--mem-cap is required (or --gpu-budget SIZE for the GPU mode, or --no-cap)")
     if args.limit is None:
@@ -166,6 +185,26 @@ def uncapped(args: argparse.Namespace) -> int:
     )
     report = bench_uncapped.run(cfg, progress=not args.json)
     return output(args, report, bench_uncapped.markdown(report, cfg))
+
+
+def rpc(args: argparse.Namespace) -> int:
+    """`--rpc` or `--link`: the RPC mode (tools.bench_rpc), with the capped benchmark's --mem-cap."""
+    if args.mem_cap is None:
+        raise MoespacError("the RPC mode needs --mem-cap SIZE: the same cap for local and local+rpc (0: none)")
+    values = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
+    cfg = BenchConfig(
+        **{
+            **values,
+            "model": str(resolve_model(args.model)),
+            "model_draft": resolve_draft(args.model_draft),
+            "limit": BenchConfig.limit if args.limit is None else args.limit,
+            "rounds": BenchConfig.rounds,  # --no-cap's
+            "contenders": tuple((args.contenders or ",".join(bench_rpc.RPC_CONTENDERS)).split(",")),
+            "links": tuple(args.links),
+        }
+    )
+    report = bench_rpc.run(cfg, progress=not args.json)
+    return output(args, report, bench_rpc.markdown(report, cfg))
 
 
 def output(args: argparse.Namespace, report: dict, table: str) -> int:

@@ -18,6 +18,8 @@ The parent checks that every contender's greedy output equals plain llama.cpp's.
 With a GPU budget (`--gpu-budget SIZE`, BenchConfig.gpu_budget) the benchmark is the GPU mode
 instead: tools.bench_gpu, with its own contenders and no memory cgroup.
 With `--no-cap` (BenchConfig.uncapped) it is the uncapped comparison instead: tools.bench_uncapped.
+With `--rpc HOST:PORT` or `--link RATE,DELAY` (BenchConfig.rpc_servers, links) it is the RPC mode:
+tools.bench_rpc, this machine alone against the same with another machine's device.
 """
 
 from __future__ import annotations
@@ -80,9 +82,12 @@ class BenchConfig:
     contenders: tuple[str, ...] = DEFAULT_CONTENDERS
     slot_fraction: float = SLOT_FRACTION
     gpu_budget: int | None = None  # bytes of GPU memory for experts: the GPU mode (tools.bench_gpu); None: CPU mode
-    n_gpu_layers: int | None = None  # the GPU mode's -ngl (None: all)
+    n_gpu_layers: int | None = None  # the GPU mode's -ngl; the RPC mode's layers on the remote (None: all)
     uncapped: bool = False  # the uncapped comparison vs llama-bench and llama-cpp-python (tools.bench_uncapped)
     rounds: int = 2  # the uncapped mode's interleaved rounds
+    # the RPC mode (tools.bench_rpc): real servers' HOST:PORT[,...] (a child: the one it uses) ...
+    rpc_servers: str | None = None
+    links: tuple[str, ...] = ()  # ... or links RATE,DELAY to emulate, each with a server of its own
 
     @property
     def sd(self) -> str | None:
@@ -255,9 +260,7 @@ def run_capped(name: str, cfg: BenchConfig) -> dict:
 
 def check(cfg: BenchConfig) -> None:
     """MoespacError, in one line, for a benchmark that cannot run as asked."""
-    for f in cfg.files:
-        if not Path(f).is_file():
-            raise MoespacError(f"no such file: {f}")
+    check_capped(cfg)
     names = cfg.contenders
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -274,8 +277,18 @@ def check(cfg: BenchConfig) -> None:
         raise MoespacError("moespac+slots needs a memory cap (--mem-cap): it sizes the slots")
     if cfg.n_gpu_layers is not None:
         raise MoespacError("-ngl is for the GPU mode (--gpu-budget SIZE)")
+
+
+def check_capped(cfg: BenchConfig) -> None:
+    """MoespacError, in one line, where contenders cannot run capped as run_capped runs them: a
+    model file missing, a bad prompt file, no memory cgroup, or a model file another process maps
+    (its pages would not be charged to the cap)."""
+    for f in cfg.files:
+        if not Path(f).is_file():
+            raise MoespacError(f"no such file: {f}")
     load_prompts(cfg.prompts, cfg.limit, select="spread")  # fail early on a bad prompt file
-    cgroup_root()  # a MoespacError saying why memory cannot be capped here
+    if cfg.mem_cap:
+        cgroup_root()  # a MoespacError saying why memory cannot be capped here
     for f in cfg.files:
         pids = mapped_by_others(f)
         if pids:

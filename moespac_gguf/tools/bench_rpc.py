@@ -1,0 +1,283 @@
+"""`moespac bench --link RATE,DELAY` / `--rpc HOST:PORT[,...]`: the RPC mode, this machine alone
+against the same machine with another one's device over a link, the same memory cap here.
+
+Each contender runs as in the capped benchmark (tools.bench.run_capped): its own child process
+in its own memory cgroup with the same cap (`--mem-cap`; 0: none), a cold page cache, the same
+prompts and greedy decoding. Contenders:
+
+  local      the moespac runtime alone, on the CPU: the cap is its memory budget (the residency
+             engine runs when the model does not fit), as the capped benchmark's moespac
+  local+rpc  the same memory options plus the RPC device (`rpc_servers=[endpoint]`, -ngl as given,
+             default all). Where the runtime refuses --rpc with a memory budget (before the RPC
+             slot tier of issue 25), the best placement that works today instead: --mem-budget
+             off, the -ngl layers on the remote, the cap still on this machine's process; the row
+             says so (`fallback`)
+
+With `--link RATE,DELAY` the remote is emulated (tools.netem): our own rpc-server in a network
+namespace on this machine, behind a veth pair shaped to the link's rate and one-way delay (a
+round trip: two delays), started fresh for the contender and stopped after it, outside the
+memory cgroup (it stands for another machine, but shares this one's cores: its compute is no
+faster than this machine's). `--link` repeats: one local+rpc row per link (a sweep), the local
+row once. The host-side veth's counters give the bytes over the link, at load (the offloaded
+weights) and while generating. With `--rpc`, real servers: the bytes over the link are not
+measured here (n/a).
+
+Reported per row: load seconds, tokens/s (and the decode alone, without the prompt prefills),
+bytes read from storage while generating, bytes over the link, the cgroup's peak memory, and
+whether the greedy token ids equal local's. With two or more emulated links of different delays,
+`link_needs` fits each token's seconds over the link as compute + k round trips + its bytes at
+the rate, and says what a link must offer for local+rpc to beat local.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..api.moespac import MoeSpac
+from ..core.errors import MoespacError
+from ..core.units import format_size
+from ..llama.rpc import parse_endpoint
+from ..residency.pages import read_bytes
+from .bench import BenchConfig, check_capped, generate_prompts, open_contender, run_capped
+from .bench_uncapped import threads
+from .netem import LinkShape, check_can_emulate, emulated_host, link_bytes, stats_dir_for
+
+RPC_CONTENDERS = ("local", "local+rpc")
+REFUSAL = "--rpc with the residency engine"  # how MoeSpac refuses rpc_servers with a memory budget today
+
+
+def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str, bool]:
+    """(the contender's MoeSpac, its placement in words, whether it is the fallback placement)."""
+    budget = cfg.mem_cap or None  # None: off (the cap is 0: the model fits)
+    if name == "local":
+        m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, n_gpu_layers=0)
+        return m, f"this machine, budget {format_size(budget) if budget else 'off'}", False
+    remote = {"rpc_servers": cfg.rpc_servers.split(","), "n_gpu_layers": cfg.n_gpu_layers}
+    try:
+        m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
+        return m, f"+ remote device, budget {format_size(budget) if budget else 'off'}", False
+    except MoespacError as e:
+        if budget is None or REFUSAL not in str(e):
+            raise
+    m = open_contender(cfg, cfg.model_draft, mem_budget="off", **remote)
+    layers = "all layers" if cfg.n_gpu_layers in (None, -1) else f"{cfg.n_gpu_layers} layers"
+    return m, f"fallback: budget off, {layers} on the remote", True
+
+
+def run_contender(name: str, cfg: BenchConfig) -> dict:
+    """Run inside the capped child: load, generate every prompt, report one JSON object (the
+    link's counters around the load and the generation when the link is emulated)."""
+    emulated = bool(cfg.links) and name == "local+rpc"
+    stats = stats_dir_for(parse_endpoint(cfg.rpc_servers)[0]) if emulated else None
+    if emulated and stats is None:
+        raise MoespacError(f"no emulated link reaches {cfg.rpc_servers}")
+
+    def counters() -> tuple[int, int]:
+        return link_bytes(stats) if stats else (0, 0)
+
+    c0, t0 = counters(), time.perf_counter()
+    m, placement, fallback = open_rpc_contender(name, cfg)
+    load_s, c1 = time.perf_counter() - t0, counters()
+    try:
+        read0 = read_bytes()
+        outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg)
+        read1, c2 = read_bytes(), counters()
+    finally:
+        m.close()
+    return {
+        "name": name,
+        "placement": placement,
+        "fallback": fallback,
+        "endpoint": cfg.rpc_servers if name == "local+rpc" else None,
+        "load_s": load_s,
+        "tokens_per_s": n_tokens / elapsed,
+        "n_tokens": n_tokens,
+        "seconds": elapsed,
+        "bytes_read": read1 - read0,
+        "acceptance_rate": pooled.acceptance_rate,
+        "decode": {
+            "tokens_per_s": pooled.tokens_per_s,
+            "seconds": pooled.t_total - pooled.t_prompt,
+            "prefill_s": pooled.t_prompt,
+        },
+        # [sent to, received from] the remote, in bytes (None: not measured)
+        "link_bytes": {"load": [c1[0] - c0[0], c1[1] - c0[1]], "generate": [c2[0] - c1[0], c2[1] - c1[1]]}
+        if stats
+        else None,
+        "outputs": outputs,
+    }
+
+
+def check(cfg: BenchConfig) -> None:
+    """MoespacError, in one line, for an RPC benchmark that cannot run as asked."""
+    unknown = [n for n in cfg.contenders if n not in RPC_CONTENDERS]
+    if unknown or not cfg.contenders:
+        raise MoespacError(
+            f"unknown RPC contender(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(RPC_CONTENDERS)})"
+        )
+    if bool(cfg.rpc_servers) == bool(cfg.links):
+        raise MoespacError("the RPC mode takes --rpc HOST:PORT (real servers) or --link RATE,DELAY (emulated), one")
+    if cfg.gpu_budget is not None or cfg.uncapped:
+        raise MoespacError("the RPC mode (--rpc, --link) is not the GPU mode or the uncapped comparison")
+    if cfg.sd_draft or cfg.gate:
+        raise MoespacError("--sd-draft and --gate are for the capped benchmark's contenders, not the RPC mode")
+    for endpoint in (cfg.rpc_servers or "").split(","):
+        if endpoint:
+            parse_endpoint(endpoint)
+    for link in cfg.links:
+        LinkShape.parse(link)
+    if cfg.links:
+        check_can_emulate()
+    check_capped(cfg)
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def run_row(name: str, cfg: BenchConfig, link: str | None, progress: bool) -> dict:
+    """One contender's row: over an emulated `link` (a fresh server behind it), or as `cfg` says."""
+    if link is None:
+        _say(progress, f"{name} ...")
+        row = run_capped(name, cfg) | {"link": None, "shaping": None}
+    else:
+        shape = LinkShape.parse(link)
+        _say(progress, f"{name} over an emulated {shape} link: starting rpc-server in a network namespace ...")
+        with emulated_host(shape, threads=threads(cfg)) as host:
+            _say(progress, f"{name}: server at {host.endpoint} ({host.shaping}); loading, then generating ...")
+            row = run_capped(name, replace(cfg, rpc_servers=host.endpoint, links=(str(shape),)))
+        row |= {"link": str(shape), "shaping": host.shaping}
+    _say(progress, f"{name}: " + (row["error"] if "error" in row else f"{row['tokens_per_s']:.2f} tok/s"))
+    return row
+
+
+def link_needs(rows: list[dict], local: dict | None) -> dict | None:
+    """What a link must offer for local+rpc to beat local, from the emulated rows (None with fewer
+    than two delays or without local): each token's seconds fitted as c + k * RTT + 8 b / rate
+    (b: its bytes over the link, both ways; least squares over the rows for c and k), then the
+    largest round trip at which local+rpc still beats local's seconds per token at infinite rate,
+    and the least rate at which it does with no delay."""
+    pts = [
+        (
+            2 * LinkShape.parse(r["link"]).delay_s,
+            sum(r["link_bytes"]["generate"]) / r["n_tokens"],
+            LinkShape.parse(r["link"]).rate_bits,
+            r["seconds"] / r["n_tokens"],
+        )
+        for r in rows
+        if r["name"] == "local+rpc" and r.get("link") and r.get("link_bytes")
+    ]
+    if local is None or "error" in local or len({p[0] for p in pts}) < 2:
+        return None
+    xs, ys = [p[0] for p in pts], [p[3] - 8 * p[1] / p[2] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    c = my - k * mx
+    per_token = sum(p[1] for p in pts) / len(pts)
+    budget = local["seconds"] / local["n_tokens"] - c  # what the link may add per token
+    return {
+        "local_s_per_token": local["seconds"] / local["n_tokens"],
+        "compute_s_per_token": c,
+        "round_trips_per_token": k,
+        "link_bytes_per_token": per_token,
+        "max_rtt_s": budget / k if budget > 0 and k > 0 else None,
+        "min_rate_bits": 8 * per_token / budget if budget > 0 else None,
+    }
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Every contender of `cfg` (local+rpc once per link), as `moespac bench --rpc/--link --json` prints."""
+    check(cfg)
+    rows = [
+        run_row(name, cfg, link, progress)
+        for name in cfg.contenders
+        for link in (cfg.links if name == "local+rpc" and cfg.links else (None,))
+    ]
+    local = next((r for r in rows if r["name"] == "local"), None)
+    reference = local.get("outputs") if local else None
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "mode": "rpc",
+        "model": cfg.model,
+        "draft": cfg.model_draft,
+        "mem_cap": cfg.mem_cap,
+        "remote": "emulated on this machine (tools.netem)" if cfg.links else cfg.rpc_servers,
+        "server_threads": threads(cfg) if cfg.links else None,
+        "prompts": str(cfg.prompts),
+        "limit": cfg.limit,
+        "n_predict": cfg.n_predict,
+        "results": [
+            {k: v for k, v in r.items() if k != "outputs"}
+            | ({"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
+            for r in rows
+        ],
+        "link_needs": link_needs(rows, local),
+    }
+
+
+def _both(pair: list[int] | None, per: int = 1) -> str:
+    return "n/a" if pair is None else f"{format_size(pair[0] / per)} / {format_size(pair[1] / per)}"
+
+
+def markdown(report: dict, cfg: BenchConfig) -> str:
+    """The RPC report as a table under a caption saying what was compared, and what the link must
+    offer where the sweep says."""
+    remote = (
+        f"an rpc-server emulated on this machine ({report['server_threads']} threads, in a network namespace "
+        "behind a shaped veth pair: it shares this machine's cores)"
+        if cfg.links
+        else f"the rpc-server(s) at {cfg.rpc_servers}"
+    )
+    lines = [
+        f"RPC mode: model `{Path(cfg.model).name}` ({format_size(os.path.getsize(cfg.model))}), draft "
+        f"`{Path(cfg.model_draft).name if cfg.model_draft else '-'}`, cap "
+        f"{format_size(cfg.mem_cap) if cfg.mem_cap else 'none'} on this machine's process, remote: {remote}; "
+        f"{cfg.limit} prompts x {cfg.n_predict} tokens, greedy. Link: rate, one-way delay (a round trip is two); "
+        "bytes over the link: sent / received, headers included; read: from storage while generating.",
+        "",
+        "| contender | link | placement | load s | tok/s | vs local | decode tok/s | read | link at load "
+        "| link per token | peak memory | same output |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    local = next((r for r in report["results"] if r["name"] == "local" and "error" not in r), None)
+    for r in report["results"]:
+        link = f"{r['link']} ({r['shaping']})" if r.get("link") else ("-" if r["name"] == "local" else "real")
+        if "error" in r:
+            lines.append(f"| {r['name']} | {link} | error: {r['error']} |||||||||")
+            continue
+        vs = f"{r['tokens_per_s'] / local['tokens_per_s']:.2f}x" if local else "-"
+        lb = r["link_bytes"]
+        same = {True: "yes", False: "NO"}.get(r.get("same_output"), "-")
+        lines.append(
+            f"| {r['name']} | {link} | {r['placement']} | {r['load_s']:.1f} | {r['tokens_per_s']:.2f} | {vs} | "
+            f"{r['decode']['tokens_per_s']:.2f} | {format_size(r['bytes_read'])} | "
+            f"{_both(lb and lb['load'])} | {_both(lb and lb['generate'], r['n_tokens'])} | "
+            f"{format_size(r['peak_bytes']) if r['peak_bytes'] else '-'} | {same} |"
+        )
+    if any(r.get("fallback") for r in report["results"]):
+        lines += [
+            "",
+            "fallback: the runtime refuses --rpc with a memory budget (the RPC slot tier is not in yet), so "
+            "local+rpc ran the best placement that works today: no residency engine, the layers on the remote, "
+            "the same cap on this machine's process.",
+        ]
+    needs = report["link_needs"]
+    if needs:
+        rtt = f"{needs['max_rtt_s'] * 1e3:.2f} ms" if needs["max_rtt_s"] else "none (never pays)"
+        rate = f"{needs['min_rate_bits'] / 1e6:.1f} Mbit/s" if needs["min_rate_bits"] else "none (never pays)"
+        lines += [
+            "",
+            f"What the link must offer (fit over the links above): each token costs "
+            f"{needs['compute_s_per_token'] * 1e3:.1f} ms of compute + {needs['round_trips_per_token']:.1f} round "
+            f"trips + {format_size(needs['link_bytes_per_token'])} over the link, against "
+            f"{needs['local_s_per_token'] * 1e3:.1f} ms per token locally: local+rpc pays with a round trip under "
+            f"{rtt} (at any rate) and a rate over {rate} (with no delay); both eat the same margin.",
+        ]
+    return "\n".join(lines)

@@ -113,3 +113,19 @@ def test_a_killed_creators_namespace_is_removed_on_next_use():
         time.sleep(0.1)
     assert namespace in remove_leftovers()
     assert namespace not in namespaces()
+
+
+def test_rpc_bench_errors_are_one_line(tiny_moe):
+    model = ["-m", str(tiny_moe(SPEC))]
+    cases = [
+        (["--mem-cap", "0", "--link", "1gbit"], "--link takes RATE,DELAY"),
+        (["--mem-cap", "0", "--link", "1gbit,1ms", "--rpc", "127.0.0.1:50052"], "--rpc HOST:PORT (real servers) or"),
+        (["--link", "1gbit,1ms"], "the RPC mode needs --mem-cap SIZE"),
+        (["--mem-cap", "0", "--rpc", "127.0.0.1:50052", "--contenders", "llama.cpp"], "unknown RPC contender"),
+        (["--mem-cap", "0", "--rpc", "localhost"], "--rpc takes HOST:PORT"),
+    ]
+    for args, msg in cases:
+        r = subprocess.run(
+            [sys.executable, "-m", "moespac_gguf.cli", "bench", *model, *args], capture_output=True, text=True
+        )
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, (args, r.stderr)

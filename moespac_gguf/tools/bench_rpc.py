@@ -25,8 +25,8 @@ measured here (n/a).
 Reported per row: load seconds, tokens/s (and the decode alone, without the prompt prefills),
 bytes read from storage while generating, bytes over the link, the cgroup's peak memory, and
 whether the greedy token ids equal local's. With two or more emulated links of different delays,
-`link_needs` fits each token's seconds over the link as compute + k round trips + its bytes at
-the rate, and says what a link must offer for local+rpc to beat local.
+`link_needs` fits each decoded token's seconds as c + k round trips + its bytes at the rate, and
+says what a link must offer for local+rpc to decode faster than local.
 """
 
 from __future__ import annotations
@@ -158,36 +158,39 @@ def run_row(name: str, cfg: BenchConfig, link: str | None, progress: bool) -> di
 
 
 def link_needs(rows: list[dict], local: dict | None) -> dict | None:
-    """What a link must offer for local+rpc to beat local, from the emulated rows (None with fewer
-    than two delays or without local): each token's seconds fitted as c + k * RTT + 8 b / rate
-    (b: its bytes over the link, both ways; least squares over the rows for c and k), then the
-    largest round trip at which local+rpc still beats local's seconds per token at infinite rate,
-    and the least rate at which it does with no delay."""
+    """What a link must offer for local+rpc to decode faster than local, from the emulated rows
+    (None with fewer than two delays, or without local): each decoded token's seconds fitted as
+    c + k * RTT + 8 b / rate (b: the generation's bytes over the link per token, both ways, the
+    prompts' included: an upper bound; least squares over the rows for c and k), then the largest
+    round trip at which local+rpc still beats local's seconds per decoded token at any rate, and
+    the least rate at which it does with no delay. Decode, not prefill: the prompt's one batch
+    pays the round trips once, each decoded token pays them again."""
     pts = [
         (
             2 * LinkShape.parse(r["link"]).delay_s,
             sum(r["link_bytes"]["generate"]) / r["n_tokens"],
             LinkShape.parse(r["link"]).rate_bits,
-            r["seconds"] / r["n_tokens"],
+            1 / r["decode"]["tokens_per_s"],
         )
         for r in rows
-        if r["name"] == "local+rpc" and r.get("link") and r.get("link_bytes")
+        if r["name"] == "local+rpc" and r.get("link") and r.get("link_bytes") and r["decode"]["tokens_per_s"]
     ]
-    if local is None or "error" in local or len({p[0] for p in pts}) < 2:
+    if local is None or not local.get("decode", {}).get("tokens_per_s") or len({p[0] for p in pts}) < 2:
         return None
     xs, ys = [p[0] for p in pts], [p[3] - 8 * p[1] / p[2] for p in pts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     c = my - k * mx
     per_token = sum(p[1] for p in pts) / len(pts)
-    budget = local["seconds"] / local["n_tokens"] - c  # what the link may add per token
+    local_s = 1 / local["decode"]["tokens_per_s"]
+    margin = local_s - c  # what the link may add to each decoded token
     return {
-        "local_s_per_token": local["seconds"] / local["n_tokens"],
+        "local_s_per_token": local_s,
         "compute_s_per_token": c,
         "round_trips_per_token": k,
         "link_bytes_per_token": per_token,
-        "max_rtt_s": budget / k if budget > 0 and k > 0 else None,
-        "min_rate_bits": 8 * per_token / budget if budget > 0 else None,
+        "max_rtt_s": margin / k if margin > 0 and k > 0 else None,
+        "min_rate_bits": 8 * per_token / margin if margin > 0 else None,
     }
 
 
@@ -274,10 +277,10 @@ def markdown(report: dict, cfg: BenchConfig) -> str:
         rate = f"{needs['min_rate_bits'] / 1e6:.1f} Mbit/s" if needs["min_rate_bits"] else "none (never pays)"
         lines += [
             "",
-            f"What the link must offer (fit over the links above): each token costs "
-            f"{needs['compute_s_per_token'] * 1e3:.1f} ms of compute + {needs['round_trips_per_token']:.1f} round "
-            f"trips + {format_size(needs['link_bytes_per_token'])} over the link, against "
-            f"{needs['local_s_per_token'] * 1e3:.1f} ms per token locally: local+rpc pays with a round trip under "
+            f"What the link must offer (decode, fitted over the links above): each decoded token costs "
+            f"{needs['compute_s_per_token'] * 1e3:.1f} ms without the link + {needs['round_trips_per_token']:.1f} "
+            f"round trips + {format_size(needs['link_bytes_per_token'])} over the link, against "
+            f"{needs['local_s_per_token'] * 1e3:.1f} ms locally: local+rpc decodes faster with a round trip under "
             f"{rtt} (at any rate) and a rate over {rate} (with no delay); both eat the same margin.",
         ]
     return "\n".join(lines)

@@ -70,7 +70,7 @@ def test_layers_over_a_shaped_link_give_the_local_output(tiny_moe, tmp_path):
     assert local["link_bytes"] is None
 
 
-def test_both_ends_are_shaped_and_nothing_is_left_behind():
+def test_both_ends_are_shaped_a_gone_host_is_one_line_and_nothing_is_left_behind(tiny_moe):
     with emulated() as host:
         veth = Path(host.stats_dir).parent.name
         assert host.namespace in namespaces()
@@ -82,6 +82,10 @@ def test_both_ends_are_shaped_and_nothing_is_left_behind():
             assert "rate 20Mbit" in qdiscs and ("netem" in qdiscs or "tbf" in qdiscs), qdiscs
         sent, received = host.link_bytes()
         assert sent > 0 and received > 0  # the readiness probes crossed it
+        host.kill()  # the other machine goes away: reaching it is a one-line error, not ggml-rpc's abort
+        run = [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", str(tiny_moe(SPEC)), "-p", "x", "-n", "1"]
+        r = subprocess.run([*run, "--rpc", host.endpoint], capture_output=True, text=True)
+        assert r.returncode == 2 and f"cannot reach the RPC server at {host.endpoint}" in r.stderr, r.stderr
     assert host.namespace not in namespaces()
     assert not Path(host.stats_dir).exists()
     assert host.server.proc.poll() is not None

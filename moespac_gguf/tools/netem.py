@@ -112,15 +112,19 @@ class RemoteHost:
     namespace: str
     stats_dir: str  # the host-side veth's statistics: link_bytes(stats_dir)
     server: RpcServer
+    relay: subprocess.Popen | None  # the delay relay in front of the server, where there is one
 
     def link_bytes(self) -> tuple[int, int]:
         """(sent to, received from) the emulated host so far, in bytes."""
         return link_bytes(self.stats_dir)
 
-    def kill_server(self) -> None:
-        """SIGKILL the RPC server (what a client sees when the other machine goes away)."""
-        self.server.proc.kill()
-        self.server.proc.wait()
+    def kill(self) -> None:
+        """SIGKILL the server and its relay: the other machine goes away, its endpoint refuses
+        connections (a client talking to it sees what it would see then)."""
+        for proc in (self.relay, self.server.proc):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 def _run(*cmd: str, what: str) -> subprocess.CompletedProcess:
@@ -260,14 +264,15 @@ def emulated_host(shape: LinkShape, threads: int = 1, timeout: float = 60.0) -> 
             server = stack.enter_context(
                 rpc_server(inner_ip, RPC_PORT, threads, inside, timeout, preexec_fn=_die_with_parent)
             )
-            endpoint = server.endpoint
+            endpoint, relay = server.endpoint, None
             if shaping == "tbf + delay relay":
-                relay = [*inside, sys.executable, "-m", "moespac_gguf.tools.delay_relay"]
-                relay += [f"{inner_ip}:{RELAY_PORT}", endpoint, repr(shape.delay_s)]
-                stack.enter_context(
-                    listening_child(relay, inner_ip, RELAY_PORT, "the delay relay", timeout, _die_with_parent)
+                cmd = [*inside, sys.executable, "-m", "moespac_gguf.tools.delay_relay"]
+                cmd += [f"{inner_ip}:{RELAY_PORT}", endpoint, repr(shape.delay_s)]
+                relay = stack.enter_context(
+                    listening_child(cmd, inner_ip, RELAY_PORT, "the delay relay", timeout, _die_with_parent)
                 )
                 endpoint = f"{inner_ip}:{RELAY_PORT}"
-            yield RemoteHost(endpoint, shape, shaping, namespace, f"/sys/class/net/{host_veth}/statistics", server)
+            stats = f"/sys/class/net/{host_veth}/statistics"
+            yield RemoteHost(endpoint, shape, shaping, namespace, stats, server, relay)
     finally:
         _delete(namespace, host_veth)

@@ -22,6 +22,7 @@ import pytest
 from moespac_gguf import MoespacError, read_layout
 from moespac_gguf.demo.synthetic import SyntheticSpec, vocab
 from moespac_gguf.tools.bench import BenchConfig, run_capped
+from moespac_gguf.tools.bench_rpc import link_needs, markdown
 from moespac_gguf.tools.netem import LinkShape, RemoteHost, emulated_host, remove_leftovers
 
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=128, n_ff_exp=128, n_expert=8, seed=9)
@@ -133,3 +134,40 @@ def test_rpc_bench_errors_are_one_line(tiny_moe):
             [sys.executable, "-m", "moespac_gguf.cli", "bench", *model, *args], capture_output=True, text=True
         )
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, (args, r.stderr)
+
+
+def test_link_needs_recovers_a_links_cost_from_the_sweep(tiny_moe):
+    """Rows whose decode follows c + k * RTT + 8 b / rate exactly give back c and k, and the
+    break-even round trip and rate; the table says what the link must offer."""
+    c, k, b = 0.05, 40, 500_000  # seconds, round trips, bytes per token
+
+    def row(link: str) -> dict:
+        shape = LinkShape.parse(link)
+        s_per_token = c + k * 2 * shape.delay_s + 8 * b / shape.rate_bits
+        return {
+            "name": "local+rpc",
+            "link": link,
+            "shaping": "netem",
+            "placement": "fallback: budget off, all layers on the remote",
+            "fallback": True,
+            "load_s": 1.0,
+            "tokens_per_s": 1 / s_per_token,
+            "n_tokens": 10,
+            "seconds": 10 * s_per_token,
+            "bytes_read": 0,
+            "decode": {"tokens_per_s": 1 / s_per_token},
+            "link_bytes": {"load": [10**6, 10**3], "generate": [10 * b, 0]},
+            "peak_bytes": 0,
+            "same_output": True,
+        }
+
+    local = row("100gbit,0ms") | {"name": "local", "link": None, "link_bytes": None, "decode": {"tokens_per_s": 5.0}}
+    rows = [local] + [row(link) for link in ("100mbit,5ms", "1gbit,1ms", "10gbit,200us")]
+    needs = link_needs(rows, local)
+    assert needs["compute_s_per_token"] == pytest.approx(c) and needs["round_trips_per_token"] == pytest.approx(k)
+    margin = 0.2 - c  # local: 5 tok/s
+    assert needs["max_rtt_s"] == pytest.approx(margin / k) and needs["min_rate_bits"] == pytest.approx(8 * b / margin)
+    assert link_needs(rows[:2], local) is None  # one delay: nothing to fit
+    cfg = BenchConfig(model=str(tiny_moe(SPEC)), links=tuple(r["link"] for r in rows[1:]))
+    table = markdown({"results": rows, "server_threads": 2, "link_needs": needs}, cfg)
+    assert f"a round trip under {margin / k * 1e3:.2f} ms" in table and "fallback:" in table

@@ -13,6 +13,9 @@ prompts and greedy decoding. Contenders:
              off, the -ngl layers on the remote, the cap still on this machine's process; the row
              says so (`fallback`)
 
+A draft (-md, optional) is the same in both; with the RPC device it goes there too (-ngl applies to
+it as to the target).
+
 With `--link RATE,DELAY` the remote is emulated (tools.netem): our own rpc-server in a network
 namespace on this machine, behind a veth pair shaped to the link's rate and one-way delay (a
 round trip: two delays), started fresh for the contender and stopped after it, outside the

@@ -73,13 +73,14 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
+    """Relay LISTEN to TARGET with DELAY_S each way until killed (the module's docstring)."""
     listen, target, delay = _address(argv[0]), _address(argv[1]), float(argv[2])
-    server = socket.create_server(listen, reuse_port=False)
+    server = socket.create_server(listen)
     while True:
         client, _ = server.accept()
         threading.Thread(target=_relay, args=(client, target, delay), daemon=True).start()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

@@ -101,6 +101,10 @@ def serve(*args: str, timeout: float = 180.0, env: dict | None = None) -> Iterat
 class RpcServer:
     endpoint: str  # HOST:PORT, as --rpc takes it
     proc: subprocess.Popen
+    log_path: str  # its stdout and stderr (removed when it stops)
+
+    def log(self) -> str:
+        return _read(self.log_path)
 
 
 def _wait_accepting(host: str, port: int, proc: subprocess.Popen, what: str, log_path: str, timeout: float) -> None:
@@ -123,16 +127,16 @@ def _wait_accepting(host: str, port: int, proc: subprocess.Popen, what: str, log
 @contextmanager
 def listening_child(
     cmd: list[str], host: str, port: int, what: str, timeout: float = 60.0, preexec_fn=None
-) -> Iterator[subprocess.Popen]:
-    """`cmd` in a child process (stdout and stderr to a log), ready when this yields: HOST:PORT
-    accepted a TCP connection. However the block ends, the child is stopped (SIGTERM, then SIGKILL)
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`cmd` in a child process (stdout and stderr to a log), ready when this yields (the process,
+    the log's path): HOST:PORT accepted a TCP connection. However the block ends, the child is stopped (SIGTERM, then SIGKILL)
     and its log removed. A child that exits or does not listen within `timeout` seconds is a
     MoespacError naming `what`, with the log's last line."""
     log = tempfile.NamedTemporaryFile("w", prefix="moespac-child-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     try:
         _wait_accepting(host, port, proc, what, log.name, timeout)
-        yield proc
+        yield proc, log.name
     finally:
         stop(proc, grace=5)
         log.close()
@@ -152,5 +156,5 @@ def rpc_server(
     command `prefix` (e.g. `ip netns exec NS`; `port` default: a free one here)."""
     port = port or free_port()
     cmd = [*prefix, sys.executable, "-m", "moespac_gguf.cli", "rpc-server", "--host", host, "--port", str(port)]
-    with listening_child([*cmd, "-t", str(threads)], host, port, "moespac rpc-server", timeout, preexec_fn) as proc:
-        yield RpcServer(f"{host}:{port}", proc)
+    with listening_child([*cmd, "-t", str(threads)], host, port, "moespac rpc-server", timeout, preexec_fn) as child:
+        yield RpcServer(f"{host}:{port}", *child)

@@ -268,7 +268,7 @@ def emulated_host(shape: LinkShape, threads: int = 1, timeout: float = 60.0) -> 
             if shaping == "tbf + delay relay":
                 cmd = [*inside, sys.executable, "-m", "moespac_gguf.tools.delay_relay"]
                 cmd += [f"{inner_ip}:{RELAY_PORT}", endpoint, repr(shape.delay_s)]
-                relay = stack.enter_context(
+                relay, _ = stack.enter_context(
                     listening_child(cmd, inner_ip, RELAY_PORT, "the delay relay", timeout, _die_with_parent)
                 )
                 endpoint = f"{inner_ip}:{RELAY_PORT}"

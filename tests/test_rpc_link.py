@@ -9,6 +9,7 @@ RPC server it ever added, and ggml-rpc aborts it when one of them has gone (test
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -21,15 +22,20 @@ import pytest
 
 from moespac_gguf import MoespacError, read_layout
 from moespac_gguf.demo.synthetic import SyntheticSpec, vocab
+from moespac_gguf.residency.costs import load_costs
+from moespac_gguf.residency.remote import remote_slot_share
 from moespac_gguf.tools.bench import BenchConfig, run_capped
 from moespac_gguf.tools.bench_rpc import link_needs, markdown
 from moespac_gguf.tools.netem import LinkShape, RemoteHost, emulated_host, remove_leftovers
 
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=128, n_ff_exp=128, n_expert=8, seed=9)
-# slow enough that the rate, not the delay, sets the load's time (5.5 MB: over 2 s) and that a round
-# trip (40 ms) is several times a token's time without the delay (~10 ms over loopback)
+# a round trip (40 ms) is several times a token's time without the delay (~10 ms over loopback)
 LINK = LinkShape.parse("20mbit,20ms")
 N_PREDICT = 10
+# this machine's figures in the calibrations below, and a server profile for which every remote
+# slot pays: a server 10x faster per expert than this machine over a link that costs nothing
+BASE = dict(flash_read_bps=1e9, memcpy_bps=5e9, mem_bps=9e9, cpu_s_per_token_expert=2e-4, page_in_latency_s=1e-4)
+PAYS = dict(remote_s_per_token_expert=2e-5, link_bps=1e10, round_trip_s=1e-6)
 
 
 @contextmanager
@@ -48,7 +54,17 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def test_layers_over_a_shaped_link_give_the_local_output(tiny_moe, tmp_path):
+def link_profile(directory: Path, endpoint: str, link: dict) -> Path:
+    """A calibration (the runtime's, where MOESPAC_CACHE is `directory`) whose profile of the server
+    at `endpoint` is `link` (residency.costs.RPC_KEYS), this machine's own figures fixed."""
+    calibration = directory / "calibration.json"
+    calibration.write_text(json.dumps({**BASE, "rpc": {endpoint: {"device": "RPC0", **link}}}))
+    return calibration
+
+
+def test_experts_in_remote_slots_over_a_shaped_link_give_the_local_output(tiny_moe, tmp_path, monkeypatch):
+    """Planned for a link that pays (PAYS), the hot experts are copied across the emulated link
+    into the server's slots and computed there; the greedy output is the local one."""
     path = tiny_moe(SPEC)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "layers computed on another machine"}\n')
@@ -56,19 +72,21 @@ def test_layers_over_a_shaped_link_give_the_local_output(tiny_moe, tmp_path):
         model=str(path), prompts=str(prompts), limit=1, n_predict=N_PREDICT, n_ctx=256, n_threads=1, links=(str(LINK),)
     )
     local = run_capped("local", cfg)
+    monkeypatch.setenv("MOESPAC_CACHE", str(tmp_path))  # the children's calibration: link_profile's
     with emulated() as host:
+        link_profile(tmp_path, host.endpoint, PAYS)
         remote = run_capped("local+rpc", replace(cfg, rpc_servers=host.endpoint))
     assert "error" not in local and "error" not in remote, (local, remote)
     assert remote["outputs"] == local["outputs"] and remote["n_tokens"] == N_PREDICT
-    experts = read_layout(path).expert_bytes
-    (sent_at_load, _), (_, received) = remote["link_bytes"]["load"], remote["link_bytes"]["generate"]
-    # every expert tensor crossed the link at load, no faster than the rate
-    assert sent_at_load > experts
-    assert remote["load_s"] > 0.9 * sent_at_load * 8 / LINK.rate_bits
-    # every token's logits came back over it (the output layer is remote), each at least a round trip later
+    slots = remote["slots"]
+    assert slots["device"].startswith("RPC0") and slots["copies"] > 0 and slots["hit_rate"] > 0
+    (sent_at_load, _), (sent, received) = remote["link_bytes"]["load"], remote["link_bytes"]["generate"]
+    # the layers (the output layer among them) crossed at load, the experts' copies while generating
+    assert sent_at_load > SPEC.n_embd * len(vocab()) * 4 and sent > slots["copied_bytes"]
+    # every token's logits came back over it, each at least a round trip after its inputs went
     assert received > N_PREDICT * len(vocab()) * 4
     assert remote["seconds"] > N_PREDICT * 2 * LINK.delay_s
-    assert local["link_bytes"] is None
+    assert local["link_bytes"] is None and local["slots"] is None
 
 
 def test_both_ends_are_shaped_a_gone_host_is_one_line_and_nothing_is_left_behind(tiny_moe):
@@ -148,8 +166,7 @@ def test_link_needs_recovers_a_links_cost_from_the_sweep(tiny_moe):
             "name": "local+rpc",
             "link": link,
             "shaping": "netem",
-            "placement": "fallback: budget off, all layers on the remote",
-            "fallback": True,
+            "placement": "+ remote device, budget off",
             "load_s": 1.0,
             "tokens_per_s": 1 / s_per_token,
             "n_tokens": 10,
@@ -170,4 +187,28 @@ def test_link_needs_recovers_a_links_cost_from_the_sweep(tiny_moe):
     assert link_needs(rows[:2], local) is None  # one delay: nothing to fit
     cfg = BenchConfig(model=str(tiny_moe(SPEC)), links=tuple(r["link"] for r in rows[1:]))
     table = markdown({"results": rows, "server_threads": 2, "link_needs": needs}, cfg)
-    assert f"a round trip under {margin / k * 1e3:.2f} ms" in table and "fallback:" in table
+    assert f"a round trip under {margin / k * 1e3:.2f} ms" in table
+
+
+def test_calibrate_measures_the_emulated_link(tiny_moe, tmp_path):
+    """`moespac calibrate --rpc` over the link measures what residency.plan charges a remote slot: a
+    bandwidth within the link's rate and a round trip of at least two delays; with those figures
+    the balancer plans a smaller share of a fast server's slots than over a link that costs
+    nothing (residency.remote.remote_slot_share). The server's own speed is PAYS's: the emulated
+    one computes on this machine's cores, no faster than local, so no link would make it pay."""
+    shape, out = LinkShape.parse("50mbit,5ms"), tmp_path / "calibration.json"
+    with emulated(shape) as host:
+        cmd = [sys.executable, "-m", "moespac_gguf.cli", "calibrate", "-m", str(tiny_moe(SPEC)), "--out", str(out)]
+        r = subprocess.run([*cmd, "--rpc", host.endpoint], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        link = json.loads(out.read_text())["rpc"][host.endpoint]
+    assert 0.3 * shape.rate_bits / 8 < link["link_bps"] < 1.05 * shape.rate_bits / 8
+    assert link["round_trip_s"] > 2 * shape.delay_s
+    # the same fast server behind the link as measured: the balancer plans fewer of its slots
+    measured = {k: link[k] for k in ("link_bps", "round_trip_s")}
+    layout = read_layout(tiny_moe(SPEC))
+    share = {
+        name: remote_slot_share(load_costs(rpc="x:1", path=link_profile(tmp_path, "x:1", profile)), layout)
+        for name, profile in (("pays", PAYS), ("measured", PAYS | measured))
+    }
+    assert share["pays"] > 0 and share["measured"] < share["pays"], share

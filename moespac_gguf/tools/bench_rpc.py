@@ -8,10 +8,9 @@ prompts and greedy decoding. Contenders:
   local      the moespac runtime alone, on the CPU: the cap is its memory budget (the residency
              engine runs when the model does not fit), as the capped benchmark's moespac
   local+rpc  the same memory options plus the RPC device (`rpc_servers=[endpoint]`, -ngl as given,
-             default all). Where the runtime refuses --rpc with a memory budget (before the RPC
-             slot tier of issue 25), the best placement that works today instead: --mem-budget
-             off, the -ngl layers on the remote, the cap still on this machine's process; the row
-             says so (`fallback`)
+             default all): the remote holds the layers; with the residency engine their expert
+             tensors stay here, managed by it, and the remote's memory is the slot tier (hot
+             experts computed there, as far as the balancer finds the link pays)
 
 A draft (-md, optional) is the same in both; with the RPC device it goes there too (-ngl applies to
 it as to the target).
@@ -51,25 +50,19 @@ from .bench_uncapped import threads
 from .netem import LinkShape, check_can_emulate, emulated_host, link_bytes, stats_dir_for
 
 RPC_CONTENDERS = ("local", "local+rpc")
-REFUSAL = "--rpc with the residency engine"  # how MoeSpac refuses rpc_servers with a memory budget today
 
 
-def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str, bool]:
-    """(the contender's MoeSpac, its placement in words, whether it is the fallback placement)."""
+def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
+    """(the contender's MoeSpac, its placement in words): local+rpc is local's memory options plus
+    the RPC servers (their devices hold layers and, with the residency engine, the slot tier)."""
     budget = cfg.mem_cap or None  # None: off (the cap is 0: the model fits)
+    memory = f"budget {format_size(budget) if budget else 'off'}"
     if name == "local":
         m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, n_gpu_layers=0)
-        return m, f"this machine, budget {format_size(budget) if budget else 'off'}", False
+        return m, f"this machine, {memory}"
     remote = {"rpc_servers": cfg.rpc_servers.split(","), "n_gpu_layers": cfg.n_gpu_layers}
-    try:
-        m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
-        return m, f"+ remote device, budget {format_size(budget) if budget else 'off'}", False
-    except MoespacError as e:
-        if budget is None or REFUSAL not in str(e):
-            raise
-    m = open_contender(cfg, cfg.model_draft, mem_budget="off", **remote)
-    layers = "all layers" if cfg.n_gpu_layers in (None, -1) else f"{cfg.n_gpu_layers} layers"
-    return m, f"fallback: budget off, {layers} on the remote", True
+    m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
+    return m, f"+ remote device, {memory}" + (", slots there" if m.slots is not None else "")
 
 
 def run_contender(name: str, cfg: BenchConfig) -> dict:
@@ -84,18 +77,18 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
         return link_bytes(stats) if stats else (0, 0)
 
     c0, t0 = counters(), time.perf_counter()
-    m, placement, fallback = open_rpc_contender(name, cfg)
+    m, placement = open_rpc_contender(name, cfg)
     load_s, c1 = time.perf_counter() - t0, counters()
     try:
         read0 = read_bytes()
         outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg)
         read1, c2 = read_bytes(), counters()
+        slots = m.slots.stats() if m.slots is not None else None
     finally:
         m.close()
     return {
         "name": name,
         "placement": placement,
-        "fallback": fallback,
         "endpoint": cfg.rpc_servers if name == "local+rpc" else None,
         "load_s": load_s,
         "tokens_per_s": n_tokens / elapsed,
@@ -108,6 +101,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
             "seconds": pooled.t_total - pooled.t_prompt,
             "prefill_s": pooled.t_prompt,
         },
+        "slots": slots,  # the slot tier's stats (on the remote device with --rpc and no local GPU)
         # [sent to, received from] the remote, in bytes (None: not measured)
         "link_bytes": {"load": [c1[0] - c0[0], c1[1] - c0[1]], "generate": [c2[0] - c1[0], c2[1] - c1[1]]}
         if stats
@@ -267,13 +261,6 @@ def markdown(report: dict, cfg: BenchConfig) -> str:
             f"{_both(lb and lb['load'])} | {_both(lb and lb['generate'], r['n_tokens'])} | "
             f"{format_size(r['peak_bytes']) if r['peak_bytes'] else '-'} | {same} |"
         )
-    if any(r.get("fallback") for r in report["results"]):
-        lines += [
-            "",
-            "fallback: the runtime refuses --rpc with a memory budget (the RPC slot tier is not in yet), so "
-            "local+rpc ran the best placement that works today: no residency engine, the layers on the remote, "
-            "the same cap on this machine's process.",
-        ]
     needs = report["link_needs"]
     if needs:
         rtt = f"{needs['max_rtt_s'] * 1e3:.2f} ms" if needs["max_rtt_s"] else "none (never pays)"

@@ -1,12 +1,15 @@
-"""Cost of the routing tap over an RPC link (issue 25): decode with every layer on an emulated
-remote (tools.netem), the tap on (as every MoeSpac runs today) and off (llama.cpp's own --rpc).
+"""Cost of the routing tap and of the experts' placement over an RPC link (issue 25): decode with
+every layer on an emulated remote (tools.netem), the tap on (as every MoeSpac runs) and off
+(llama.cpp's own --rpc), the expert tensors there too (llama.cpp's --rpc) or here (--cpu-moe: the
+RPC tier's placement, the experts under the residency engine and slots on the server).
 
 The tap is an eval callback that reads each MoE layer's chosen experts after that layer: with the
 layers on an RPC device, llama.cpp's scheduler then computes the graph layer by layer, reading
 each layer's ids back over the link, and cannot reuse the graph it sent for the previous token
 (ggml-rpc's GRAPH_RECOMPUTE), so every token pays a round trip per layer and sends its graph
-again. Per link: one server, two sessions of the same model on it (tap on, tap off), the same
-greedy tokens decoded in alternating rounds; reported: milliseconds and bytes over the link
+again; with the experts here the graph alternates between the two machines at every layer anyway.
+Per link: one server, four sessions of the same model on it, the same greedy tokens decoded in
+alternating rounds; reported: milliseconds and bytes over the link
 (sent / received) per decoded token, and the round trips the delay adds per token (the
 difference to a link without delay, over one round trip). Each link runs in its own process (a
 process keeps every RPC server it added, and ggml-rpc aborts it once one has gone). Writes
@@ -28,7 +31,6 @@ from pathlib import Path
 
 from moespac_gguf.core.atomic import atomic_write_text
 from moespac_gguf.demo.catalog import resolve_model
-from moespac_gguf.llama.rpc import add_servers
 from moespac_gguf.llama.session import Session
 from moespac_gguf.tools.netem import LinkShape, emulated_host
 
@@ -51,9 +53,20 @@ def one_round(s: Session, prompt: list[int], n: int, host) -> tuple[float, list[
 def measure(model: str, link: str, n: int, rounds: int, threads: int) -> list[dict]:
     """Both sessions over one emulated link, alternating rounds; one row each (medians)."""
     with emulated_host(LinkShape.parse(link), threads=threads) as host:
-        add_servers([host.endpoint])
-        sessions = {tap: Session(model, n_ctx=512, n_gpu_layers=-1, tap=tap, op_offload=False) for tap in (True, False)}
-        prompt = sessions[True].tokenize(PROMPT)
+        sessions = {
+            (tap, here): Session(
+                model,
+                n_ctx=512,
+                n_gpu_layers=-1,
+                tap=tap,
+                op_offload=False,
+                rpc_servers=[host.endpoint],
+                n_cpu_moe=None if here else 0,
+            )
+            for tap in (True, False)
+            for here in (False, True)
+        }
+        prompt = sessions[True, False].tokenize(PROMPT)
         for s in sessions.values():
             one_round(s, prompt, 2, host)  # warm-up: the first graphs, the server's buffers
         runs = {tap: [] for tap in sessions}
@@ -65,11 +78,12 @@ def measure(model: str, link: str, n: int, rounds: int, threads: int) -> list[di
                 "link": link,
                 "shaping": host.shaping,
                 "tap": tap,
+                "experts_here": here,
                 "ms_per_token": 1e3 * statistics.median(r[0] for r in rs),
                 "bytes_per_token": [statistics.median(r[1][i] for r in rs) for i in (0, 1)],
                 "same_tokens": len({tuple(r[2]) for rr in runs.values() for r in rr}) == 1,  # both taps, all rounds
             }
-            for tap, rs in runs.items()
+            for (tap, here), rs in runs.items()
         ]
         for s in sessions.values():
             s.close()
@@ -100,23 +114,26 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             raise SystemExit(f"{link}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
-    base = {r["tap"]: r for r in rows if LinkShape.parse(r["link"]).delay_s == 0}
+    base = {(r["tap"], r["experts_here"]): r for r in rows if LinkShape.parse(r["link"]).delay_s == 0}
     for r in rows:
         rtt = 2 * LinkShape.parse(r["link"]).delay_s
-        b = base.get(r["tap"])
+        b = base.get((r["tap"], r["experts_here"]))
         r["round_trips_per_token"] = (r["ms_per_token"] - b["ms_per_token"]) / 1e3 / rtt if rtt and b else None
     lines = [
-        f"Routing tap over an emulated RPC link: `{Path(model).name}`, every layer on an rpc-server in a network "
-        f"namespace on this machine ({args.threads} threads), greedy, {args.decode_tokens} decoded tokens, median of "
-        f"{args.rounds} alternating rounds. Round trips: the time the delay adds per token over one round trip.",
+        f"Routing tap and expert placement over an emulated RPC link: `{Path(model).name}`, every layer on an "
+        f"rpc-server in a network namespace on this machine ({args.threads} threads), its expert tensors there too "
+        f"or here (--cpu-moe), greedy, {args.decode_tokens} decoded tokens, median of {args.rounds} alternating "
+        "rounds. Round trips: the time the delay adds per token over one round trip.",
         "",
-        "| link | routing tap | ms / token | sent / token | received / token | round trips / token | same tokens |",
-        "|---|---|---:|---:|---:|---:|:-:|",
+        "| link | routing tap | experts | ms / token | sent / token | received / token | round trips / token "
+        "| same tokens |",
+        "|---|---|---|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
         k = "-" if r["round_trips_per_token"] is None else f"{r['round_trips_per_token']:.1f}"
         lines.append(
-            f"| {r['link']} ({r['shaping']}) | {'on' if r['tap'] else 'off'} | {r['ms_per_token']:.1f} | "
+            f"| {r['link']} ({r['shaping']}) | {'on' if r['tap'] else 'off'} | "
+            f"{'here (--cpu-moe)' if r['experts_here'] else 'remote'} | {r['ms_per_token']:.1f} | "
             f"{r['bytes_per_token'][0] / 1024:.1f} KiB | {r['bytes_per_token'][1] / 1024:.1f} KiB | {k} | "
             f"{'yes' if r['same_tokens'] else 'NO'} |"
         )

@@ -180,13 +180,13 @@ def test_link_needs_recovers_a_links_cost_from_the_sweep(tiny_moe):
 
     local = row("100gbit,0ms") | {"name": "local", "link": None, "link_bytes": None, "decode": {"tokens_per_s": 5.0}}
     rows = [local] + [row(link) for link in ("100mbit,5ms", "1gbit,1ms", "10gbit,200us")]
-    needs = link_needs(rows, local)
+    needs = link_needs(rows, local, "local+rpc")
     assert needs["compute_s_per_token"] == pytest.approx(c) and needs["round_trips_per_token"] == pytest.approx(k)
     margin = 0.2 - c  # local: 5 tok/s
     assert needs["max_rtt_s"] == pytest.approx(margin / k) and needs["min_rate_bits"] == pytest.approx(8 * b / margin)
-    assert link_needs(rows[:2], local) is None  # one delay: nothing to fit
+    assert link_needs(rows[:2], local, "local+rpc") is None  # one delay: nothing to fit
     cfg = BenchConfig(model=str(tiny_moe(SPEC)), links=tuple(r["link"] for r in rows[1:]))
-    table = markdown({"results": rows, "server_threads": 2, "link_needs": needs}, cfg)
+    table = markdown({"results": rows, "server_threads": 2, "link_needs": {"local+rpc": needs}}, cfg)
     assert f"a round trip under {margin / k * 1e3:.2f} ms" in table
 
 

@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
         "prompt and decode tokens/s against stock llama.cpp's llama-bench and llama-cpp-python "
         f"({', '.join(bench_uncapped.UNCAPPED_CONTENDERS)}), the model in memory, interleaved rounds. With --rpc "
         "HOST:PORT or --link RATE,DELAY, the RPC mode: local (this machine alone) against local+rpc (the same "
-        "memory cap, plus an RPC server's device): tokens/s, bytes read, bytes over the link, same output.",
+        "memory cap and options, plus an RPC server's device) and llama.cpp-rpc (every layer on the server, as "
+        "llama.cpp's --rpc): tokens/s, bytes read, bytes over the link, same output.",
     )
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument(
@@ -108,8 +109,8 @@ def main(argv: list[str]) -> int:
         default=[],
         metavar="RATE,DELAY",
         help="the RPC mode with an emulated remote: our own rpc-server in a network namespace behind a link "
-        "shaped to RATE and one-way DELAY in tc's units (e.g. 1gbit,1ms); repeat it for a sweep, one local+rpc "
-        "row per link (Linux, root; instead of --rpc)",
+        "shaped to RATE and one-way DELAY in tc's units (e.g. 1gbit,1ms); repeat it for a sweep, one row per "
+        "link and remote contender (Linux, root; instead of --rpc)",
     )
     p.add_argument(
         "--sd-draft",
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
         help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots); "
         f"with --gpu-budget from {', '.join(bench_gpu.GPU_CONTENDERS)} (default: all); "
         f"with --no-cap from {', '.join(bench_uncapped.UNCAPPED_CONTENDERS)} (default: all); "
-        f"with --rpc or --link from {', '.join(bench_rpc.RPC_CONTENDERS)} (default: both)",
+        f"with --rpc or --link from {', '.join(bench_rpc.RPC_CONTENDERS)} (default: all)",
     )
     p.add_argument(
         "--slot-fraction",
@@ -190,7 +191,7 @@ def uncapped(args: argparse.Namespace) -> int:
 def rpc(args: argparse.Namespace) -> int:
     """`--rpc` or `--link`: the RPC mode (tools.bench_rpc), with the capped benchmark's --mem-cap."""
     if args.mem_cap is None:
-        raise MoespacError("the RPC mode needs --mem-cap SIZE: the same cap for local and local+rpc (0: none)")
+        raise MoespacError("the RPC mode needs --mem-cap SIZE: the same cap for every contender (0: none)")
     values = {f.name: getattr(args, f.name) for f in fields(BenchConfig)}
     cfg = BenchConfig(
         **{

@@ -11,6 +11,9 @@ prompts and greedy decoding. Contenders:
              default all): the remote holds the layers; with the residency engine their expert
              tensors stay here, managed by it, and the remote's memory is the slot tier (hot
              experts computed there, as far as the balancer finds the link pays)
+  llama.cpp-rpc  what a llama.cpp user does with --rpc: every layer, expert tensors too, on the
+             remote (--n-cpu-moe 0), no memory budget (the residency engine would keep the
+             experts here), the same cap on this machine's process
 
 A draft (-md, optional) is the same in both; with the RPC device it goes there too (-ngl applies to
 it as to the target).
@@ -19,16 +22,16 @@ With `--link RATE,DELAY` the remote is emulated (tools.netem): our own rpc-serve
 namespace on this machine, behind a veth pair shaped to the link's rate and one-way delay (a
 round trip: two delays), started fresh for the contender and stopped after it, outside the
 memory cgroup (it stands for another machine, but shares this one's cores: its compute is no
-faster than this machine's). `--link` repeats: one local+rpc row per link (a sweep), the local
-row once. The host-side veth's counters give the bytes over the link, at load (the offloaded
+faster than this machine's). `--link` repeats: one row per link and remote contender (a sweep),
+the local row once. The host-side veth's counters give the bytes over the link, at load (the offloaded
 weights) and while generating. With `--rpc`, real servers: the bytes over the link are not
 measured here (n/a).
 
 Reported per row: load seconds, tokens/s (and the decode alone, without the prompt prefills),
 bytes read from storage while generating, bytes over the link, the cgroup's peak memory, and
 whether the greedy token ids equal local's. With two or more emulated links of different delays,
-`link_needs` fits each decoded token's seconds as c + k round trips + its bytes at the rate, and
-says what a link must offer for local+rpc to decode faster than local.
+`link_needs` fits each remote contender's decoded token's seconds as c + k round trips + its
+bytes at the rate, and says what a link must offer for it to decode faster than local.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .bench import BenchConfig, check_capped, generate_prompts, open_contender, 
 from .bench_uncapped import threads
 from .netem import LinkShape, check_can_emulate, emulated_host, link_bytes, stats_dir_for
 
-RPC_CONTENDERS = ("local", "local+rpc")
+RPC_CONTENDERS = ("local", "local+rpc", "llama.cpp-rpc")
 
 
 def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
@@ -61,6 +64,9 @@ def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
         m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, n_gpu_layers=0)
         return m, f"this machine, {memory}"
     remote = {"rpc_servers": cfg.rpc_servers.split(","), "n_gpu_layers": cfg.n_gpu_layers}
+    if name == "llama.cpp-rpc":
+        m = open_contender(cfg, cfg.model_draft, mem_budget="off", n_cpu_moe=0, **remote)
+        return m, "every layer and its experts on the remote, budget off"
     m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
     return m, f"+ remote device, {memory}" + (", slots there" if m.slots is not None else "")
 
@@ -68,7 +74,7 @@ def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
 def run_contender(name: str, cfg: BenchConfig) -> dict:
     """Run inside the capped child: load, generate every prompt, report one JSON object (the
     link's counters around the load and the generation when the link is emulated)."""
-    emulated = bool(cfg.links) and name == "local+rpc"
+    emulated = bool(cfg.links) and name != "local"
     stats = stats_dir_for(parse_endpoint(cfg.rpc_servers)[0]) if emulated else None
     if emulated and stats is None:
         raise MoespacError(f"no emulated link reaches {cfg.rpc_servers}")
@@ -89,7 +95,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     return {
         "name": name,
         "placement": placement,
-        "endpoint": cfg.rpc_servers if name == "local+rpc" else None,
+        "endpoint": cfg.rpc_servers if name != "local" else None,
         "load_s": load_s,
         "tokens_per_s": n_tokens / elapsed,
         "n_tokens": n_tokens,
@@ -154,12 +160,12 @@ def run_row(name: str, cfg: BenchConfig, link: str | None, progress: bool) -> di
     return row
 
 
-def link_needs(rows: list[dict], local: dict | None) -> dict | None:
-    """What a link must offer for local+rpc to decode faster than local, from the emulated rows
+def link_needs(rows: list[dict], local: dict | None, name: str) -> dict | None:
+    """What a link must offer for contender `name` to decode faster than local, from its emulated rows
     (None with fewer than two delays, or without local): each decoded token's seconds fitted as
     c + k * RTT + 8 b / rate (b: the generation's bytes over the link per token, both ways, the
     prompts' included: an upper bound; least squares over the rows for c and k), then the largest
-    round trip at which local+rpc still beats local's seconds per decoded token at any rate, and
+    round trip at which it still beats local's seconds per decoded token at any rate, and
     the least rate at which it does with no delay. Decode, not prefill: the prompt's one batch
     pays the round trips once, each decoded token pays them again."""
     pts = [
@@ -170,7 +176,7 @@ def link_needs(rows: list[dict], local: dict | None) -> dict | None:
             1 / r["decode"]["tokens_per_s"],
         )
         for r in rows
-        if r["name"] == "local+rpc" and r.get("link") and r.get("link_bytes") and r["decode"]["tokens_per_s"]
+        if r["name"] == name and r.get("link") and r.get("link_bytes") and r["decode"]["tokens_per_s"]
     ]
     if local is None or not local.get("decode", {}).get("tokens_per_s") or len({p[0] for p in pts}) < 2:
         return None
@@ -192,12 +198,12 @@ def link_needs(rows: list[dict], local: dict | None) -> dict | None:
 
 
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Every contender of `cfg` (local+rpc once per link), as `moespac bench --rpc/--link --json` prints."""
+    """Every contender of `cfg` (the remote ones once per link), as `moespac bench --rpc/--link --json` prints."""
     check(cfg)
     rows = [
         run_row(name, cfg, link, progress)
         for name in cfg.contenders
-        for link in (cfg.links if name == "local+rpc" and cfg.links else (None,))
+        for link in (cfg.links if name != "local" and cfg.links else (None,))
     ]
     local = next((r for r in rows if r["name"] == "local"), None)
     reference = local.get("outputs") if local else None
@@ -218,7 +224,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
             | ({"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
             for r in rows
         ],
-        "link_needs": link_needs(rows, local),
+        "link_needs": {name: link_needs(rows, local, name) for name in cfg.contenders if name != "local"},
     }
 
 
@@ -243,34 +249,37 @@ def markdown(report: dict, cfg: BenchConfig) -> str:
         "bytes over the link: sent / received, headers included; read: from storage while generating.",
         "",
         "| contender | link | placement | load s | tok/s | vs local | decode tok/s | read | link at load "
-        "| link per token | peak memory | same output |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| link per token | slot copies (hit rate) | peak memory | same output |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     local = next((r for r in report["results"] if r["name"] == "local" and "error" not in r), None)
     for r in report["results"]:
         link = f"{r['link']} ({r['shaping']})" if r.get("link") else ("-" if r["name"] == "local" else "real")
         if "error" in r:
-            lines.append(f"| {r['name']} | {link} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['name']} | {link} | error: {r['error']} ||||||||||")
             continue
         vs = f"{r['tokens_per_s'] / local['tokens_per_s']:.2f}x" if local else "-"
         lb = r["link_bytes"]
         same = {True: "yes", False: "NO"}.get(r.get("same_output"), "-")
+        slots = r.get("slots")
+        copies = f"{slots['copies']} ({slots['hit_rate']:.2f})" if slots else "-"
         lines.append(
             f"| {r['name']} | {link} | {r['placement']} | {r['load_s']:.1f} | {r['tokens_per_s']:.2f} | {vs} | "
             f"{r['decode']['tokens_per_s']:.2f} | {format_size(r['bytes_read'])} | "
-            f"{_both(lb and lb['load'])} | {_both(lb and lb['generate'], r['n_tokens'])} | "
+            f"{_both(lb and lb['load'])} | {_both(lb and lb['generate'], r['n_tokens'])} | {copies} | "
             f"{format_size(r['peak_bytes']) if r['peak_bytes'] else '-'} | {same} |"
         )
-    needs = report["link_needs"]
-    if needs:
+    for name, needs in report["link_needs"].items():
+        if needs is None:
+            continue
         rtt = f"{needs['max_rtt_s'] * 1e3:.2f} ms" if needs["max_rtt_s"] else "none (never pays)"
         rate = f"{needs['min_rate_bits'] / 1e6:.1f} Mbit/s" if needs["min_rate_bits"] else "none (never pays)"
         lines += [
             "",
-            f"What the link must offer (decode, fitted over the links above): each decoded token costs "
+            f"What the link must offer {name} (decode, fitted over its links above): each decoded token costs "
             f"{needs['compute_s_per_token'] * 1e3:.1f} ms without the link + {needs['round_trips_per_token']:.1f} "
             f"round trips + {format_size(needs['link_bytes_per_token'])} over the link, against "
-            f"{needs['local_s_per_token'] * 1e3:.1f} ms locally: local+rpc decodes faster with a round trip under "
+            f"{needs['local_s_per_token'] * 1e3:.1f} ms locally: it decodes faster with a round trip under "
             f"{rtt} (at any rate) and a rate over {rate} (with no delay); both eat the same margin.",
         ]
     return "\n".join(lines)

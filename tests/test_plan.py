@@ -3,6 +3,8 @@ exact optima, greedy's distance from them, the background thread."""
 
 import itertools
 import math
+import subprocess
+import sys
 import threading
 import time
 
@@ -377,3 +379,11 @@ def test_background_balancer_drops_stale_problems():
         release.set()
         balancer.close()
     assert seen == problems[::2]
+
+
+def test_the_solver_writes_nothing_to_stdout():
+    """HiGHS's banner (printed by the C library when a process makes its first Highs object) is
+    spent at import, so a plan made mid-answer does not land in `moespac run`'s text."""
+    code = "import highspy, moespac_gguf.residency.ilp; highspy.Highs()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert out.stdout == b""

@@ -11,6 +11,8 @@ time and memory that path does not need.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +43,25 @@ DEFAULT_SOLVER = "highs"  # faster than CBC on every benchmark shape but one tie
 # in 5-13 ms at 48x128, where 0.5% runs HiGHS for 0.3-0.5 s (bench/results/balancer_gpu.md).
 RUNTIME_GAP = 0.01
 _MS = 1e3  # the ILP counts milliseconds so solver tolerances stay far below real costs
+
+
+def _quiet_banner() -> None:
+    """HiGHS prints a banner to stdout (the C library's, not Python's) when a process makes its
+    first Highs object, whatever its options say; `moespac run` writes the model's text there, and
+    the balancer's first plan comes mid-answer. The first one is made here, at import, on the
+    importing thread, with file descriptor 1 pointed at /dev/null for that moment."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+_quiet_banner()
 
 
 def solve(

@@ -11,7 +11,7 @@ from moespac_gguf import MoespacError
 from moespac_gguf.core.layout import MoeLayer, MoeLayout, TensorSpan
 from moespac_gguf.residency.costs import DeviceCosts
 from moespac_gguf.residency.plan import RESIDENT, SLOT, PlanProblem, tier_costs
-from moespac_gguf.residency.remote import remote_slot_share, zipf_utility
+from moespac_gguf.residency.remote import remote_slot_share, remote_tier_pays, zipf_utility
 
 MB = 1 << 20
 
@@ -93,3 +93,17 @@ def test_link_costs_are_validated():
         DeviceCosts(1e9, 1e9, 2e-4, round_trip_s=1e-3)
     with pytest.raises(MoespacError, match="token_bytes must be non-negative"):
         PlanProblem(np.ones((1, 2)), [MB], np.ones((1, 2)), [1], 2 * MB, FAST, token_bytes=-1)
+
+
+def test_the_tier_pays_only_where_its_slots_also_cover_every_layer_crossing():
+    """remote_tier_pays: on a fast link yes, on a slow one no; never where the plan fills no remote
+    slot; and on some link the plan fills slots whose saving does not cover the crossings the
+    placement adds to every layer (the experts computed here), which it must then refuse."""
+    m = layout()
+    assert remote_tier_pays(FAST, m, tokens=8) and not remote_tier_pays(SLOW, m, tokens=8)
+    round_trips = np.geomspace(1e-6, 1e-1, 26)
+    shares = [remote_slot_share(remote(1.25e10, r), m, tokens=8) for r in round_trips]
+    pays = [remote_tier_pays(remote(1.25e10, r), m, tokens=8) for r in round_trips]
+    assert all(share > 0 for share, p in zip(shares, pays) if p)
+    assert pays == sorted(pays, reverse=True)  # a slower link never makes it pay
+    assert any(share > 0 and not p for share, p in zip(shares, pays))

@@ -69,7 +69,14 @@ def test_experts_in_remote_slots_over_a_shaped_link_give_the_local_output(tiny_m
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "layers computed on another machine"}\n')
     cfg = BenchConfig(
-        model=str(path), prompts=str(prompts), limit=1, n_predict=N_PREDICT, n_ctx=256, n_threads=1, links=(str(LINK),)
+        model=str(path),
+        prompts=str(prompts),
+        limit=1,
+        n_predict=N_PREDICT,
+        n_ctx=256,
+        n_threads=1,
+        links=(str(LINK),),
+        mem_cap=1 << 30,  # the residency engine on: the tier's placement, the experts here (MoeSpac._rpc_placement)
     )
     local = run_capped("local", cfg)
     monkeypatch.setenv("MOESPAC_CACHE", str(tmp_path))  # the children's calibration: link_profile's

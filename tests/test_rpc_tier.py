@@ -85,7 +85,13 @@ def test_moespac_with_remote_slots_gives_the_local_greedy_output(tiny_moe, rpc_s
     expert = read_layout(path).mean_bytes_per_expert
     # 9 slots and each layer's zero slot: the balancer chooses which experts are remote
     with MoeSpac(
-        path, n_ctx=256, mem_budget="off", rpc_servers=[endpoint], gpu_budget=int(12 * expert), verbose=True
+        path,
+        n_ctx=256,
+        mem_budget="off",
+        rpc_servers=[endpoint],
+        n_cpu_moe=SPEC.n_layer,  # the tier's placement without the engine: every layer's experts here
+        gpu_budget=int(12 * expert),
+        verbose=True,
     ) as m:
         out = m.create_completion(PROMPT, max_tokens=32)
         assert m.completion_tokens == expected
@@ -124,6 +130,26 @@ def test_the_residency_engine_runs_with_remote_slots(tiny_moe, rpc_server, link_
         MoeSpac(path, mem_budget=budget, rpc_servers=[endpoint], n_cpu_moe=1)
 
 
+def test_the_engine_leaves_out_a_server_whose_link_cannot_pay(tiny_moe, rpc_server, link_profile, capfd):
+    """With the engine, a link over which the balancer would put no expert in the server's slots
+    (10 Mbit/s, 20 ms) is not used at all, said on one line: layers there with their experts here
+    would cross it twice in every layer for nothing (MoeSpac._rpc_placement)."""
+    endpoint = rpc_server[0]
+    path = tiny_moe(SPEC)
+    layout = read_layout(path)
+    with MoeSpac(path, n_ctx=256, mem_budget="off") as local:
+        local.create_completion(PROMPT, max_tokens=24)
+        expected = local.completion_tokens
+    link_profile(endpoint, SLOW)
+    capfd.readouterr()
+    with MoeSpac(path, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20), rpc_servers=[endpoint]) as m:
+        assert m.residency is not None and m.slots is None and m.target.link.endpoints == []
+        m.create_completion(PROMPT, max_tokens=24)
+        assert m.completion_tokens == expected
+    err = capfd.readouterr().err
+    assert f"the link to the RPC server at {endpoint} (20 ms a round trip, 10 Mbit/s) is too slow" in err
+
+
 def test_calibrate_measures_an_rpc_server_and_keeps_its_profile(tiny_moe, rpc_server, tmp_path, capsys):
     """`moespac calibrate --rpc`: the server's expert compute, the link's bandwidth and round trip,
     under "rpc" by endpoint; a later calibration without --rpc keeps them."""
@@ -142,7 +168,9 @@ def test_calibrate_measures_an_rpc_server_and_keeps_its_profile(tiny_moe, rpc_se
 def remote_run(path, endpoint) -> dict:
     """The slot stats of a self-drafted greedy run with slots on the server, and its tokens."""
     budget = int(12 * read_layout(path).mean_bytes_per_expert)
-    with MoeSpac(path, "self", n_ctx=256, mem_budget="off", rpc_servers=[endpoint], gpu_budget=budget) as m:
+    with MoeSpac(
+        path, "self", n_ctx=256, mem_budget="off", rpc_servers=[endpoint], n_cpu_moe=SPEC.n_layer, gpu_budget=budget
+    ) as m:
         m.slots.plan_every = 2  # plans early in a short run
         out = m.create_completion(PROMPT, max_tokens=32)
         return {**out["moespac"]["slots"], "held": int(m.slots.in_slot.sum()), "tokens": m.completion_tokens}

@@ -6,6 +6,7 @@ dicts (or streams of chunks), with a `moespac` entry holding the run's stats.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
 from ..residency.memory import AUTO, measured_budget, parse_budget, plan_memory
 from ..residency.pages import anon_rss
 from ..residency.platform import PLATFORM
+from ..residency.remote import remote_tier_pays
 from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
@@ -152,6 +154,10 @@ class MoeSpac:
             raise MoespacError(
                 "--rpc with the residency engine keeps every layer's expert tensors in host memory: drop --n-cpu-moe"
             )
+        self.n_cpu_moe = opt.n_cpu_moe
+        if rpc and opt.n_cpu_moe is None and not gpu_devices():
+            step = 1 + opt.draft_max if source is not None else 1  # tokens a verification holds at most
+            rpc, self.n_cpu_moe = self._rpc_placement(rpc, budgeted, step)
         n_gpu_layers = opt.n_gpu_layers if opt.n_gpu_layers is not None else -1 if gpu_devices() or rpc else 0
         gpu_budget = opt.gpu_budget
         if gpu_budget is not None:
@@ -167,7 +173,7 @@ class MoeSpac:
             n_batch=n_batch,
             capture=self.gate_tap,
             op_offload=not gpu_slots,  # the split's -1 ids must stay on the CPU (patches/0012)
-            n_cpu_moe=opt.n_cpu_moe,
+            n_cpu_moe=self.n_cpu_moe,
             flash_attn=flash_attn,
             **devices,
         )
@@ -223,11 +229,34 @@ class MoeSpac:
             if self.target.gpu is not None:
                 self.memory_plan = replace(self.memory_plan, gpu_free_bytes=self.target.gpu.memory()[0])
             if gpu_slots and self.target.slot_device is not None:
-                self.slots = self._gpu_tier(gpu_budget, opt.n_cpu_moe)
+                self.slots = self._gpu_tier(gpu_budget, self.n_cpu_moe)
         except Exception:
             self.close()
             raise
         self.seed = opt.seed
+
+    def _rpc_placement(self, rpc: list[str], budgeted: bool, step: int) -> tuple[list[str], int | None]:
+        """(RPC servers to use, n_cpu_moe) for --rpc without a local GPU and without --n-cpu-moe.
+        Without the residency engine: llama.cpp's own --rpc placement, every offloaded layer on the
+        server with its expert tensors (0), which crosses the link about once a token; keeping the
+        experts here would cross it twice in every layer (bench/results/rpc_link_tier.md: 5.2
+        against 1.1 tok/s over 1 Gbit/s and 1 ms). With the engine, the experts stay here (None)
+        and the server gets layers and expert slots, but only where, given the link's costs
+        (moespac calibrate --rpc, else the stated defaults), the balancer's slots there save more
+        than the link costs every layer, for steps of `step` tokens (residency.remote.
+        remote_tier_pays); otherwise the server is left out, said on one line."""
+        if not budgeted:
+            return rpc, 0
+        costs = load_costs(rpc=rpc[0])
+        if remote_tier_pays(costs, self.layout, tokens=step):
+            return rpc, None
+        print(
+            f"moespac: the link to the RPC server at {rpc[0]} ({costs.round_trip_s * 1e3:.2g} ms a round trip, "
+            f"{costs.memcpy_bps * 8 / 1e6:.3g} Mbit/s) is too slow for the server's layers and expert slots to pay: running on this "
+            "machine alone (--mem-budget off puts whole layers there instead, as llama.cpp's --rpc)",
+            file=sys.stderr,
+        )
+        return [], None
 
     def _gpu_tier(self, gpu_budget: int | None, n_cpu_moe: int | None) -> SlotFiller | None:
         """Expert slots in the slot device's memory (the GPU's, else an RPC server's: Session) for
@@ -287,7 +316,7 @@ class MoeSpac:
         gpu = TIERS.index("gpu")
         if self.slots is not None:
             out[self.slots.in_slot.copy()] = gpu
-        n_cpu_moe = self.options.n_cpu_moe
+        n_cpu_moe = self.n_cpu_moe
         if self.target.slot_device is not None and n_cpu_moe is not None:
             out[[l.index for l in self.layout.layers if l.index >= n_cpu_moe]] = gpu
         return out.astype(np.int8)

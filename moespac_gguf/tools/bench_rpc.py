@@ -68,6 +68,8 @@ def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
         m = open_contender(cfg, cfg.model_draft, mem_budget="off", n_cpu_moe=0, **remote)
         return m, "every layer and its experts on the remote, budget off"
     m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
+    if not m.target.link.endpoints:  # the runtime's own decision (MoeSpac._rpc_placement)
+        return m, f"the remote left out (this link cannot pay for it), {memory}"
     return m, f"+ remote device, {memory}" + (", slots there" if m.slots is not None else "")
 
 

@@ -30,6 +30,8 @@ def test_layers_on_an_rpc_device_give_the_local_greedy_output(tiny_moe, rpc_serv
     with MoeSpac(path, n_ctx=256, mem_budget="off", rpc_servers=[endpoint], n_gpu_layers=-1, verbose=True) as remote:
         remote.create_completion(PROMPT, max_tokens=24)
         assert remote.completion_tokens == expected
+        # nothing reads the routing here: no tap splitting the server's graph per layer
+        assert remote.target.tap is None
     llama_log = capfd.readouterr().err
     # every layer, and the output layer, on the server's device (llama.cpp's own account)
     assert f"offloaded {SPEC.n_layer + 1}/{SPEC.n_layer + 1} layers to GPU" in llama_log
@@ -50,6 +52,17 @@ def test_only_a_model_given_the_server_uses_it(tiny_moe, rpc_server, capfd):
         local.create_completion(PROMPT, max_tokens=4)
         assert local.target.link.endpoints == []
     assert "RPC0" not in capfd.readouterr().err
+
+
+def test_an_automatic_budget_sends_the_model_to_a_server_with_room(tiny_moe, rpc_server):
+    """--mem-budget auto (the default) with a server that has room for the whole model: no
+    residency engine here, every layer there with its experts, as llama.cpp's --rpc."""
+    path = tiny_moe(SPEC)
+    with MoeSpac(path) as local:
+        assert local.memory_plan.mode == "auto"
+    with MoeSpac(path, rpc_servers=[rpc_server[0]]) as remote:
+        assert remote.memory_plan.mode == "off" and remote.residency is None
+        assert remote.n_cpu_moe == 0 and remote.slots is None
 
 
 def test_bad_and_unreachable_endpoints_are_one_line_errors(tiny_moe):

@@ -29,13 +29,14 @@ from ..llama.abi import set_verbose
 from ..llama.capture import RouterCapture
 from ..llama.chat import chat_tokens
 from ..llama.devices import gpu_devices
+from ..llama.rpc import add_servers, usable_devices
 from ..llama.session import Session
 from ..llama.slots import SlotCache
 from ..residency.controller import ResidencyController, expert_budget
 from ..residency.costs import load_costs
 from ..residency.engine import ExpertMap
 from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
-from ..residency.memory import AUTO, measured_budget, parse_budget, plan_memory
+from ..residency.memory import AUTO, OFF, measured_budget, parse_budget, plan_memory
 from ..residency.pages import anon_rss
 from ..residency.platform import PLATFORM
 from ..residency.remote import remote_tier_pays
@@ -127,7 +128,10 @@ class MoeSpac:
         draft_bytes = Path(source.file).stat().st_size if source is not None and source.file else 0
         # decided before loading (batch sizes, taps and the draft's run-ahead depend on it); an auto
         # budget is measured again once the contexts exist (below)
-        self.memory_plan = plan_memory(parse_budget(opt.mem_budget), self.layout, draft_bytes, opt.n_ctx)
+        budget = parse_budget(opt.mem_budget)
+        if budget == AUTO and opt.rpc_endpoints and not gpu_devices() and self._servers_hold(opt.rpc_endpoints):
+            budget = OFF  # the model fits across the machines: llama.cpp's placement (_rpc_placement)
+        self.memory_plan = plan_memory(budget, self.layout, draft_bytes, opt.n_ctx)
         budgeted = self.memory_plan.engine
         self_draft = source is not None and source.shares_target
         if opt.gate is not None and not budgeted:
@@ -172,6 +176,10 @@ class MoeSpac:
             n_threads=opt.n_threads,
             n_batch=n_batch,
             capture=self.gate_tap,
+            # the routing tap reads every MoE layer's choice back: over a link that splits the
+            # server's graph per layer (~77 round trips a token instead of under one,
+            # bench/rpc_tap_cost.py), for nothing when no engine or slot reads it
+            tap=not (rpc and not budgeted and self.n_cpu_moe == 0),
             op_offload=not gpu_slots,  # the split's -1 ids must stay on the CPU (patches/0012)
             n_cpu_moe=self.n_cpu_moe,
             flash_attn=flash_attn,
@@ -234,6 +242,14 @@ class MoeSpac:
             self.close()
             raise
         self.seed = opt.seed
+
+    def _servers_hold(self, rpc: list[str]) -> bool:
+        """Whether the RPC servers at `rpc` have room for the whole model (its file and a fifth more
+        for the KV cache and compute buffers), free memory as they report it: an automatic budget
+        then sends every layer there instead of running the residency engine here."""
+        add_servers(rpc)
+        free = sum(d.memory()[0] for d in usable_devices(rpc))
+        return free >= 1.2 * Path(self.model_path).stat().st_size
 
     def _rpc_placement(self, rpc: list[str], budgeted: bool, step: int) -> tuple[list[str], int | None]:
         """(RPC servers to use, n_cpu_moe) for --rpc without a local GPU and without --n-cpu-moe.

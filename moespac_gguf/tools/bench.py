@@ -327,12 +327,18 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         "prompts": str(cfg.prompts),
         "limit": cfg.limit,
         "n_predict": cfg.n_predict,
-        "results": [
-            {k: v for k, v in r.items() if k != "outputs"}
-            | ({"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
-            for r in results
-        ],
+        "results": report_rows(results, reference),
     }
+
+
+def report_rows(rows: list[dict], reference: list | None) -> list[dict]:
+    """The report's rows: each contender's without its generated tokens, with `same_output` (its
+    tokens equal `reference`'s) where both are known."""
+    return [
+        {k: v for k, v in r.items() if k != "outputs"}
+        | ({"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
+        for r in rows
+    ]
 
 
 def markdown(results: list[dict], cfg: BenchConfig) -> str:

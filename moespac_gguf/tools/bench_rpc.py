@@ -48,7 +48,7 @@ from ..core.errors import MoespacError
 from ..core.units import format_size
 from ..llama.rpc import parse_endpoint
 from ..residency.pages import read_bytes
-from .bench import BenchConfig, check_capped, generate_prompts, open_contender, run_capped
+from .bench import BenchConfig, check_capped, generate_prompts, open_contender, report_rows, run_capped
 from .bench_uncapped import threads
 from .netem import LinkShape, check_can_emulate, emulated_host, link_bytes, stats_dir_for
 
@@ -221,11 +221,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         "prompts": str(cfg.prompts),
         "limit": cfg.limit,
         "n_predict": cfg.n_predict,
-        "results": [
-            {k: v for k, v in r.items() if k != "outputs"}
-            | ({"same_output": r["outputs"] == reference} if "outputs" in r and reference else {})
-            for r in rows
-        ],
+        "results": report_rows(rows, reference),
         "link_needs": {name: link_needs(rows, local, name) for name in cfg.contenders if name != "local"},
     }
 
@@ -274,13 +270,22 @@ def markdown(report: dict, cfg: BenchConfig) -> str:
     for name, needs in report["link_needs"].items():
         if needs is None:
             continue
-        rtt = f"{needs['max_rtt_s'] * 1e3:.2f} ms" if needs["max_rtt_s"] else "none (never pays)"
-        rate = f"{needs['min_rate_bits'] / 1e6:.1f} Mbit/s" if needs["min_rate_bits"] else "none (never pays)"
+        pays = needs["min_rate_bits"] is not None  # a margin over local's time is left for the link
+        if not pays:
+            rtt = rate = "none (never pays)"
+        else:
+            rate = f"{needs['min_rate_bits'] / 1e6:.1f} Mbit/s"
+            rtt = (
+                f"{needs['max_rtt_s'] * 1e3:.2f} ms"
+                if needs["max_rtt_s"]
+                else "any length (no cost per round trip measured)"
+            )
         lines += [
             "",
             f"What the link must offer {name} (decode, fitted over its links above): each decoded token costs "
-            f"{needs['compute_s_per_token'] * 1e3:.1f} ms without the link + {needs['round_trips_per_token']:.1f} "
-            f"round trips + {format_size(needs['link_bytes_per_token'])} over the link, against "
+            f"{needs['compute_s_per_token'] * 1e3:.1f} ms without the link + "
+            f"{max(needs['round_trips_per_token'], 0.0):.1f} round trips + "
+            f"{format_size(needs['link_bytes_per_token'])} over the link, against "
             f"{needs['local_s_per_token'] * 1e3:.1f} ms locally: it decodes faster with a round trip under "
             f"{rtt} (at any rate) and a rate over {rate} (with no delay); both eat the same margin.",
         ]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from moespac_gguf import MoespacError, read_layout
+from moespac_gguf import MoeSpac, MoespacError, read_layout
+from moespac_gguf.core.errors import RemoteDeviceLost
 from moespac_gguf.demo.synthetic import SyntheticSpec, vocab
 from moespac_gguf.residency.costs import load_costs
 from moespac_gguf.residency.remote import remote_slot_share
@@ -115,6 +116,26 @@ def test_both_ends_are_shaped_a_gone_host_is_one_line_and_nothing_is_left_behind
     assert host.namespace not in namespaces()
     assert not Path(host.stats_dir).exists()
     assert host.server.proc.poll() is not None
+
+
+def test_a_cut_link_ends_the_request_in_seconds_and_the_model_runs_on(tiny_moe):
+    """A server that goes silent (the link cut: nothing closes the connection) is noticed by the
+    client sockets' keepalive and send timeout (patches/0015), not waited for forever: the request
+    ends with the one-line RemoteDeviceLost and the instance answers the next one here."""
+    path = tiny_moe(SPEC)
+    with MoeSpac(path, n_ctx=2048, mem_budget="off") as local:
+        local.create_completion("a cable pulled", max_tokens=16)
+        expected = local.completion_tokens
+    with emulated(LinkShape.parse("1gbit,1ms")) as host:
+        with MoeSpac(path, n_ctx=2048, mem_budget="off", rpc_servers=[host.endpoint]) as m:
+            with pytest.raises(RemoteDeviceLost, match=f"the RPC server at {host.endpoint} stopped answering"):
+                for i, _ in enumerate(m.create_completion("a cable pulled", max_tokens=2000, stream=True)):
+                    if i == 3:
+                        host.cut()
+                        cut = time.monotonic()
+            assert time.monotonic() - cut < 30
+            m.create_completion("a cable pulled", max_tokens=16)
+            assert m.completion_tokens == expected
 
 
 def test_a_killed_creators_namespace_is_removed_on_next_use():

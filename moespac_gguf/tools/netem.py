@@ -118,6 +118,11 @@ class RemoteHost:
         """(sent to, received from) the emulated host so far, in bytes."""
         return link_bytes(self.stats_dir)
 
+    def cut(self) -> None:
+        """The link goes silent, as a pulled cable or a machine losing power: the host-side veth
+        goes down, so packets are dropped and nothing closes the connection."""
+        _run("ip", "link", "set", Path(self.stats_dir).parent.name, "down", what="cannot cut the link")
+
     def kill(self) -> None:
         """SIGKILL the server and its relay: the other machine goes away, its endpoint refuses
         connections (a client talking to it sees what it would see then)."""

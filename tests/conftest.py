@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from moespac_gguf.core.child import rpc_server as start_rpc_server_process
 from moespac_gguf.demo.synthetic import SyntheticSpec, write_synthetic_moe
 from moespac_gguf.llama.devices import gpu_devices
-from moespac_gguf.server.process import rpc_server as start_rpc_server_process
 
 # The CPU suite sees no GPU even on a GPU build (llama.cpp would offload to it); the GPU job of
 # `make test` (MOESPAC_REQUIRE_GPU=1) runs the tests marked gpu with the device visible.

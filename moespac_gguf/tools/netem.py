@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.atomic import pid_alive
+from ..core.child import RpcServer, listening_child, rpc_server
 from ..core.errors import MoespacError
-from ..server.process import RpcServer, listening_child, rpc_server
 
 PREFIX = "moespac-"  # namespaces: moespac-PID-N
 _NAMESPACE = re.compile(r"moespac-(\d+)-\d+")

@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from moespac_gguf import MoeSpac, MoespacError
+from moespac_gguf.core.child import free_port
 from moespac_gguf.core.errors import RemoteDeviceLost
 from moespac_gguf.demo.synthetic import SyntheticSpec
-from moespac_gguf.core.child import free_port
 from moespac_gguf.server.process import serve
 
 SPEC = SyntheticSpec(arch="qwen3moe", n_layer=3, n_embd=128, n_ff_exp=128, n_expert=8, seed=9)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from gguf_edit import gguf_copy
 
 SEED = int(os.environ.get("MOESPAC_FUZZ_SEED", 23))
 N_MUTATIONS = int(os.environ.get("MOESPAC_FUZZ_MUTATIONS", 300))
@@ -579,31 +580,6 @@ def _kv(key: bytes, vtype: int, payload: bytes) -> bytes:
     return struct.pack("<Q", len(key)) + key + struct.pack("<I", vtype) + payload
 
 
-def _gguf_copy(src: Path, dst: Path, set_kv: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
-    """A well-formed copy of `src` through gguf-py with keys set ({key: (value, GGUFValueType)})
-    or dropped: for edits a byte patch cannot make (a new key, a value of another size)."""
-    import gguf
-    import numpy as np
-
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch=arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in drop or key in (set_kv or {}):
-            continue
-        sub = field.types[-1] if len(field.types) > 1 else None
-        w.add_key_value(key, field.contents(), field.types[0], sub)
-    for key, (value, vtype) in (set_kv or {}).items():
-        w.add_key_value(key, value, vtype)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type, raw_shape=np.asarray(t.data).shape)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 # core.gguf: the container
 
 
@@ -737,7 +713,7 @@ def test_hyperparameter_of_the_wrong_type(model):
             ("qwen3moe.expert_used_count", 2.0, T.FLOAT32, "qwen3moe.expert_used_count is 2.0 (float)"),
         ]
     ):
-        _refused(_gguf_copy(src, src.parent / f"type-{i}.gguf", set_kv={key: (value, vtype)}), needle)
+        _refused(gguf_copy(src, src.parent / f"type-{i}.gguf", set_kv={key: (value, vtype)}), needle)
     _refused(
         write(_hand_made(_kv(b"general.architecture", 4, struct.pack("<I", 7)), n_kv=1)), "general.architecture is 7"
     )
@@ -847,8 +823,8 @@ def test_optional_hyperparameters(model, tmp_path):
             ({"qwen3moe.rope.dimension_count": (8, T.UINT32)}, "rope.dimension_count 8 differ"),
         ]
     ):
-        _refused(_gguf_copy(src, tmp_path / f"opt-{i}.gguf", set_kv=kv), needle)
-    ok = _gguf_copy(src, tmp_path / "ok.gguf", set_kv={"qwen3moe.rope.scaling.type": ("yarn", T.STRING)})
+        _refused(gguf_copy(src, tmp_path / f"opt-{i}.gguf", set_kv=kv), needle)
+    ok = gguf_copy(src, tmp_path / "ok.gguf", set_kv={"qwen3moe.rope.scaling.type": ("yarn", T.STRING)})
     from moespac_gguf.core.layout import read_layout
 
     assert read_layout(ok).n_expert == 8  # the copy itself is fine

@@ -4,6 +4,8 @@ where the remote device can never pay. Pure logic: the real link (netem) is anot
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,14 @@ from moespac_gguf import MoespacError
 from moespac_gguf.core.layout import MoeLayer, MoeLayout, TensorSpan
 from moespac_gguf.residency.costs import DeviceCosts
 from moespac_gguf.residency.plan import RESIDENT, SLOT, PlanProblem, tier_costs
-from moespac_gguf.residency.remote import remote_slot_share, remote_tier_pays, zipf_utility
+from moespac_gguf.residency.remote import (
+    all_remote,
+    remote_slot_share,
+    remote_tier_pays,
+    token_expert_equivalents,
+    token_link_bytes,
+    zipf_utility,
+)
 
 MB = 1 << 20
 
@@ -107,3 +116,54 @@ def test_the_tier_pays_only_where_its_slots_also_cover_every_layer_crossing():
     assert all(share > 0 for share, p in zip(shares, pays) if p)
     assert pays == sorted(pays, reverse=True)  # a slower link never makes it pay
     assert any(share > 0 and not p for share, p in zip(shares, pays))
+
+
+CPU = DeviceCosts(1e9, 5e9, 2e-4)  # this machine alone: the CPU of remote()'s costs
+N_VOCAB = 32000
+HALF = 8 * 16 * 2 * MB  # half of layout()'s experts stay in memory here
+
+
+@pytest.mark.parametrize(
+    "link,pays",
+    [
+        (FAST, True),
+        (GIGABIT, True),
+        (SLOW, False),
+        (remote(1.25e10, 5e-2), False),  # the latency alone: 50 ms round trips on 100 Gbit/s
+        (remote(1.25e6, 0.0), False),  # the bandwidth alone: 10 Mbit/s, no delay
+    ],
+    ids=["fast", "gigabit", "slow", "latency", "bandwidth"],
+)
+def test_every_layer_goes_to_the_server_only_over_a_link_that_pays(link, pays):
+    """A server 4x faster per expert, this machine paging half the experts in: a token there costs
+    its compute, a round trip and its bytes at the link's rate, here its compute and its page-ins;
+    a fast link pays, and each of a slow link's costs alone keeps the model here."""
+    m = layout()
+    verdict = all_remote(CPU, link, m, N_VOCAB, HALF)
+    work = token_expert_equivalents(m)
+    assert verdict.remote_s == pytest.approx(
+        work * link.gpu_s_per_token_expert + link.round_trip_s + token_link_bytes(m, N_VOCAB) / link.memcpy_bps
+    )
+    assert verdict.pays == pays, verdict
+
+
+def test_this_machines_token_pays_the_page_ins_its_budget_leaves():
+    """Here: the token's compute at the CPU's cost, more page-ins the less memory; with the model in
+    memory the compute alone, which a server no faster than this machine never beats."""
+    m = layout()
+    compute = token_expert_equivalents(m) * CPU.cpu_s_per_token_expert
+    times = [all_remote(CPU, FAST, m, N_VOCAB, budget).local_s for budget in (None, 2 * HALF, HALF, HALF / 4)]
+    assert times[0] == pytest.approx(compute) and times[1] == pytest.approx(compute)
+    assert times[1] < times[2] < times[3]
+    as_fast = replace(remote(1.25e10, 1e-5), gpu_s_per_token_expert=CPU.cpu_s_per_token_expert)
+    assert not all_remote(CPU, as_fast, m, N_VOCAB, None).pays
+    assert all_remote(CPU, as_fast, m, N_VOCAB, HALF / 4).pays
+
+
+def test_a_token_over_the_link_moves_what_smolmoe_measured():
+    """SmolMoE (30 layers, n_embd 576, 49152 tokens) sent 161 KiB and received 193 KiB a decoded
+    token with every layer on the server (bench/results/rpc_link_sweep_tap_off.md)."""
+    m = layout(n_layer=30, n_embd=576)
+    assert token_link_bytes(m, 49152) == pytest.approx((161 + 193) * 1024, rel=0.02)
+    dense = replace(m, other_bytes=10 * MB)  # 5 experts' bytes of other weights
+    assert token_expert_equivalents(dense) == token_expert_equivalents(m) + 5 == 30 * 4 + 5

@@ -55,17 +55,6 @@ def test_only_a_model_given_the_server_uses_it(tiny_moe, rpc_server, capfd):
     assert "RPC0" not in capfd.readouterr().err
 
 
-def test_an_automatic_budget_sends_the_model_to_a_server_with_room(tiny_moe, rpc_server):
-    """--mem-budget auto (the default) with a server that has room for the whole model: no
-    residency engine here, every layer there with its experts, as llama.cpp's --rpc."""
-    path = tiny_moe(SPEC)
-    with MoeSpac(path) as local:
-        assert local.memory_plan.mode == "auto"
-    with MoeSpac(path, rpc_servers=[rpc_server[0]]) as remote:
-        assert remote.memory_plan.mode == "off" and remote.residency is None
-        assert remote.n_cpu_moe == 0 and remote.slots is None
-
-
 def test_bad_and_unreachable_endpoints_are_one_line_errors(tiny_moe):
     path = tiny_moe(SPEC)
     with pytest.raises(MoespacError, match="HOST:PORT"):
@@ -106,7 +95,9 @@ def test_run_and_serve_survive_a_killed_server(tiny_moe, start_rpc_server):
     next request from this machine alone."""
     path = str(tiny_moe(SPEC))
     endpoint, proc = start_rpc_server()
+    # --mem-budget off: every layer on the server however the link compares (MoeSpac._send_every_layer)
     cmd = [sys.executable, "-m", "moespac_gguf.cli", "run", "-m", path, "-c", "4096", "-n", "4000", "--rpc", endpoint]
+    cmd += ["--mem-budget", "off"]
     run = subprocess.Popen(cmd + ["-p", PROMPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run.stdout.read(64)  # generating
     proc.kill()
@@ -121,6 +112,7 @@ def test_run_and_serve_survive_a_killed_server(tiny_moe, start_rpc_server):
 
     endpoint, proc = start_rpc_server()
     chat = [sys.executable, "-m", "moespac_gguf.cli", "chat", "-m", path, "-c", "4096", "-n", "3000", "--rpc", endpoint]
+    chat += ["--mem-budget", "off"]
     chat = subprocess.Popen(chat, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chat.stdin.write(b"tell me everything\n")
     chat.stdin.flush()
@@ -134,7 +126,7 @@ def test_run_and_serve_survive_a_killed_server(tiny_moe, start_rpc_server):
     assert out.decode().strip()  # the second message was answered, on this machine
 
     endpoint, proc = start_rpc_server()
-    with serve("-m", path, "-c", "4096", "--rpc", endpoint, "--alias", "tiny") as server:
+    with serve("-m", path, "-c", "4096", "--rpc", endpoint, "--mem-budget", "off", "--alias", "tiny") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
         stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4000, temperature=0, stream=True)
         with pytest.raises(openai.APIError, match=f"the RPC server at {endpoint} stopped answering") as e:

@@ -150,6 +150,46 @@ def test_the_engine_leaves_out_a_server_whose_link_cannot_pay(tiny_moe, rpc_serv
     assert f"the link to the RPC server at {endpoint} (20 ms a round trip, 10 Mbit/s) is too slow" in err
 
 
+def test_an_automatic_budget_sends_every_layer_to_a_server_over_a_link_that_pays(tiny_moe, rpc_server, link_profile):
+    """--mem-budget auto (the default) with a server that has room for the whole model and a link
+    over which it decodes faster (a server 10x faster per expert, FAST): no residency engine here,
+    every layer there with its experts, as llama.cpp's --rpc."""
+    endpoint = rpc_server[0]
+    path = tiny_moe(SPEC)
+    link_profile(endpoint, FAST)
+    with MoeSpac(path) as local:
+        assert local.memory_plan.mode == "auto" and local.all_remote is None
+    with MoeSpac(path, rpc_servers=[endpoint]) as remote:
+        assert remote.memory_plan.mode == "off" and remote.residency is None
+        assert remote.n_cpu_moe == 0 and remote.slots is None and remote.target.link.endpoints == [endpoint]
+        assert remote.all_remote.pays
+
+
+def test_an_automatic_budget_keeps_the_model_here_over_a_link_that_cannot_pay(
+    tiny_moe, rpc_server, link_profile, capfd
+):
+    """The same server over a link calibrated at 10 Mbit/s and 20 ms round trips (SLOW): a token
+    would cost the link more than the server saves, so the model runs here, said on one line with
+    the link's figures, with the local greedy output; --mem-budget off still sends it there."""
+    endpoint = rpc_server[0]
+    path = tiny_moe(SPEC)
+    with MoeSpac(path, n_ctx=256) as local:
+        local.create_completion(PROMPT, max_tokens=16)
+        expected = local.completion_tokens
+    link_profile(endpoint, SLOW)
+    capfd.readouterr()
+    with MoeSpac(path, n_ctx=256, rpc_servers=[endpoint]) as m:
+        assert m.memory_plan.mode == "auto" and m.target.link.endpoints == [] and m.n_cpu_moe is None
+        assert m.all_remote.remote_s > 0.02 > m.all_remote.local_s
+        m.create_completion(PROMPT, max_tokens=16)
+        assert m.completion_tokens == expected
+    err = capfd.readouterr().err
+    line = f"over the link to the RPC server at {endpoint} (20 ms a round trip, 10 Mbit/s) a token would take"
+    assert line in err and "running on this machine (--mem-budget off sends every layer there" in err
+    with MoeSpac(path, n_ctx=256, mem_budget="off", rpc_servers=[endpoint]) as forced:
+        assert forced.target.link.endpoints == [endpoint] and forced.n_cpu_moe == 0
+
+
 def test_calibrate_measures_an_rpc_server_and_keeps_its_profile(tiny_moe, rpc_server, tmp_path, capsys):
     """`moespac calibrate --rpc`: the server's expert compute, the link's bandwidth and round trip,
     under "rpc" by endpoint; a later calibration without --rpc keeps them."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import MoespacError, RemoteDeviceLost
+from ..core.gguf import n_vocab
 from ..core.layout import read_layout
 from ..core.units import format_size, parse_size
 from ..decode.draft import SELF_DRAFT, DraftSource, draft_source
@@ -39,7 +40,7 @@ from ..residency.ilp import RUNTIME_GAP, BackgroundBalancer, solve
 from ..residency.memory import AUTO, OFF, measured_budget, parse_budget, plan_memory
 from ..residency.pages import anon_rss
 from ..residency.platform import PLATFORM
-from ..residency.remote import remote_tier_pays
+from ..residency.remote import AllRemote, all_remote, remote_tier_pays
 from ..residency.slots import SlotFiller, slot_counts
 from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
 from .text import TextStream
@@ -129,8 +130,9 @@ class MoeSpac:
         # decided before loading (batch sizes, taps and the draft's run-ahead depend on it); an auto
         # budget is measured again once the contexts exist (below)
         budget = parse_budget(opt.mem_budget)
-        if budget == AUTO and opt.rpc_endpoints and not gpu_devices() and self._servers_hold(opt.rpc_endpoints):
-            budget = OFF  # the model fits across the machines: llama.cpp's placement (_rpc_placement)
+        self.all_remote: AllRemote | None = None  # the prediction behind auto's choice, where it was asked
+        if budget == AUTO and opt.rpc_endpoints and not gpu_devices() and self._send_every_layer(opt, draft_bytes):
+            budget = OFF  # every layer on the servers: llama.cpp's placement (_rpc_placement)
         self.memory_plan = plan_memory(budget, self.layout, draft_bytes, opt.n_ctx)
         budgeted = self.memory_plan.engine
         self_draft = source is not None and source.shares_target
@@ -245,24 +247,55 @@ class MoeSpac:
 
     def _servers_hold(self, rpc: list[str]) -> bool:
         """Whether the RPC servers at `rpc` have room for the whole model (its file and a fifth more
-        for the KV cache and compute buffers), free memory as they report it: an automatic budget
-        then sends every layer there instead of running the residency engine here."""
+        for the KV cache and compute buffers), free memory as they report it."""
         add_servers(rpc)
         free = sum(d.memory()[0] for d in usable_devices(rpc))
         return free >= 1.2 * Path(self.model_path).stat().st_size
+
+    def _send_every_layer(self, opt: ModelOptions, draft_bytes: int) -> bool:
+        """Whether an automatic budget sends every layer to the RPC servers (no engine here): only
+        where they have room for the model (_servers_hold) and a decoded token is predicted faster
+        there than on this machine alone, with the budget plan_memory gives here (residency.remote.
+        all_remote, for the first server's link as `moespac calibrate --rpc` measured it, else the
+        stated defaults; self.all_remote keeps the prediction), or where this machine cannot run
+        the model at all. Otherwise the model runs here as the memory plan says, said on one line
+        (with the engine, _rpc_placement may still give the server layers and expert slots)."""
+        rpc = opt.rpc_endpoints
+        if not self._servers_hold(rpc):
+            return False
+        try:
+            plan = plan_memory(AUTO, self.layout, draft_bytes, opt.n_ctx)
+            # before loading: the runtime counted is the interpreter's, so an upper bound of the engine's
+            experts = expert_budget(plan.budget_bytes, self.layout, draft_bytes) if plan.engine else None
+        except MoespacError:
+            return True  # too little memory here for the model alone
+        remote = load_costs(rpc=rpc[0])
+        self.all_remote = all_remote(load_costs(), remote, self.layout, n_vocab(self.model_path), experts)
+        if not self.all_remote.pays:
+            print(
+                f"moespac: over the link to the RPC server at {rpc[0]} ({remote.round_trip_s * 1e3:.2g} ms a round "
+                f"trip, {remote.memcpy_bps * 8 / 1e6:.3g} Mbit/s) a token would take ~{self.all_remote.remote_s * 1e3:.0f} "
+                f"ms with every layer there against ~{self.all_remote.local_s * 1e3:.0f} ms here: running on this machine"
+                + (" with the residency engine" if plan.engine else "")
+                + " (--mem-budget off sends every layer there, as llama.cpp's --rpc)",
+                file=sys.stderr,
+            )
+        return self.all_remote.pays
 
     def _rpc_placement(self, rpc: list[str], budgeted: bool, step: int) -> tuple[list[str], int | None]:
         """(RPC servers to use, n_cpu_moe) for --rpc without a local GPU and without --n-cpu-moe.
         Without the residency engine: llama.cpp's own --rpc placement, every offloaded layer on the
         server with its expert tensors (0), which crosses the link about once a token; keeping the
         experts here would cross it twice in every layer (bench/results/rpc_link_tier.md: 5.2
-        against 1.1 tok/s over 1 Gbit/s and 1 ms). With the engine, the experts stay here (None)
+        against 1.1 tok/s over 1 Gbit/s and 1 ms); but no server at all where an automatic budget
+        found that placement slower than this machine alone (_send_every_layer). With the engine, the experts stay here (None)
         and the server gets layers and expert slots, but only where, given the link's costs
         (moespac calibrate --rpc, else the stated defaults), the balancer's slots there save more
         than the link costs every layer, for steps of `step` tokens (residency.remote.
         remote_tier_pays); otherwise the server is left out, said on one line."""
         if not budgeted:
-            return rpc, 0
+            declined = self.all_remote is not None and not self.all_remote.pays
+            return ([], None) if declined else (rpc, 0)
         costs = load_costs(rpc=rpc[0])
         if remote_tier_pays(costs, self.layout, tokens=step):
             return rpc, None

@@ -259,6 +259,15 @@ class _Parser:
         return name, ttype, tuple(shape), offset, n // block * type_size
 
 
+def n_vocab(path: str | Path) -> int:
+    """The size of the model's vocabulary, a logits row: the rows of its token embedding."""
+    header = read_header(path)
+    embd = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+    if embd is None or len(embd.shape) < 2:
+        raise MoespacError(f"{header.path}: no token_embd.weight [n_embd, n_vocab] tensor")
+    return int(embd.shape[1])
+
+
 def read_tensor(path: str | Path, t: TensorInfo) -> np.ndarray:
     """One tensor dequantized to float32, in numpy's shape (the reverse of ggml's)."""
     with open(path, "rb") as f:

@@ -36,6 +36,8 @@ from ..residency.pages import drop_file_cache
 from .memcap import MemoryCap
 
 PRESSURE_CAP = 128 << 20  # the child's cgroup: a third of what each measurement reads
+# expert copies that measure a slot device's bandwidth: 0.3 s over 1 Gbit/s, 27 s over 10 Mbit/s
+COPY_SAMPLE_BYTES = 32 << 20
 
 
 def page_in_latency_s(path: str, n: int = 200) -> float:
@@ -130,12 +132,13 @@ def memory_bps(n_bytes: int = 256 << 20) -> tuple[float, float]:
     return copy, read
 
 
-def _decode_s(session, tokens: list[int], repeat: int) -> float:
-    """Mean time of decoding `tokens` at a fixed position (rolled back after each)."""
+def _decode_s(session, tokens: list[int], repeat: int, all_logits: bool = True) -> float:
+    """Mean time of decoding `tokens` at a fixed position (rolled back after each), every token's
+    logits read back (a verification batch's) or, without `all_logits`, the last one's."""
     base = session.n_past
     t = time.perf_counter()
     for _ in range(repeat):
-        session.decode(tokens, all_logits=True)
+        session.decode(tokens, all_logits=all_logits)
         session.rollback(base)
     return (time.perf_counter() - t) / repeat
 
@@ -166,10 +169,12 @@ def draft_s_per_token(draft: str, layout, threads: int | None = None, repeat: in
         return _decode_s(s, [s.bos], repeat)
 
 
-def step_times(layout, n_cpu_moe: int | None, threads: int | None, verify_batch: int, **devices) -> tuple[float, float]:
+def step_times(
+    layout, n_cpu_moe: int | None, threads: int | None, verify_batch: int, all_logits: bool = True, **devices
+) -> tuple[float, float]:
     """(one token, a batch of `verify_batch`) step times with every layer on the slot device
     (llama.session.Session.slot_device of a session opened with `devices`) and the expert
-    tensors of the first `n_cpu_moe` layers (None: all) in host memory."""
+    tensors of the first `n_cpu_moe` layers (None: all) in host memory; `all_logits` as _decode_s."""
     from ..llama.session import Session  # lazy: libllama stays out of the 128 MiB read-costs child
 
     with Session(
@@ -177,30 +182,35 @@ def step_times(layout, n_cpu_moe: int | None, threads: int | None, verify_batch:
     ) as s:
         s.decode(s.tokenize("warm up the page cache, the threads and the shaders"))
         tok = s.bos
-        _decode_s(s, [tok] * verify_batch, 2)  # warm-up
-        return _decode_s(s, [tok], 8), _decode_s(s, [tok] * verify_batch, 8)
+        _decode_s(s, [tok] * verify_batch, 2, all_logits)  # warm-up
+        return _decode_s(s, [tok], 8, all_logits), _decode_s(s, [tok] * verify_batch, 8, all_logits)
 
 
-def slot_device_costs(layout, threads: int | None = None, verify_batch: int = 9, **devices) -> dict:
+def slot_device_costs(
+    layout, threads: int | None = None, verify_batch: int = 9, all_logits: bool = True, **devices
+) -> dict:
     """What the slot device of a session opened with `devices` costs, for gpu_costs and rpc_costs:
-    - one_s: the step time of a token with every expert on the device (step_times);
+    - one_s: the step time of a token with every expert on the device (step_times, `all_logits`
+      as there);
     - marginal_s: the marginal time of a token in a verification batch of `verify_batch` (vs 1)
       there, per expert matmul it runs;
-    - copy_bps: expert copies into slots on the device, the path the slot tier takes (bytes /
-      wall time, up to a round trip after the last copy: a remote device has then taken them);
+    - copy_bps: expert copies into slots on the device, the path the slot tier takes, up to
+      COPY_SAMPLE_BYTES of them (bytes / wall time, up to a round trip after the last copy: a
+      remote device has then taken them);
     - device: the slot device (a llama.devices.Device)."""
     from ..llama.session import Session  # lazy: libllama stays out of the 128 MiB read-costs child
     from ..llama.slots import SlotCache  # lazy: as above
 
-    one, batch = step_times(layout, 0, threads, verify_batch, **devices)
+    one, batch = step_times(layout, 0, threads, verify_batch, all_logits, **devices)
     with Session(
         layout.path, n_ctx=64, n_threads=threads, tap=False, n_gpu_layers=-1, op_offload=False, **devices
     ) as s:
         with SlotCache(s, [min(4, layout.n_expert)] * s.n_layer) as cache:
             t = time.perf_counter()
-            for layer in cache.moe_layers:
-                for slot in range(int(cache.n_slots[layer])):
-                    cache.copy_async(layer, slot, slot)
+            for layer, slot in [(l, i) for l in cache.moe_layers for i in range(int(cache.n_slots[l]))]:
+                if cache.copied_bytes >= COPY_SAMPLE_BYTES:
+                    break
+                cache.copy_async(layer, slot, slot)
             cache.wait()
             s.slot_device.memory()  # ggml-rpc answers it after the copies sent before it
             copy_bps = cache.copied_bytes / (time.perf_counter() - t)
@@ -255,7 +265,9 @@ def rpc_costs(layout, endpoint: str, threads: int | None = None) -> dict:
     from slot_device_costs on its device: link_bps its copy_bps (expert copies over the link),
     round_trip_s (round_trip_s), and remote_s_per_token_expert its marginal_s: the marginal
     compute of a token's expert there, without the fixed costs of a step, which are the link's
-    and which the planner charges as round trips (residency.plan). gpu_costs' one-token figure
+    and which the planner charges as round trips (residency.plan), nor the logits rows of the
+    batch's other tokens coming back, which are the link's bandwidth too (8 rows of SmolMoE's
+    192 KiB over 10 Mbit/s add 2.6 ms to each of its 60 expert matmuls). gpu_costs' one-token figure
     (cpu_s_per_token_expert less the --cpu-moe saving) does not serve here: the saving holds the
     round trips --cpu-moe adds to every layer, several per layer over a link, and what is left
     once one per layer is taken out is noise (127.0.0.1, a 256-wide synthetic model with a CPU
@@ -269,7 +281,7 @@ def rpc_costs(layout, endpoint: str, threads: int | None = None) -> dict:
             "calibrate --rpc measures an RPC server as the slot device, which it is only without a local GPU: "
             "run it with MOESPAC_NO_GPU=1"
         )
-    m = slot_device_costs(layout, threads, rpc_servers=[endpoint])
+    m = slot_device_costs(layout, threads, all_logits=False, rpc_servers=[endpoint])
     device = m["device"]
     return {
         "device": f"{device.name} ({device.description})",

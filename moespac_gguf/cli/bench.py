@@ -51,8 +51,9 @@ def main(argv: list[str]) -> int:
         "prompt and decode tokens/s against stock llama.cpp's llama-bench and llama-cpp-python "
         f"({', '.join(bench_uncapped.UNCAPPED_CONTENDERS)}), the model in memory, interleaved rounds. With --rpc "
         "HOST:PORT or --link RATE,DELAY, the RPC mode: local (this machine alone) against local+rpc (the same "
-        "memory cap and options, plus an RPC server's device) and llama.cpp-rpc (every layer on the server, as "
-        "llama.cpp's --rpc): tokens/s, bytes read, bytes over the link, same output.",
+        "memory cap and options, plus an RPC server's device), auto (--mem-budget auto plus the server: the "
+        "runtime's own choice) and llama.cpp-rpc (every layer on the server, as llama.cpp's --rpc): tokens/s, bytes "
+        "read, bytes over the link, same output; --link calibrates each emulated link first.",
     )
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument(

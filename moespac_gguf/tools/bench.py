@@ -233,20 +233,20 @@ def child_argv(name: str, cfg: BenchConfig) -> list[str]:
     return [sys.executable, "-m", "moespac_gguf.cli", "bench", "--child", name, json.dumps(asdict(cfg))]
 
 
-def run_capped(name: str, cfg: BenchConfig) -> dict:
-    """One contender in its own cgroup, cold cache, as a child process."""
+def run_capped(name: str, cfg: BenchConfig, env: dict[str, str] | None = None) -> dict:
+    """One contender in its own cgroup, cold cache, as a child process (with `env`'s variables)."""
     files = cfg.files
     for f in files:
         drop_file_cache(f)
     # pages another process keeps mapped cannot be dropped (and are not charged to the cap): report them
     cached_at_start = {Path(f).name: round(file_cached_fraction(f), 3) for f in files}
     if not cfg.mem_cap:  # uncapped: the model fits; the question is only "never slower"
-        proc = subprocess.run(child_argv(name, cfg), capture_output=True, text=True, cwd=REPO_ROOT)
+        proc = subprocess.run(child_argv(name, cfg), capture_output=True, text=True, cwd=REPO_ROOT, env=env)
         peak = 0
     else:
         with MemoryCap(cfg.mem_cap, name.replace("+", "-").replace(".", "")) as cap:
             proc = subprocess.run(
-                child_argv(name, cfg), capture_output=True, text=True, preexec_fn=cap.preexec, cwd=REPO_ROOT
+                child_argv(name, cfg), capture_output=True, text=True, preexec_fn=cap.preexec, cwd=REPO_ROOT, env=env
             )
             peak = cap.peak_bytes()
     if proc.returncode != 0:

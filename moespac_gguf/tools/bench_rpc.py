@@ -11,6 +11,10 @@ prompts and greedy decoding. Contenders:
              default all): the remote holds the layers; with the residency engine their expert
              tensors stay here, managed by it, and the remote's memory is the slot tier (hot
              experts computed there, as far as the balancer finds the link pays)
+  auto       `--mem-budget auto` plus the RPC device: the runtime's own choice under the cap
+             (MoeSpac._send_every_layer: every layer on the remote where a token is predicted
+             faster there, else this machine as its memory plan says); the row says which, and
+             the predicted seconds a token each way
   llama.cpp-rpc  what a llama.cpp user does with --rpc: every layer, expert tensors too, on the
              remote (--n-cpu-moe 0), no memory budget (the residency engine would keep the
              experts here), the same cap on this machine's process
@@ -23,7 +27,10 @@ namespace on this machine, behind a veth pair shaped to the link's rate and one-
 round trip: two delays), started fresh for the contender and stopped after it, outside the
 memory cgroup (it stands for another machine, but shares this one's cores: its compute is no
 faster than this machine's). `--link` repeats: one row per link and remote contender (a sweep),
-the local row once. The host-side veth's counters give the bytes over the link, at load (the offloaded
+the local row once. Before the rows, `moespac calibrate --rpc` (under pressure with a cap) measures
+each emulated link through a server of its own into a calibration file of this run
+(MOESPAC_CALIBRATION; the user's own is not touched): every contender reads the first link's
+figures of this machine, a remote contender its link's profile under its server's endpoint. The host-side veth's counters give the bytes over the link, at load (the offloaded
 weights) and while generating. With `--rpc`, real servers: the bytes over the link are not
 measured here (n/a).
 
@@ -36,23 +43,28 @@ bytes at the rate, and says what a link must offer for it to decode faster than 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..api.moespac import MoeSpac
 from ..core.errors import MoespacError
+from ..core.paths import REPO_ROOT
 from ..core.units import format_size
 from ..llama.rpc import parse_endpoint
+from ..residency.costs import RPC_KEYS
 from ..residency.pages import read_bytes
 from .bench import BenchConfig, check_capped, generate_prompts, open_contender, report_rows, run_capped
 from .bench_uncapped import threads
 from .netem import LinkShape, check_can_emulate, emulated_host, link_bytes, stats_dir_for
 
-RPC_CONTENDERS = ("local", "local+rpc", "llama.cpp-rpc")
+RPC_CONTENDERS = ("local", "local+rpc", "auto", "llama.cpp-rpc")
 
 
 def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
@@ -67,10 +79,25 @@ def open_rpc_contender(name: str, cfg: BenchConfig) -> tuple[MoeSpac, str]:
     if name == "llama.cpp-rpc":
         m = open_contender(cfg, cfg.model_draft, mem_budget="off", n_cpu_moe=0, **remote)
         return m, "every layer and its experts on the remote, budget off"
-    m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
-    if not m.target.link.endpoints:  # the runtime's own decision (MoeSpac._rpc_placement)
-        return m, f"the remote left out (this link cannot pay for it), {memory}"
-    return m, f"+ remote device, {memory}" + (", slots there" if m.slots is not None else "")
+    if name == "auto":
+        m = open_contender(cfg, cfg.model_draft, mem_budget="auto", draft_ahead=cfg.draft_ahead, **remote)
+        budget = m.memory_plan.budget_bytes
+        memory = f"engine budget {format_size(budget)}" if budget else "no engine"
+    else:
+        m = open_contender(cfg, cfg.model_draft, mem_budget=budget, draft_ahead=cfg.draft_ahead, **remote)
+    if not m.target.link.endpoints:  # the runtime's own decision (MoeSpac._send_every_layer, _rpc_placement)
+        placement = f"the remote left out (this link cannot pay for it), {memory}"
+    elif m.n_cpu_moe == 0:
+        placement = "every layer and its experts on the remote, no engine"
+    else:
+        placement = f"+ remote device, {memory}" + (", slots there" if m.slots is not None else "")
+    if m.all_remote is not None:
+        predicted = m.all_remote
+        placement += (
+            f" (a token predicted {predicted.remote_s * 1e3:.0f} ms with every layer there, "
+            f"{predicted.local_s * 1e3:.0f} ms here)"
+        )
+    return m, (f"{name}: " if name == "auto" else "") + placement
 
 
 def run_contender(name: str, cfg: BenchConfig) -> dict:
@@ -87,6 +114,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     c0, t0 = counters(), time.perf_counter()
     m, placement = open_rpc_contender(name, cfg)
     load_s, c1 = time.perf_counter() - t0, counters()
+    predicted = asdict(m.all_remote) if m.all_remote is not None else None
     try:
         read0 = read_bytes()
         outputs, n_tokens, elapsed, pooled = generate_prompts(m, cfg)
@@ -97,6 +125,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
     return {
         "name": name,
         "placement": placement,
+        "predicted": predicted,  # auto's prediction of a token's seconds (MoeSpac.all_remote), where it made one
         "endpoint": cfg.rpc_servers if name != "local" else None,
         "load_s": load_s,
         "tokens_per_s": n_tokens / elapsed,
@@ -146,17 +175,57 @@ def _say(progress: bool, text: str) -> None:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
-def run_row(name: str, cfg: BenchConfig, link: str | None, progress: bool) -> dict:
-    """One contender's row: over an emulated `link` (a fresh server behind it), or as `cfg` says."""
+def calibrate_link(cfg: BenchConfig, link: str, directory: Path, progress: bool) -> dict:
+    """The calibration `moespac calibrate --rpc` measures over an emulated `link` (a server of its
+    own), read costs under pressure where the run is capped, written under `directory`: this
+    machine's figures, and the link's profile (residency.costs.RPC_KEYS) under "link"."""
+    shape = LinkShape.parse(link)
+    out = directory / f"measured-{len(list(directory.iterdir()))}.json"
+    _say(progress, f"calibrating over an emulated {shape} link (moespac calibrate --rpc) ...")
+    with emulated_host(shape, threads=threads(cfg)) as host:
+        cmd = [sys.executable, "-m", "moespac_gguf.cli", "calibrate", "-m", cfg.model, "--rpc", host.endpoint]
+        cmd += ["--out", str(out)] + (["-t", str(cfg.n_threads)] if cfg.n_threads else [])
+        proc = subprocess.run(
+            cmd + (["--under-pressure"] if cfg.mem_cap else []), capture_output=True, text=True, cwd=REPO_ROOT
+        )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise MoespacError(f"calibrating over the emulated {shape} link failed: {tail}")
+    profile = json.loads(out.read_text())
+    measured = profile.pop("rpc")[host.endpoint]
+    _say(
+        progress,
+        f"{shape}: {format_size(measured['link_bps'])}/s, {measured['round_trip_s'] * 1e3:.2f} ms a round trip, "
+        f"{measured['remote_s_per_token_expert'] * 1e6:.0f} us a remote expert",
+    )
+    return profile | {"link": {key: measured[key] for key in RPC_KEYS}}
+
+
+def calibration_env(calibration: dict, endpoint: str | None, directory: Path) -> dict[str, str]:
+    """The environment of a contender's child: MOESPAC_CALIBRATION naming a file under `directory`
+    with `calibration`'s figures of this machine and its link's profile as the server at `endpoint`'s."""
+    path = directory / "contender.json"
+    rpc = {endpoint: calibration["link"]} if endpoint else {}
+    path.write_text(json.dumps({k: v for k, v in calibration.items() if k != "link"} | {"rpc": rpc}))
+    return {**os.environ, "MOESPAC_CALIBRATION": str(path)}
+
+
+def run_row(
+    name: str, cfg: BenchConfig, link: str | None, calibration: dict | None, directory: Path, progress: bool
+) -> dict:
+    """One contender's row: over an emulated `link` (a fresh server behind it), or as `cfg` says;
+    with `calibration` (calibrate_link's) the runtime's costs are those (calibration_env)."""
     if link is None:
         _say(progress, f"{name} ...")
-        row = run_capped(name, cfg) | {"link": None, "shaping": None}
+        env = calibration_env(calibration, None, directory) if calibration else None
+        row = run_capped(name, cfg, env) | {"link": None, "shaping": None}
     else:
         shape = LinkShape.parse(link)
         _say(progress, f"{name} over an emulated {shape} link: starting rpc-server in a network namespace ...")
         with emulated_host(shape, threads=threads(cfg)) as host:
             _say(progress, f"{name}: server at {host.endpoint} ({host.shaping}); loading, then generating ...")
-            row = run_capped(name, replace(cfg, rpc_servers=host.endpoint, links=(str(shape),)))
+            env = calibration_env(calibration, host.endpoint, directory)
+            row = run_capped(name, replace(cfg, rpc_servers=host.endpoint, links=(str(shape),)), env)
         row |= {"link": str(shape), "shaping": host.shaping}
     _say(progress, f"{name}: " + (row["error"] if "error" in row else f"{row['tokens_per_s']:.2f} tok/s"))
     return row
@@ -202,11 +271,14 @@ def link_needs(rows: list[dict], local: dict | None, name: str) -> dict | None:
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Every contender of `cfg` (the remote ones once per link), as `moespac bench --rpc/--link --json` prints."""
     check(cfg)
-    rows = [
-        run_row(name, cfg, link, progress)
-        for name in cfg.contenders
-        for link in (cfg.links if name != "local" and cfg.links else (None,))
-    ]
+    with tempfile.TemporaryDirectory(prefix="moespac-bench-rpc-") as tmp:
+        directory = Path(tmp)
+        measured = {link: calibrate_link(cfg, link, directory, progress) for link in cfg.links}
+        rows = [
+            run_row(name, cfg, link, measured.get(link, next(iter(measured.values()), None)), directory, progress)
+            for name in cfg.contenders
+            for link in (cfg.links if name != "local" and cfg.links else (None,))
+        ]
     local = next((r for r in rows if r["name"] == "local"), None)
     reference = local.get("outputs") if local else None
     return {
@@ -221,8 +293,10 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
         "prompts": str(cfg.prompts),
         "limit": cfg.limit,
         "n_predict": cfg.n_predict,
+        "calibration": {link: c["link"] for link, c in measured.items()},
         "results": report_rows(rows, reference),
-        "link_needs": {name: link_needs(rows, local, name) for name in cfg.contenders if name != "local"},
+        # auto's placement changes with the link: no one placement to fit
+        "link_needs": {name: link_needs(rows, local, name) for name in cfg.contenders if name not in ("local", "auto")},
     }
 
 
@@ -250,6 +324,19 @@ def markdown(report: dict, cfg: BenchConfig) -> str:
         "| link per token | slot copies (hit rate) | peak memory | same output |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
+    measured = report.get("calibration") or {}
+    if measured:
+        lines[1:1] = [
+            "",
+            "Calibrated before the rows (`moespac calibrate --rpc` over each link, a server of its own; what "
+            "the runtime's choices read): "
+            + "; ".join(
+                f"{link}: {format_size(c['link_bps'])}/s, {c['round_trip_s'] * 1e3:.2f} ms a round trip, "
+                f"{c['remote_s_per_token_expert'] * 1e6:.0f} us a remote expert"
+                for link, c in measured.items()
+            )
+            + ".",
+        ]
     local = next((r for r in report["results"] if r["name"] == "local" and "error" not in r), None)
     for r in report["results"]:
         link = f"{r['link']} ({r['shaping']})" if r.get("link") else ("-" if r["name"] == "local" else "real")

@@ -219,6 +219,7 @@ class MoeSpac:
                     draft_mappings=draft_mappings,
                     draft_path=source.file if source is not None else None,
                     draft_max=opt.draft_max,
+                    keep_tap=self.target.tap if opt.keep_at_use else None,
                 )
                 self.decoder.subscribe(
                     self.residency

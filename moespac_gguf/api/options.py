@@ -61,6 +61,13 @@ class ModelOptions:
         f"the engine which experts to keep (default {DRAFT_AHEAD} where the budget cannot hold every expert, "
         "else 0)",
     )
+    keep_at_use: bool = option(
+        True,
+        "--no-keep-at-use",
+        action="store_false",
+        help="under a memory budget, fetch the planned experts instead of letting the routing tap keep the ones "
+        "worth holding as they are read (the engine before keep at use; for comparisons)",
+    )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(
         "auto",

@@ -84,7 +84,7 @@ def test_the_tap_keeps_exactly_what_the_rule_says_and_the_output_is_unchanged(ti
     with MoeSpac(target, n_ctx=256) as plain:
         ref = plain.create_completion(prompt, max_tokens=40)["choices"][0]["text"]
     layout = read_layout(target)
-    with MoeSpac(target, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20)) as m:
+    with MoeSpac(target, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20), keep_at_use=True) as m:
         res = m.residency
         assert res.keep_at_use, "pinned with a routing tap: the tap keeps"
         per = int(res.engine.map.bytes.max())
@@ -113,14 +113,15 @@ def test_the_tap_keeps_exactly_what_the_rule_says_and_the_output_is_unchanged(ti
         assert res.keep_tap.lock_failures == 0
 
 
-def test_no_keep_at_use_runs_the_planned_pinned_engine(tiny_moe):
-    """--no-keep-at-use (the bench's moespac-old): the pinned engine fetches its plan, the tap keeps
-    nothing, and the output is the same."""
+def test_keep_at_use_is_opt_in_and_changes_no_output(tiny_moe):
+    """By default the pinned engine fetches its plan and the tap keeps nothing; --keep-at-use (the
+    bench's moespac+keep) lets the tap keep; the output is the same."""
     target = tiny_moe(SPEC)
     layout = read_layout(target)
     outs = []
     for keep in (True, False):
-        with MoeSpac(target, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20), keep_at_use=keep) as m:
+        options = {"keep_at_use": True} if keep else {}
+        with MoeSpac(target, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20), **options) as m:
             outs.append(m.create_completion("the old path", max_tokens=16)["choices"][0]["text"])
             res = m.residency
             assert res.keep_at_use == keep and res.policy.keep_at_use == keep

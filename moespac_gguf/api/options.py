@@ -62,11 +62,12 @@ class ModelOptions:
         "else 0)",
     )
     keep_at_use: bool = option(
-        True,
-        "--no-keep-at-use",
-        action="store_false",
-        help="under a memory budget, fetch the planned experts instead of letting the routing tap keep the ones "
-        "worth holding as they are read (the engine before keep at use; for comparisons)",
+        False,
+        "--keep-at-use",
+        action="store_true",
+        help="under a memory budget, let the routing tap keep the routed experts worth holding as they are read "
+        "instead of fetching a planned set (fewer bytes in the simulator on real Mixtral routing; not yet faster on "
+        "this machine's demo model: docs/results.md 8.3)",
     )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(

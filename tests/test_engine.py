@@ -97,7 +97,8 @@ def test_greedy_output_unchanged_with_residency_engine(tiny_moe):
     with MoeSpac(target, draft, n_ctx=256, mem_budget=budget) as m:
         out = m.create_completion("the engine must not change the output", max_tokens=40)
         assert m.completion_tokens == ref_tokens and out["choices"][0]["text"] == ref
-        assert m.residency.engine.stats.plans > 0
+        st = m.residency.engine.stats
+        assert (st.kept if m.residency.keep_at_use else st.plans) > 0  # the tap kept, or the engine planned
         assert m.target.tap.demand_paged_bytes > 0
 
 

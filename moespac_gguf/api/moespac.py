@@ -221,6 +221,7 @@ class MoeSpac:
                     draft_mappings=draft_mappings,
                     draft_path=source.file if source is not None else None,
                     draft_max=opt.draft_max,
+                    keep_tap=self.target.tap if opt.keep_at_use else None,  # opt-in: docs/results.md 8.3
                 )
                 self.decoder.subscribe(
                     self.residency

@@ -61,6 +61,14 @@ class ModelOptions:
         f"the engine which experts to keep (default {DRAFT_AHEAD} where the budget cannot hold every expert, "
         "else 0)",
     )
+    keep_at_use: bool = option(
+        False,
+        "--keep-at-use",
+        action="store_true",
+        help="under a memory budget, let the routing tap keep the routed experts worth holding as they are read "
+        "instead of fetching a planned set (fewer bytes in the simulator on real Mixtral routing; not yet faster on "
+        "this machine's demo model: docs/results.md 8.3)",
+    )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(
         "auto",

@@ -87,8 +87,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pinned",
         action="store_true",
-        help="moespac as the pinned engine runs it under a memory "
-        "budget: misses stream through and are not kept for free",
+        help="moespac as the pinned engine runs it under a memory budget: misses stream through, "
+        "and the routing tap keeps a routed expert in place of a weaker held one as it is read "
+        "(moespac-old: a kept miss is a fetch)",
     )
     p.add_argument(
         "--stream-window",

@@ -47,7 +47,7 @@ def choose_wait_policy() -> str | None:
 
 WAIT_POLICY = choose_wait_policy()
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 8
+ABI_VERSION = 9
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 try:
     import llama_cpp
@@ -97,6 +97,12 @@ def _declare(lib) -> None:
         "llama_moespac_tap_willneed_bytes": (c.c_int64, [c.c_void_p]),
         "llama_moespac_tap_set_allowed": (None, [c.c_void_p, c.c_void_p, c.c_int32]),
         "llama_moespac_tap_rerouted": (c.c_int64, [c.c_void_p]),
+        "llama_moespac_tap_set_keep": (
+            None,
+            [c.c_void_p, c.c_int32, c.c_void_p, c.c_int32, c.c_int32, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p],
+        ),
+        "llama_moespac_tap_kept": (c.POINTER(c.c_int32), [c.c_void_p, c.POINTER(c.c_int32), c.POINTER(c.c_int32)]),
+        "llama_moespac_tap_lock_failures": (c.c_int64, [c.c_void_p]),
         "llama_moespac_model_mappings": (c.c_int32, [c.c_void_p, c.POINTER(MappingEntry), c.c_int32]),
         # expert slot cache (patches 0005-0007, include/llama-moespac-slots.h)
         "llama_moespac_slots_new": (c.c_void_p, [c.c_void_p, c.POINTER(c.c_int32), c.c_int32, c.c_void_p]),

@@ -75,6 +75,56 @@ class RoutingTap:
         """Selections replaced by an allowed expert so far."""
         return int(lib.llama_moespac_tap_rerouted(self.handle))
 
+    def set_keep(
+        self,
+        admit: np.ndarray | None,
+        victims: np.ndarray | None = None,
+        victim_score: np.ndarray | None = None,
+        free: int = 0,
+        ranges: np.ndarray | None = None,
+    ) -> None:
+        """Keep at use from the next decode on (patch 0017; residency.keep.KeepPlan says what the
+        arrays mean): the tap locks routed experts `admit` (float [n_layer, n_expert]) scores
+        above the next of `victims` (flat ids, weakest first, with `victim_score`) or into `free`
+        places, unlocking each victim first; `ranges` uint64 [n_layer * n_expert, R, 2]: every
+        expert's (address, length) ranges in the mapping (length 0 pads). Copied by the C side.
+        `admit` None: off. Needs demand page-in (set_demand_page_in)."""
+        if admit is None:
+            lib.llama_moespac_tap_set_keep(self.handle, 0, None, 0, 0, None, None, None, None)
+            return
+        if admit.ndim != 2 or admit.shape[0] != self.n_layer:
+            raise ValueError(f"admit must be float [{self.n_layer}, n_expert]")
+        admit = np.ascontiguousarray(admit, dtype=np.float32)
+        victims = np.ascontiguousarray(victims, dtype=np.int32)
+        score = np.ascontiguousarray(victim_score, dtype=np.float32)
+        spans = np.ascontiguousarray(ranges[victims].reshape(-1, 2), dtype=np.uint64)
+        first = np.arange(len(victims) + 1, dtype=np.int32) * ranges.shape[1]
+        lib.llama_moespac_tap_set_keep(
+            self.handle,
+            admit.shape[1],
+            admit.ctypes.data,
+            free,
+            len(victims),
+            victims.ctypes.data,
+            score.ctypes.data,
+            first.ctypes.data,
+            spans.ctypes.data,
+        )
+
+    def kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """(admitted, evicted): flat ids (layer * n_expert + expert) the tap locked and unlocked
+        since the last set_keep, in decision order."""
+        n_admitted, n_evicted = ctypes.c_int32(), ctypes.c_int32()
+        ptr = lib.llama_moespac_tap_kept(self.handle, ctypes.byref(n_admitted), ctypes.byref(n_evicted))
+        n = n_admitted.value + n_evicted.value
+        ids = np.ctypeslib.as_array(ptr, shape=(n,)).astype(np.int64) if n else np.zeros(0, np.int64)
+        return ids[: n_admitted.value], ids[n_admitted.value :]
+
+    @property
+    def lock_failures(self) -> int:
+        """mlock calls of keep at use that the kernel refused."""
+        return int(lib.llama_moespac_tap_lock_failures(self.handle))
+
     def read(self, n_tokens: int, output_rows: np.ndarray | None = None) -> Routing:
         """Routing of the `n_tokens` decoded since reset().
 

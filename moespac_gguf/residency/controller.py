@@ -88,6 +88,9 @@ class ResidencyController:
     draft_mappings: list[Mapping] = field(default_factory=list)  # the draft's: its own file, or the target's again
     draft_path: str | None = None  # a separate draft's file, pinned whole with the fixed weights
     draft_max: int = 8
+    # the target's routing tap (llama.tap.RoutingTap, demand page-in on): pinned, it keeps at use
+    # (residency.keep); without it a kept miss is a fetch, as the pinned policy before it planned
+    keep_tap: object | None = None
 
     def __post_init__(self):
         platform.say_degraded_once()
@@ -105,14 +108,32 @@ class ResidencyController:
                 budget -= window
         self.engine = ResidencyEngine(self.map, budget, pin=self.pin)
         expert_bytes = self.layout.mean_bytes_per_expert
-        # pinned, a streamed expert is dropped with the window after its layer: keeping it is a
-        # re-read, not free (docs/design.md, "What was tried and not kept")
-        self.policy = MoeSpacPolicy(self.costs, expert_bytes, keep_used=not self.pin)
+        # pinned, a streamed expert is dropped with the window after its layer: keeping it is free
+        # only while it is read, which the routing tap does (keep at use); otherwise a re-read
+        self.keep_at_use = self.pin and self.keep_tap is not None
+        self.policy = MoeSpacPolicy(self.costs, expert_bytes, keep_used=not self.pin, keep_at_use=self.keep_at_use)
         self.policy.reset(
             self.layout.n_layer, self.layout.n_expert, Capacity(total=max(1, int(budget // expert_bytes)))
         )
         self.steps = 0
         self.lookahead = False  # set once a draft's lookahead routing is heard
+        if self.keep_at_use:
+            self._ranges = self.engine.address_ranges()
+            self.policy.before_window(None)
+            self._push_plan()
+
+    def _push_plan(self) -> None:
+        """Hand the policy's plan for the next window to the routing tap (keep at use)."""
+        plan = self.policy.plan
+        self.keep_tap.set_keep(plan.admit, plan.victims, plan.victim_score, int(plan.free[0]), self._ranges)
+
+    def _plan(self, want: np.ndarray, priority: np.ndarray) -> None:
+        """Start the engine towards `want` or, keeping at use, give the tap its plan (nothing to
+        fetch: the policy wants what it holds)."""
+        if self.keep_at_use:
+            self._push_plan()
+        else:
+            self.engine.apply(want, priority)
 
     @property
     def holds_every_expert(self) -> bool:
@@ -123,16 +144,27 @@ class ResidencyController:
         if ahead is not None:  # the draft ran ahead: its routing decides (MoeSpacPolicy._want_ahead)
             self.lookahead = True
             want = self.policy.before_window(draft, ahead)
-            self.engine.apply(want, lookahead_score(self.policy.estimator.predict(draft), ahead))
+            self._plan(want, lookahead_score(self.policy.estimator.predict(draft), ahead))
         elif draft:
             want = self.policy.before_window(draft)
-            self.engine.apply(want, self.policy.estimator.predict(draft))
+            self._plan(want, self.policy.estimator.predict(draft))
 
     def on_verify(self, event: VerificationEvent) -> None:
         if event.routing is None:
             return
         experts = event.routing.experts
-        self.policy.access(np.asarray(event.batch), experts, prefill=event.phase == "prefill")
+        prefill = event.phase == "prefill"
+        if self.keep_at_use:
+            moves = self.keep_tap.kept()
+            if self.keep_tap.lock_failures:
+                raise MoespacError(
+                    "the kernel refused to lock experts the routing tap keeps (RLIMIT_MEMLOCK or the "
+                    "memory cap): give a smaller --mem-budget"
+                )
+            self.policy.access(np.asarray(event.batch), experts, prefill=prefill, moves=moves)
+            self.engine.adopt(*moves)
+        else:
+            self.policy.access(np.asarray(event.batch), experts, prefill=prefill)
         self.engine.note_used(event.routing.counts(self.layout.n_expert) > 0)
         self.steps += 1
         if self.steps % self.refresh_every == 0:
@@ -141,7 +173,7 @@ class ResidencyController:
             return  # the draft's lookahead, heard next, decides; a plan now would only churn
         # what to hold while the draft proposes the next tokens (no drafted ids yet)
         want = self.policy.before_window(None)
-        self.engine.apply(want, self.policy.estimator.predict())
+        self._plan(want, self.policy.estimator.predict())
 
     def close(self) -> None:
         self.engine.close()

@@ -48,6 +48,8 @@ class EngineStats:
     prefetches: int = 0
     evictions: int = 0
     hinted_bytes: int = 0  # stream-window read-ahead asked for (hint), not held
+    kept: int = 0  # experts the routing tap locked as they were read (keep at use, adopt)
+    kept_bytes: int = 0
     plans: int = 0
     io_s: float = 0.0
 
@@ -147,6 +149,27 @@ class ResidencyEngine:
             for off, n in self.map.ranges[l, e]:
                 pages.madvise(self.map.mapping.address(off), n, pages.MADV_WILLNEED)
             self.stats.hinted_bytes += int(self.map.bytes[l, e])
+
+    def adopt(self, admitted: np.ndarray, evicted: np.ndarray) -> None:
+        """Experts the routing tap locked (`admitted`) and unlocked (`evicted`) itself during a
+        decode (keep at use, residency.keep; flat ids): the held set follows, no I/O."""
+        with self._cv:
+            self.resident.flat[evicted] = False
+            self.resident.flat[admitted] = True
+        self.stats.kept += len(admitted)
+        self.stats.kept_bytes += int(self.map.bytes.flat[admitted].sum())
+        self.stats.evictions += len(evicted)
+        self.stats.evicted_bytes += int(self.map.bytes.flat[evicted].sum())
+
+    def address_ranges(self) -> np.ndarray:
+        """uint64 [n_layer * n_expert, R, 2]: every expert's (address, length) ranges in the
+        mapping, padded with (0, 0) (residency.keep, for the routing tap)."""
+        width = max((len(rs) for rs in self.map.ranges.values()), default=1)
+        out = np.zeros((self.map.n_layer * self.map.n_expert, width, 2), dtype=np.uint64)
+        for (l, e), rs in self.map.ranges.items():
+            for j, (off, n) in enumerate(rs):
+                out[l * self.map.n_expert + e, j] = (self.map.mapping.address(off), n)
+        return out
 
     def note_used(self, used: np.ndarray) -> None:
         """Experts the decode thread just paged in itself (from the routing): count them as resident,

@@ -33,6 +33,7 @@ import numpy as np
 from ..core.errors import MoespacError
 from ..core.routing import used_experts
 from .costs import DeviceCosts
+from .keep import KeepPlan, keep_at_use, keep_plan
 from .plan import FLASH, RESIDENT, PlanProblem, greedy
 from .utility import ReusePredictor, UtilityEstimator
 
@@ -134,6 +135,13 @@ class MoeSpacPolicy(Policy):
     is. On the real Mixtral traces this moved 0.59-0.85x LRU's bytes (bench/results/policy_table.md;
     the policy before it, `reuse=False`, 0.66-0.96x).
 
+    **Keep at use** (`keep_at_use`, the pinned engine with the routing tap's free keeps, residency.
+    keep): the same prediction, applied while a window's experts are read instead of after it. Before
+    each window `plan` scores a routed expert by its chance of use by the next window if this one
+    uses it (ReusePredictor.predict_if_used) and the held ones by their chance (`keep_score`); at
+    each layer the tap (the simulator: keep.keep_at_use) keeps a routed expert in place of the
+    weakest held one it outscores. Nothing is fetched ahead of use.
+
     **Pinned** (the engine under a cap: misses stream through and are dropped), every admission is a
     paid fetch, worth it only for an expert used often over the steps it is held: the runtime's
     UtilityEstimator predicts each expert's tokens per window over the next `horizon_steps` windows
@@ -160,15 +168,18 @@ class MoeSpacPolicy(Policy):
         keep_used: bool = True,
         alpha: float | None = None,
         reuse: bool = True,
+        keep_at_use: bool = False,
     ):
         """`reuse` False: with free keeps too, the utility and the balancer's plan decide, as
-        before issue 24 (`moespac sim --policy moespac-old`, the tables' reference)."""
+        before issue 24 (`moespac sim --policy moespac-old`, the tables' reference).
+        `keep_at_use` (with `keep_used` False): pinned, with the tap's free keeps."""
         self.costs, self.expert_bytes = costs, float(expert_bytes)
         self.method, self.horizon_steps = method, horizon_steps
         # False where the window's misses stream through and are dropped (the pinned engine): keeping
         # one is then a fetch the next plan must pay for, not free as from a page cache
         self.keep_used = keep_used
-        self.use_reuse = keep_used and reuse
+        self.keep_at_use = keep_at_use and not keep_used and reuse
+        self.use_reuse = (keep_used or self.keep_at_use) and reuse
         self.alpha = alpha if alpha is not None else (FREE_KEEP_ALPHA if keep_used else PINNED_ALPHA)
 
     def reset(self, n_layer, n_expert, capacity):
@@ -177,6 +188,33 @@ class MoeSpacPolicy(Policy):
         self.reuse = ReusePredictor(n_layer, n_expert) if self.use_reuse else None
         self.last_used = np.zeros((n_layer, n_expert), dtype=bool)  # the last decode window's experts
         self.after_prefill = False
+        self.plan: KeepPlan | None = None  # keep at use: the next window's (before_window)
+
+    def before_window(self, draft_tokens=None, ahead: np.ndarray | None = None) -> np.ndarray:
+        want = super().before_window(draft_tokens, ahead)
+        if self.keep_at_use:
+            admit, held = self.reuse.predict_if_used(), self.keep_score()
+            if ahead is not None:
+                admit, held = lookahead_score(admit, ahead), lookahead_score(held, ahead)
+            self.plan = keep_plan(self.resident, admit, held, self.capacity.total, self.capacity.per_layer)
+        return want
+
+    def access(self, tokens, experts, prefill: bool = False, moves: tuple[np.ndarray, np.ndarray] | None = None):
+        """As Policy.access; with keep at use, the window's admissions and evictions are `moves`
+        (admitted, evicted: flat ids, what the tap did) or, without them, keep.keep_at_use's (the
+        simulator), and the hits exclude a held expert evicted before its layer ran."""
+        if not self.keep_at_use:
+            return super().access(tokens, experts, prefill)
+        if moves is None:
+            hits, admitted, evicted = keep_at_use(self.plan, self.resident, experts)
+        else:
+            admitted, evicted = moves
+            hits = used_experts(experts, self.n_expert) & self.resident
+            hits.flat[evicted] = False
+        self.resident.flat[evicted] = False
+        self.resident.flat[admitted] = True
+        self._keep(tokens, np.asarray(experts), used_experts(experts, self.n_expert), prefill)
+        return hits
 
     def keep_score(self) -> np.ndarray:
         """What ranks the experts to keep, float [L, E]: with free keeps, the chance the next window
@@ -225,4 +263,6 @@ class MoeSpacPolicy(Policy):
         # a prefill's experts are long gone from the stream window: not free to keep
         self.last_used = np.zeros_like(used) if prefill else used
         self.after_prefill = prefill
+        if self.keep_at_use:
+            return self.resident  # the tap kept what it kept
         return select(self.keep_score(), self.resident | used if self.keep_used else self.resident, self.capacity)

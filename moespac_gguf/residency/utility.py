@@ -402,6 +402,18 @@ class ReusePredictor:
         expected = (weight.astype(np.float32) @ self.next_used[:n] + prior * self.freq.ravel()) / (weight.sum() + prior)
         return expected.reshape(self.freq.shape)
 
+    def predict_if_used(self) -> np.ndarray:
+        """The calibrated P(used by the window after next | used by the next one, in its last row),
+        float [L, E]: what keeping an expert the next window reads is worth (residency.keep).
+        The successor part stays as predicted now (what follows the next window is unknown)."""
+        if self.features is None:
+            return self.freq.copy()
+        bits = ((self.bits << 1) | 1) & ((1 << self.history) - 1)
+        state = bits * (len(AGE_EDGES) + 1) + np.searchsorted(AGE_EDGES, 0, side="right")
+        reuse = (self.used_next[state] + 0.5) / (self.seen[state] + 1.0)
+        z = self.weights[0] + self.weights[1] * _logit(reuse).ravel() + self.weights[2] * self.features[:, 2]
+        return _sigmoid(z).reshape(self.n_layer, self.n_expert)
+
     def predict(self) -> np.ndarray:
         """The calibrated P(used by the next window), float [L, E] (the long-run frequency before any
         window)."""

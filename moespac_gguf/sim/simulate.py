@@ -151,7 +151,8 @@ def make_policy(
     pinned: bool = False,
 ) -> Policy:
     """A fresh policy; `static` needs the profile trace, `belady` the windows' future; `pinned`:
-    moespac as the pinned engine runs it (a miss streams through and is not kept for free)."""
+    moespac as the pinned engine runs it (a miss streams through; the tap keeps at use), and
+    moespac-old as it ran before (a kept miss is a fetch)."""
     if name == "static":
         if profile is None:
             raise MoespacError("policy static needs --profile TRACE: a DIFFERENT trace of the same model")
@@ -162,7 +163,8 @@ def make_policy(
     if name == "lru-global":
         return Lru(per_layer=False)
     if name == "moespac":
-        return MoeSpacPolicy(device.costs(expert_bytes), expert_bytes, keep_used=not pinned)
+        # pinned, the routing tap keeps at use what a page cache would keep (residency.keep)
+        return MoeSpacPolicy(device.costs(expert_bytes), expert_bytes, keep_used=not pinned, keep_at_use=pinned)
     if name == "moespac-old":  # before issue 24, for side-by-side tables (bench/policy_table.py)
         old = MoeSpacPolicy(device.costs(expert_bytes), expert_bytes, keep_used=not pinned, reuse=False)
         old.name = "moespac-old"

@@ -12,6 +12,8 @@ model files' pages are dropped before each start). Contenders:
   moespac+slots     moespac with a share of its expert budget (--slot-fraction) in host-RAM expert
                     slots (patches 0005-0007) that the same utility fills; the page-cache engine
                     gets the rest
+  moespac+keep      moespac with --keep-at-use: the routing tap keeps experts as they are read
+                    instead of the pinned engine fetching its plan (residency.keep)
 
 The parent checks that every contender's greedy output equals plain llama.cpp's.
 
@@ -56,7 +58,15 @@ from ..residency.pages import (
 from ..residency.slots import SlotFiller, slot_counts
 from .memcap import MemoryCap, cgroup_root
 
-CONTENDERS = ("llama.cpp", "llama.cpp+random", "llama.cpp+sd", "moespac", "moespac+gate", "moespac+slots")
+CONTENDERS = (
+    "llama.cpp",
+    "llama.cpp+random",
+    "llama.cpp+sd",
+    "moespac",
+    "moespac+gate",
+    "moespac+slots",
+    "moespac+keep",
+)
 # moespac+gate needs a trained gate (--gate); moespac+slots costs on CPU-only machines
 # (bench/results/memcap_slots.md), it is for a faster slot tier
 DEFAULT_CONTENDERS = CONTENDERS[:4]
@@ -161,6 +171,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
         mem_budget=budget,
         gate=cfg.gate if name == "moespac+gate" else None,
         draft_ahead=cfg.draft_ahead if managed else None,
+        keep_at_use=name == "moespac+keep",
         n_gpu_layers=0,  # the memory-cap mode measures the CPU side, GPU build or not
     )
     filler = None

@@ -205,15 +205,16 @@ class MoeSpacPolicy(Policy):
         simulator), and the hits exclude a held expert evicted before its layer ran."""
         if not self.keep_at_use:
             return super().access(tokens, experts, prefill)
+        used = used_experts(experts, self.n_expert)
         if moves is None:
             hits, admitted, evicted = keep_at_use(self.plan, self.resident, experts)
         else:
             admitted, evicted = moves
-            hits = used_experts(experts, self.n_expert) & self.resident
+            hits = used & self.resident
             hits.flat[evicted] = False
         self.resident.flat[evicted] = False
         self.resident.flat[admitted] = True
-        self._keep(tokens, np.asarray(experts), used_experts(experts, self.n_expert), prefill)
+        self._keep(tokens, np.asarray(experts), used, prefill)
         return hits
 
     def keep_score(self) -> np.ndarray:

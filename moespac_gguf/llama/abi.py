@@ -47,7 +47,7 @@ def choose_wait_policy() -> str | None:
 
 WAIT_POLICY = choose_wait_policy()
 # The llama_moespac_* ABI this package was written for (patches/ bump it).
-ABI_VERSION = 9
+ABI_VERSION = 10
 _REBUILD_HINT = "run `bash scripts/setup.sh` (it builds llama-cpp-python 0.3.36 with patches/*.patch)"
 try:
     import llama_cpp
@@ -99,7 +99,7 @@ def _declare(lib) -> None:
         "llama_moespac_tap_rerouted": (c.c_int64, [c.c_void_p]),
         "llama_moespac_tap_set_keep": (
             None,
-            [c.c_void_p, c.c_int32, c.c_void_p, c.c_int32, c.c_int32, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p],
+            [c.c_void_p, c.c_int32, c.c_void_p, c.c_void_p, c.c_int32, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p],
         ),
         "llama_moespac_tap_kept": (c.POINTER(c.c_int32), [c.c_void_p, c.POINTER(c.c_int32), c.POINTER(c.c_int32)]),
         "llama_moespac_tap_lock_failures": (c.c_int64, [c.c_void_p]),

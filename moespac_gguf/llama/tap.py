@@ -80,20 +80,22 @@ class RoutingTap:
         admit: np.ndarray | None,
         victims: np.ndarray | None = None,
         victim_score: np.ndarray | None = None,
-        free: int = 0,
+        free: np.ndarray | None = None,
         ranges: np.ndarray | None = None,
     ) -> None:
-        """Keep at use from the next decode on (patch 0017; residency.keep.KeepPlan says what the
-        arrays mean): the tap locks routed experts `admit` (float [n_layer, n_expert]) scores
-        above the next of `victims` (flat ids, weakest first, with `victim_score`) or into `free`
-        places, unlocking each victim first; `ranges` uint64 [n_layer * n_expert, R, 2]: every
-        expert's (address, length) ranges in the mapping (length 0 pads). Copied by the C side.
-        `admit` None: off. Needs demand page-in (set_demand_page_in)."""
+        """Keep at use from the next decode on (patches 0017, 0019; residency.keep.KeepPlan says
+        what the arrays mean): the tap locks routed experts `admit` (float [n_layer, n_expert])
+        scores into one of their layer's `free` (int [n_layer]) places or above its layer's next
+        of `victims` (flat ids, each layer's weakest first, with `victim_score`), unlocking that
+        victim first; `ranges` uint64 [n_layer * n_expert, R, 2]: every expert's (address,
+        length) ranges in the mapping (length 0 pads). Copied by the C side. `admit` None: off.
+        Needs demand page-in (set_demand_page_in)."""
         if admit is None:
-            lib.llama_moespac_tap_set_keep(self.handle, 0, None, 0, 0, None, None, None, None)
+            lib.llama_moespac_tap_set_keep(self.handle, 0, None, None, 0, None, None, None, None)
             return
-        if admit.ndim != 2 or admit.shape[0] != self.n_layer:
-            raise ValueError(f"admit must be float [{self.n_layer}, n_expert]")
+        free = np.ascontiguousarray(free, dtype=np.int32)
+        if admit.ndim != 2 or admit.shape[0] != self.n_layer or free.shape != (self.n_layer,):
+            raise ValueError(f"admit must be float [{self.n_layer}, n_expert] and free int [{self.n_layer}]")
         admit = np.ascontiguousarray(admit, dtype=np.float32)
         victims = np.ascontiguousarray(victims, dtype=np.int32)
         score = np.ascontiguousarray(victim_score, dtype=np.float32)
@@ -103,7 +105,7 @@ class RoutingTap:
             self.handle,
             admit.shape[1],
             admit.ctypes.data,
-            free,
+            free.ctypes.data,
             len(victims),
             victims.ctypes.data,
             score.ctypes.data,

@@ -125,7 +125,7 @@ class ResidencyController:
     def _push_plan(self) -> None:
         """Hand the policy's plan for the next window to the routing tap (keep at use)."""
         plan = self.policy.plan
-        self.keep_tap.set_keep(plan.admit, plan.victims, plan.victim_score, int(plan.free[0]), self._ranges)
+        self.keep_tap.set_keep(plan.admit, plan.victims, plan.victim_score, plan.free, self._ranges)
 
     def _plan(self, want: np.ndarray, priority: np.ndarray) -> None:
         """Start the engine towards `want` or, keeping at use, give the tap its plan (nothing to

@@ -33,7 +33,7 @@ import numpy as np
 from ..core.errors import MoespacError
 from ..core.routing import used_experts
 from .costs import DeviceCosts
-from .keep import KeepPlan, keep_at_use, keep_plan
+from .keep import KeepPlan, keep_at_use, keep_plan, layer_shares
 from .plan import FLASH, RESIDENT, PlanProblem, greedy
 from .utility import ReusePredictor, UtilityEstimator
 
@@ -139,8 +139,9 @@ class MoeSpacPolicy(Policy):
     keep): the same prediction, applied while a window's experts are read instead of after it. Before
     each window `plan` scores a routed expert by its chance of use by the next window if this one
     uses it (ReusePredictor.predict_if_used) and the held ones by their chance (`keep_score`); at
-    each layer the tap (the simulator: keep.keep_at_use) keeps a routed expert in place of the
-    weakest held one it outscores. Nothing is fetched ahead of use.
+    each layer the tap (the simulator: keep.keep_at_use) keeps a routed expert in a free place of
+    its layer's share (keep.layer_shares) or in place of the layer's weakest held one it
+    outscores. Nothing is fetched ahead of use.
 
     **Pinned** (the engine under a cap: misses stream through and are dropped), every admission is a
     paid fetch, worth it only for an expert used often over the steps it is held: the runtime's
@@ -196,7 +197,8 @@ class MoeSpacPolicy(Policy):
             admit, held = self.reuse.predict_if_used(), self.keep_score()
             if ahead is not None:
                 admit, held = lookahead_score(admit, ahead), lookahead_score(held, ahead)
-            self.plan = keep_plan(self.resident, admit, held, self.capacity.total, self.capacity.per_layer)
+            shares = layer_shares(self.capacity.total, self.n_layer, self.capacity.per_layer)
+            self.plan = keep_plan(self.resident, admit, held, shares)
         return want
 
     def access(self, tokens, experts, prefill: bool = False, moves: tuple[np.ndarray, np.ndarray] | None = None):

@@ -7,7 +7,6 @@ passes the parsed values straight to `MoeSpac(**options)`, so a new option is on
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import MISSING, Field, dataclass, field
 
 from ..decode.draft import SELF_DRAFT
@@ -15,15 +14,7 @@ from ..decode.draft import SELF_DRAFT
 DRAFT_AHEAD = 6  # tokens a self-draft runs ahead under a budget that cannot hold every expert
 
 
-def keeps_at_use(choice: bool | None, draft_ahead: int) -> bool:
-    """Whether the routing tap keeps experts at use (residency.keep) instead of the pinned engine
-    fetching a planned set: `choice` (--keep-at-use / --no-keep-at-use), else where a self-draft runs
-    ahead (`draft_ahead` rows). There it decoded 1.29-1.35x faster with 0.74-0.93x the bytes on
-    SmolMoE under a 435 MiB cap; with a separate draft 0.69x as fast (docs/results.md 8.3)."""
-    return choice if choice is not None else draft_ahead > 0
-
-
-def option(default, *flags: str, help: str, type=None, metavar: str | None = None, action=None):
+def option(default, *flags: str, help: str, type=None, metavar: str | None = None, action: str | None = None):
     """A dataclass field that is also a command-line flag (argparse's arguments)."""
     return field(
         default=default, metadata={"flags": flags, "help": help, "type": type, "metavar": metavar, "action": action}
@@ -70,13 +61,13 @@ class ModelOptions:
         f"the engine which experts to keep (default {DRAFT_AHEAD} where the budget cannot hold every expert, "
         "else 0)",
     )
-    keep_at_use: bool | None = option(
-        None,
+    keep_at_use: bool = option(
+        False,
         "--keep-at-use",
-        action=argparse.BooleanOptionalAction,
+        action="store_true",
         help="under a memory budget, let the routing tap keep the routed experts worth holding as they are read "
-        "(--keep-at-use) or fetch a planned set (--no-keep-at-use); default: keep at use where a self-draft runs "
-        "ahead, the planned set otherwise (what was faster on this machine's demo model: docs/results.md 8.3)",
+        "instead of fetching a planned set (with -md self faster in two capped runs on this machine's demo model, "
+        "killed for memory in a third; slower with a separate draft: docs/results.md 8.3)",
     )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(

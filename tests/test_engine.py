@@ -289,6 +289,36 @@ def test_eviction_reaches_pages_a_second_mapping_shares(loaded):
             eng.close()
 
 
+@pytest.mark.harness_needs("populate", "evict", "proc")
+def test_adopting_the_taps_eviction_pages_the_victim_out(loaded):
+    """Keep at use: the routing tap only unlocks its victim; the engine's adopt must then page it
+    out (from the self-draft's mapping too), as a planned eviction does, or under a cap the
+    kernel finds the just-touched pages too late (OOM kills in session 16's runs)."""
+    layout, s = loaded
+    with Session(layout.path, n_ctx=128, tap=False) as second:
+        em = ExpertMap(layout, s.mappings(), second.mappings())
+        eng = ResidencyEngine(em, 8 * int(em.bytes[0, 0]), pin=True)
+        victim, kept = (1, 2), (2, 5)
+        try:
+            for ix in (victim, kept):  # what the tap did: the matmul read them, then it locked them
+                for m in (em.mapping, *em.other_mappings):
+                    for off, n in em.ranges[ix]:
+                        pages.madvise(m.address(off), n, pages.MADV_POPULATE_READ)
+                assert pages.mlock_ranges([(em.mapping.address(off), n) for off, n in em.ranges[ix]])
+            for off, n in em.ranges[victim]:  # then it replaced the victim: unlocked, still in RAM
+                pages.munlock(em.mapping.address(off), n)
+            eng.resident[victim] = True
+            eng.adopt(np.array([kept[0] * em.n_expert + kept[1]]), np.array([victim[0] * em.n_expert + victim[1]]))
+            assert eng.resident[kept] and not eng.resident[victim]
+            real = em.resident()
+            assert not real[victim] and real[kept]
+            assert eng.stats.evictions == 1 and eng.stats.kept == 1
+        finally:
+            eng.close()
+            for off, n in em.ranges[kept]:
+                pages.munlock(em.mapping.address(off), n)
+
+
 def test_self_draft_keeps_greedy_output_and_shares_the_targets_file(tiny_moe):
     """-md self: the target routing one expert per token drafts for itself. Greedy output stays
     the target's own; the draft maps the same file (no weights of its own to budget), routes one

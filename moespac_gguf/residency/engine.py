@@ -152,14 +152,16 @@ class ResidencyEngine:
 
     def adopt(self, admitted: np.ndarray, evicted: np.ndarray) -> None:
         """Experts the routing tap locked (`admitted`) and unlocked (`evicted`) itself during a
-        decode (keep at use, residency.keep; flat ids): the held set follows, no I/O."""
+        decode (keep at use, residency.keep; flat ids): the held set follows, and the evicted are
+        paged out as a planned eviction is. Only unlocked, their pages stay on the active list as
+        the decode just touched them, and under a cgroup cap the kernel did not find them in time:
+        two capped runs of three were OOM-killed with nothing inactive to reclaim."""
         with self._cv:
-            self.resident.flat[evicted] = False
             self.resident.flat[admitted] = True
         self.stats.kept += len(admitted)
         self.stats.kept_bytes += int(self.map.bytes.flat[admitted].sum())
-        self.stats.evictions += len(evicted)
-        self.stats.evicted_bytes += int(self.map.bytes.flat[evicted].sum())
+        for ix in evicted:
+            self._evict(divmod(int(ix), self.map.n_expert))
 
     def address_ranges(self) -> np.ndarray:
         """uint64 [n_layer * n_expert, R, 2]: every expert's (address, length) ranges in the

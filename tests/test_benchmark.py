@@ -193,6 +193,10 @@ def test_bench_errors_are_one_line(tiny_moe, tmp_path):
             "needs a memory cap",
         ),
         (["-m", str(tiny_moe(TARGET)), "--mem-cap", "lots"], None),
+        (  # the table goes beside the JSON as .md: a .md name would lose the JSON
+            ["-m", str(tiny_moe(TARGET)), "-md", "self", "--mem-cap", "1G", "--out", str(tmp_path / "r.md")],
+            "give a .json name",
+        ),
     ]
     for args, msg in cases:
         r = subprocess.run([sys.executable, "-m", "moespac_gguf.cli", "bench", *args], capture_output=True, text=True)

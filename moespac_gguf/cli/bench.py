@@ -133,8 +133,10 @@ def main(argv: list[str]) -> int:
         help="moespac+slots: share of the expert budget held in host-RAM expert slots",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--out", help="also write the JSON here, and the table beside it (.md)")
+    p.add_argument("--out", help="also write the JSON here (a .json name), and the table beside it (.md)")
     args = p.parse_args(argv)
+    if args.out and Path(args.out).suffix != ".json":  # the table beside it would overwrite a .md name
+        raise MoespacError(f"--out {args.out}: give a .json name (the table is written beside it as .md)")
     gpu = args.gpu_budget is not None
     if args.rounds is not None and not args.uncapped:
         raise MoespacError("--rounds is for the uncapped comparison (--no-cap)")

@@ -131,17 +131,19 @@ def test_the_tap_keeps_exactly_what_the_rule_says_and_the_output_is_unchanged(ti
         assert res.keep_tap.lock_failures == 0
 
 
-def test_keep_at_use_is_opt_in_and_changes_no_output(tiny_moe):
-    """By default the pinned engine fetches its plan and the tap keeps nothing; --keep-at-use (the
-    bench's moespac+keep) lets the tap keep; the output is the same."""
+def test_keep_at_use_is_the_default_only_where_a_self_draft_runs_ahead(tiny_moe):
+    """By default the tap keeps at use where a self-draft runs ahead and the pinned engine fetches
+    its plan otherwise (api.options.keeps_at_use); --keep-at-use / --no-keep-at-use (the bench's
+    moespac+keep / moespac-plan) choose either; the output is the same."""
     target = tiny_moe(SPEC)
     layout = read_layout(target)
     outs = []
-    for keep in (True, False):
-        options = {"keep_at_use": True} if keep else {}
-        with MoeSpac(target, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20), **options) as m:
+    cases = [(None, {}, False), (None, {"keep_at_use": True}, True), ("self", {}, True)]
+    cases.append(("self", {"keep_at_use": False}, False))
+    for draft, options, keep in cases:
+        with MoeSpac(target, draft, n_ctx=256, mem_budget=layout.other_bytes + (600 << 20), **options) as m:
             outs.append(m.create_completion("the old path", max_tokens=16)["choices"][0]["text"])
             res = m.residency
-            assert res.keep_at_use == keep and res.policy.keep_at_use == keep
+            assert res.keep_at_use == keep and res.policy.keep_at_use == keep, (draft, options)
             assert (res.engine.stats.kept > 0) == keep and (res.engine.stats.plans > 0) != keep
-    assert outs[0] == outs[1]
+    assert len(set(outs)) == 1

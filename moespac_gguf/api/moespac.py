@@ -42,7 +42,7 @@ from ..residency.pages import anon_rss
 from ..residency.platform import PLATFORM
 from ..residency.remote import AllRemote, all_remote, remote_tier_pays
 from ..residency.slots import SlotFiller, slot_counts
-from .options import DRAFT_AHEAD, SAMPLING, ModelOptions
+from .options import DRAFT_AHEAD, SAMPLING, ModelOptions, keeps_at_use
 from .text import TextStream
 from .turns import Turns
 from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, MoespacStats, Usage
@@ -221,7 +221,7 @@ class MoeSpac:
                     draft_mappings=draft_mappings,
                     draft_path=source.file if source is not None else None,
                     draft_max=opt.draft_max,
-                    keep_tap=self.target.tap if opt.keep_at_use else None,  # opt-in: docs/results.md 8.3
+                    keep_tap=self.target.tap if keeps_at_use(opt.keep_at_use, draft_ahead) else None,
                 )
                 self.decoder.subscribe(
                     self.residency

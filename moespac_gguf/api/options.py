@@ -7,6 +7,7 @@ passes the parsed values straight to `MoeSpac(**options)`, so a new option is on
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import MISSING, Field, dataclass, field
 
 from ..decode.draft import SELF_DRAFT
@@ -14,7 +15,16 @@ from ..decode.draft import SELF_DRAFT
 DRAFT_AHEAD = 6  # tokens a self-draft runs ahead under a budget that cannot hold every expert
 
 
-def option(default, *flags: str, help: str, type=None, metavar: str | None = None, action: str | None = None):
+def keeps_at_use(choice: bool | None, draft_ahead: int) -> bool:
+    """Whether the routing tap keeps experts at use (residency.keep) instead of the pinned engine
+    fetching a planned set: `choice` (--keep-at-use / --no-keep-at-use), else where a self-draft runs
+    ahead (`draft_ahead` rows). There, on SmolMoE 8x under a 435 MiB cap, it decoded 1.20-1.41x as
+    fast as the planned set with 0.64-0.93x its bytes in five runs; on smolmoe-16x (840 MiB) 1.05x
+    and 0.85x with 1.08-1.19x its bytes. With a separate draft 0.69x as fast (docs/results.md 8.3)."""
+    return choice if choice is not None else draft_ahead > 0
+
+
+def option(default, *flags: str, help: str, type=None, metavar: str | None = None, action=None):
     """A dataclass field that is also a command-line flag (argparse's arguments)."""
     return field(
         default=default, metadata={"flags": flags, "help": help, "type": type, "metavar": metavar, "action": action}
@@ -61,13 +71,13 @@ class ModelOptions:
         f"the engine which experts to keep (default {DRAFT_AHEAD} where the budget cannot hold every expert, "
         "else 0)",
     )
-    keep_at_use: bool = option(
-        False,
+    keep_at_use: bool | None = option(
+        None,
         "--keep-at-use",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="under a memory budget, let the routing tap keep the routed experts worth holding as they are read "
-        "instead of fetching a planned set (with -md self faster in two capped runs on this machine's demo model, "
-        "killed for memory in a third; slower with a separate draft: docs/results.md 8.3)",
+        "(--keep-at-use) or fetch a planned set (--no-keep-at-use); default: keep at use where a self-draft runs "
+        "ahead, the planned set otherwise (what was faster on this machine's demo model: docs/results.md 8.3)",
     )
     seed: int | None = option(None, "-s", "--seed", type=int, help="seed of the sampler (default: random)")
     mem_budget: int | str | None = option(

@@ -13,7 +13,10 @@ model files' pages are dropped before each start). Contenders:
                     slots (patches 0005-0007) that the same utility fills; the page-cache engine
                     gets the rest
   moespac+keep      moespac with --keep-at-use: the routing tap keeps experts as they are read
-                    instead of the pinned engine fetching its plan (residency.keep)
+                    instead of the pinned engine fetching its plan (residency.keep); moespac's
+                    default where a self-draft runs ahead
+  moespac-plan      moespac with --no-keep-at-use: the pinned engine fetches its plan; moespac's
+                    default otherwise
 
 The parent checks that every contender's greedy output equals plain llama.cpp's.
 
@@ -66,6 +69,7 @@ CONTENDERS = (
     "moespac+gate",
     "moespac+slots",
     "moespac+keep",
+    "moespac-plan",
 )
 # moespac+gate needs a trained gate (--gate); moespac+slots costs on CPU-only machines
 # (bench/results/memcap_slots.md), it is for a faster slot tier
@@ -171,7 +175,7 @@ def run_contender(name: str, cfg: BenchConfig) -> dict:
         mem_budget=budget,
         gate=cfg.gate if name == "moespac+gate" else None,
         draft_ahead=cfg.draft_ahead if managed else None,
-        keep_at_use=name == "moespac+keep",
+        keep_at_use={"moespac+keep": True, "moespac-plan": False}.get(name),
         n_gpu_layers=0,  # the memory-cap mode measures the CPU side, GPU build or not
     )
     filler = None

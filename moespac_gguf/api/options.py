@@ -18,9 +18,8 @@ DRAFT_AHEAD = 6  # tokens a self-draft runs ahead under a budget that cannot hol
 def keeps_at_use(choice: bool | None, draft_ahead: int) -> bool:
     """Whether the routing tap keeps experts at use (residency.keep) instead of the pinned engine
     fetching a planned set: `choice` (--keep-at-use / --no-keep-at-use), else where a self-draft runs
-    ahead (`draft_ahead` rows). There, on SmolMoE 8x under a 435 MiB cap, it decoded 1.20-1.41x as
-    fast as the planned set with 0.64-0.93x its bytes in five runs; on smolmoe-16x (840 MiB) 1.05x
-    and 0.85x with 1.08-1.19x its bytes. With a separate draft 0.69x as fast (docs/results.md 8.3)."""
+    ahead (`draft_ahead` rows). Measured under a cap (docs/results.md 8.3): with the self-draft
+    faster on SmolMoE 8x (1.20-1.41x), level on smolmoe-16x; with a separate draft slower (0.69x)."""
     return choice if choice is not None else draft_ahead > 0
 
 

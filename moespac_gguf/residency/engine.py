@@ -155,7 +155,9 @@ class ResidencyEngine:
         decode (keep at use, residency.keep; flat ids): the held set follows, and the evicted are
         paged out as a planned eviction is. Only unlocked, their pages stay on the active list as
         the decode just touched them, and under a cgroup cap the kernel did not find them in time:
-        two capped runs of three were OOM-killed with nothing inactive to reclaim."""
+        two capped runs of three were OOM-killed with nothing inactive to reclaim. On the decode
+        thread: the worker thread was no faster on 2 cores, and MADV_COLD instead was slower
+        (docs/results.md 8.3)."""
         with self._cv:
             self.resident.flat[admitted] = True
         self.stats.kept += len(admitted)

@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument(
         "--contenders",
-        help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but moespac+gate and moespac+slots); "
+        help=f"comma-separated, from {', '.join(CONTENDERS)} (default: {', '.join(DEFAULT_CONTENDERS)}); "
         f"with --gpu-budget from {', '.join(bench_gpu.GPU_CONTENDERS)} (default: all); "
         f"with --no-cap from {', '.join(bench_uncapped.UNCAPPED_CONTENDERS)} (default: all); "
         f"with --rpc or --link from {', '.join(bench_rpc.RPC_CONTENDERS)} (default: all)",

@@ -7,6 +7,7 @@ simulator replays, and the arithmetic of the memory budget they share.
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,13 +128,13 @@ class ResidencyController:
         plan = self.policy.plan
         self.keep_tap.set_keep(plan.admit, plan.victims, plan.victim_score, plan.free, self._ranges)
 
-    def _plan(self, want: np.ndarray, priority: np.ndarray) -> None:
-        """Start the engine towards `want` or, keeping at use, give the tap its plan (nothing to
-        fetch: the policy wants what it holds)."""
+    def _plan(self, want: np.ndarray, priority: Callable[[], np.ndarray]) -> None:
+        """Start the engine towards `want`, most `priority()` first, or, keeping at use, give the
+        tap its plan (nothing to fetch: the policy wants what it holds; no priority computed)."""
         if self.keep_at_use:
             self._push_plan()
         else:
-            self.engine.apply(want, priority)
+            self.engine.apply(want, priority())
 
     @property
     def holds_every_expert(self) -> bool:
@@ -144,10 +145,10 @@ class ResidencyController:
         if ahead is not None:  # the draft ran ahead: its routing decides (MoeSpacPolicy._want_ahead)
             self.lookahead = True
             want = self.policy.before_window(draft, ahead)
-            self._plan(want, lookahead_score(self.policy.estimator.predict(draft), ahead))
+            self._plan(want, lambda: lookahead_score(self.policy.estimator.predict(draft), ahead))
         elif draft:
             want = self.policy.before_window(draft)
-            self._plan(want, self.policy.estimator.predict(draft))
+            self._plan(want, lambda: self.policy.estimator.predict(draft))
 
     def on_verify(self, event: VerificationEvent) -> None:
         if event.routing is None:
@@ -173,7 +174,7 @@ class ResidencyController:
             return  # the draft's lookahead, heard next, decides; a plan now would only churn
         # what to hold while the draft proposes the next tokens (no drafted ids yet)
         want = self.policy.before_window(None)
-        self._plan(want, self.policy.estimator.predict())
+        self._plan(want, self.policy.estimator.predict)
 
     def close(self) -> None:
         self.engine.close()

@@ -192,14 +192,15 @@ class MoeSpacPolicy(Policy):
         self.plan: KeepPlan | None = None  # keep at use: the next window's (before_window)
 
     def before_window(self, draft_tokens=None, ahead: np.ndarray | None = None) -> np.ndarray:
-        want = super().before_window(draft_tokens, ahead)
-        if self.keep_at_use:
-            admit, held = self.reuse.predict_if_used(), self.keep_score()
-            if ahead is not None:
-                admit, held = lookahead_score(admit, ahead), lookahead_score(held, ahead)
-            shares = layer_shares(self.capacity.total, self.n_layer, self.capacity.per_layer)
-            self.plan = keep_plan(self.resident, admit, held, shares)
-        return want
+        if not self.keep_at_use:
+            return super().before_window(draft_tokens, ahead)
+        # the tap decides at use: the held set stays until the window's moves are heard
+        admit, held = self.reuse.predict_if_used(), self.keep_score()
+        if ahead is not None:
+            admit, held = lookahead_score(admit, ahead), lookahead_score(held, ahead)
+        shares = layer_shares(self.capacity.total, self.n_layer, self.capacity.per_layer)
+        self.plan = keep_plan(self.resident, admit, held, shares)
+        return self.resident.copy()
 
     def access(self, tokens, experts, prefill: bool = False, moves: tuple[np.ndarray, np.ndarray] | None = None):
         """As Policy.access; with keep at use, the window's admissions and evictions are `moves`
